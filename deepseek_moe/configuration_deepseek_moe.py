@@ -1,0 +1,554 @@
+"""Configuration of the DeepSeek mixture-of-experts family (DeepSeekMoE-16B, DeepSeek-V2, V2-Lite, V3).
+
+One config class reads the official `config.json` of every family member (`model_type` `deepseek`,
+`deepseek_v2` or `deepseek_v3`): keys a family's file leaves out take that family's defaults, so the
+16B file (no `kv_lora_rank`) gives multi-head attention and the V2/V3 files give MLA.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from transformers import PreTrainedConfig
+
+# Defaults for keys an official config.json may leave out, per original `model_type`.
+# V3 values are also the defaults of a bare `DeepseekMoeConfig()`, as in transformers' built-in V3 config.
+_V3_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 129280,
+    "hidden_size": 7168,
+    "intermediate_size": 18432,
+    "moe_intermediate_size": 2048,
+    "num_hidden_layers": 61,
+    "num_nextn_predict_layers": 0,
+    "num_attention_heads": 128,
+    "num_key_value_heads": None,
+    "head_dim": None,
+    "n_shared_experts": 1,
+    "n_routed_experts": 256,
+    "ep_size": 1,
+    "routed_scaling_factor": 2.5,
+    "kv_lora_rank": 512,
+    "q_lora_rank": 1536,
+    "qk_rope_head_dim": 64,
+    "v_head_dim": 128,
+    "qk_nope_head_dim": 128,
+    "topk_method": "noaux_tc",
+    "n_group": 8,
+    "topk_group": 4,
+    "num_experts_per_tok": 8,
+    "moe_layer_freq": 1,
+    "first_k_dense_replace": 3,
+    "norm_topk_prob": True,
+    "scoring_func": "sigmoid",
+    "aux_loss_alpha": 0.001,
+    "seq_aux": True,
+    "rope_interleave": True,
+}
+_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "deepseek_v3": _V3_DEFAULTS,
+    # DeepSeek-V2 remote code defaults (its own config.json files spell out most values).
+    "deepseek_v2": {
+        **_V3_DEFAULTS,
+        "vocab_size": 102400,
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "moe_intermediate_size": 1407,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 32,
+        "n_shared_experts": None,
+        "n_routed_experts": None,
+        "routed_scaling_factor": 1.0,
+        "topk_method": "greedy",
+        "n_group": None,
+        "topk_group": None,
+        "num_experts_per_tok": None,
+        "first_k_dense_replace": 0,
+        "norm_topk_prob": False,
+        "scoring_func": "softmax",
+    },
+    # DeepSeekMoE-16B: Llama-style multi-head attention, plain softmax top-k, no MLA keys at all.
+    "deepseek": {
+        **_V3_DEFAULTS,
+        "vocab_size": 102400,
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "moe_intermediate_size": 1407,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "n_shared_experts": None,
+        "n_routed_experts": None,
+        "routed_scaling_factor": 1.0,
+        "kv_lora_rank": None,
+        "q_lora_rank": None,
+        "topk_method": "greedy",
+        "n_group": None,
+        "topk_group": None,
+        "num_experts_per_tok": None,
+        "first_k_dense_replace": 0,
+        "norm_topk_prob": False,
+        "scoring_func": "softmax",
+        "rope_interleave": False,
+    },
+}
+_FAMILY_DEFAULTS["deepseek_moe"] = _V3_DEFAULTS
+
+TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+SCORING_FUNCS = ("softmax", "sigmoid")
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
+
+_YARN = {
+    "type": "yarn",
+    "factor": 40,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "original_max_position_embeddings": 4096,
+}
+
+# Official values (reference §2.1). The small presets keep every structural feature of their family.
+PRESETS: dict[str, dict[str, Any]] = {
+    "deepseek-moe-16b": {
+        "_family": "deepseek",
+        "vocab_size": 102400,
+        "hidden_size": 2048,
+        "intermediate_size": 10944,
+        "moe_intermediate_size": 1408,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 16,
+        "n_routed_experts": 64,
+        "n_shared_experts": 2,
+        "num_experts_per_tok": 6,
+        "first_k_dense_replace": 1,
+        "moe_layer_freq": 1,
+        "max_position_embeddings": 4096,
+        "rope_theta": 10000.0,
+        "bos_token_id": 100000,
+        "eos_token_id": 100001,
+    },
+    "deepseek-v2-lite": {
+        "_family": "deepseek_v2",
+        "vocab_size": 102400,
+        "hidden_size": 2048,
+        "intermediate_size": 10944,
+        "moe_intermediate_size": 1408,
+        "num_hidden_layers": 27,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 16,
+        "q_lora_rank": None,
+        "n_routed_experts": 64,
+        "n_shared_experts": 2,
+        "num_experts_per_tok": 6,
+        "n_group": 1,
+        "topk_group": 1,
+        "topk_method": "greedy",
+        "routed_scaling_factor": 1.0,
+        "first_k_dense_replace": 1,
+        "max_position_embeddings": 163840,
+        "rope_scaling": {**_YARN, "mscale": 0.707, "mscale_all_dim": 0.707},
+        "bos_token_id": 100000,
+        "eos_token_id": 100001,
+    },
+    "deepseek-v2": {
+        "_family": "deepseek_v2",
+        "vocab_size": 102400,
+        "hidden_size": 5120,
+        "intermediate_size": 12288,
+        "moe_intermediate_size": 1536,
+        "num_hidden_layers": 60,
+        "num_attention_heads": 128,
+        "num_key_value_heads": 128,
+        "q_lora_rank": 1536,
+        "n_routed_experts": 160,
+        "n_shared_experts": 2,
+        "num_experts_per_tok": 6,
+        "n_group": 8,
+        "topk_group": 3,
+        "topk_method": "group_limited_greedy",
+        "routed_scaling_factor": 16.0,
+        "first_k_dense_replace": 1,
+        "max_position_embeddings": 163840,
+        "rope_scaling": {**_YARN, "mscale": 0.707, "mscale_all_dim": 0.707},
+        "bos_token_id": 100000,
+        "eos_token_id": 100001,
+    },
+    "deepseek-v3": {
+        "_family": "deepseek_v3",
+        "num_nextn_predict_layers": 1,
+        "max_position_embeddings": 163840,
+        "rope_scaling": {**_YARN, "mscale": 1.0, "mscale_all_dim": 1.0},
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+    },
+    "tiny-16b": {
+        "_family": "deepseek",
+        "vocab_size": 512,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "moe_intermediate_size": 32,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "n_routed_experts": 8,
+        "n_shared_experts": 2,
+        "num_experts_per_tok": 3,
+        "first_k_dense_replace": 1,
+        "max_position_embeddings": 512,
+    },
+    "tiny-v2-lite": {
+        "_family": "deepseek_v2",
+        "vocab_size": 512,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "moe_intermediate_size": 32,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "q_lora_rank": None,
+        "kv_lora_rank": 32,
+        "qk_nope_head_dim": 16,
+        "qk_rope_head_dim": 8,
+        "v_head_dim": 16,
+        "n_routed_experts": 8,
+        "n_shared_experts": 2,
+        "num_experts_per_tok": 3,
+        "n_group": 1,
+        "topk_group": 1,
+        "first_k_dense_replace": 1,
+        "max_position_embeddings": 16384,
+        "rope_scaling": {**_YARN, "mscale": 0.707, "mscale_all_dim": 0.707},
+    },
+    "tiny-v2": {
+        "_family": "deepseek_v2",
+        "vocab_size": 512,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "moe_intermediate_size": 32,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "q_lora_rank": 48,
+        "kv_lora_rank": 32,
+        "qk_nope_head_dim": 16,
+        "qk_rope_head_dim": 8,
+        "v_head_dim": 16,
+        "n_routed_experts": 16,
+        "n_shared_experts": 2,
+        "num_experts_per_tok": 4,
+        "n_group": 4,
+        "topk_group": 2,
+        "topk_method": "group_limited_greedy",
+        "routed_scaling_factor": 16.0,
+        "first_k_dense_replace": 1,
+        "max_position_embeddings": 16384,
+        "rope_scaling": {**_YARN, "mscale": 0.707, "mscale_all_dim": 0.707},
+    },
+    "tiny-v3": {
+        "_family": "deepseek_v3",
+        "vocab_size": 512,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "moe_intermediate_size": 32,
+        "num_hidden_layers": 3,
+        "num_nextn_predict_layers": 1,
+        "num_attention_heads": 4,
+        "q_lora_rank": 48,
+        "kv_lora_rank": 32,
+        "qk_nope_head_dim": 16,
+        "qk_rope_head_dim": 8,
+        "v_head_dim": 16,
+        "n_routed_experts": 16,
+        "n_shared_experts": 1,
+        "num_experts_per_tok": 4,
+        "n_group": 4,
+        "topk_group": 2,
+        "first_k_dense_replace": 1,
+        "max_position_embeddings": 16384,
+        "rope_scaling": {**_YARN, "mscale": 1.0, "mscale_all_dim": 1.0},
+    },
+}
+
+
+class DeepseekMoeConfig(PreTrainedConfig):
+    r"""Configuration for [`DeepseekMoeModel`]: DeepSeekMoE-16B (MHA), DeepSeek-V2 / V2-Lite and V3 (MLA).
+
+    Attention is multi-head (Llama-style `q/k/v/o_proj`) when `kv_lora_rank` is `None`, MLA otherwise, with
+    `q_lora_rank=None` meaning a plain `q_proj`. Routing: `scoring_func` (`softmax`/`sigmoid`) and `topk_method`
+    (`greedy`, also spelled `gready`; `group_limited_greedy`, group score = max; `noaux_tc`, biased selection and
+    group score = sum of the top two). V2-style routers scale by `routed_scaling_factor` only when the weights are
+    not normalised; `noaux_tc` (V3) normalises (if `norm_topk_prob`) and then always scales.
+    """
+
+    model_type = "deepseek_moe"
+    keys_to_ignore_at_inference = ["cache"]
+    attribute_map = {"num_local_experts": "n_routed_experts", "num_experts": "n_routed_experts"}
+    base_model_tp_plan = {
+        "layers.*.mlp.experts.gate_up_proj": "packed_colwise",
+        "layers.*.mlp.experts.down_proj": "rowwise",
+        "layers.*.mlp.experts": "moe_tp_experts",
+        "layers.*.mlp.shared_experts.gate_proj": "colwise",
+        "layers.*.mlp.shared_experts.up_proj": "colwise",
+        "layers.*.mlp.shared_experts.down_proj": "rowwise",
+        "layers.*.mlp.gate_proj": "colwise",
+        "layers.*.mlp.up_proj": "colwise",
+        "layers.*.mlp.down_proj": "rowwise",
+    }
+    base_model_ep_plan = {
+        "layers.*.mlp.experts.gate_up_proj": "grouped_gemm",
+        "layers.*.mlp.experts.down_proj": "grouped_gemm",
+        "layers.*.mlp.experts": "ep_dispatch_experts",
+    }
+    base_model_pp_plan = {
+        "embed_tokens": (["input_ids"], ["inputs_embeds"]),
+        "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
+        "norm": (["hidden_states"], ["hidden_states"]),
+    }
+
+    def __init__(
+        self,
+        vocab_size: int | None = None,
+        hidden_size: int | None = None,
+        intermediate_size: int | None = None,
+        moe_intermediate_size: int | None = None,
+        num_hidden_layers: int | None = None,
+        num_nextn_predict_layers: int | None = None,
+        num_attention_heads: int | None = None,
+        num_key_value_heads: int | None = None,
+        head_dim: int | None = None,
+        n_shared_experts: int | None = None,
+        n_routed_experts: int | None = None,
+        ep_size: int | None = None,
+        routed_scaling_factor: float | None = None,
+        kv_lora_rank: int | None = ...,  # type: ignore[assignment]
+        q_lora_rank: int | None = ...,  # type: ignore[assignment]
+        qk_rope_head_dim: int | None = None,
+        v_head_dim: int | None = None,
+        qk_nope_head_dim: int | None = None,
+        topk_method: str | None = None,
+        n_group: int | None = None,
+        topk_group: int | None = None,
+        num_experts_per_tok: int | None = None,
+        moe_layer_freq: int | None = None,
+        first_k_dense_replace: int | None = None,
+        norm_topk_prob: bool | None = None,
+        scoring_func: str | None = None,
+        aux_loss_alpha: float | None = None,
+        seq_aux: bool | None = None,
+        rope_interleave: bool | None = None,
+        hidden_act: str = "silu",
+        max_position_embeddings: int = 4096,
+        initializer_range: float = 0.02,
+        rms_norm_eps: float = 1e-6,
+        use_cache: bool = True,
+        pad_token_id: int | None = None,
+        bos_token_id: int | None = 0,
+        eos_token_id: int | list[int] | None = 1,
+        pretraining_tp: int = 1,
+        tie_word_embeddings: bool = False,
+        rope_parameters: dict | None = None,
+        attention_bias: bool = False,
+        attention_dropout: float = 0.0,
+        output_router_logits: bool = False,
+        **kwargs,
+    ) -> None:
+        explicit = dict(locals())
+        # The official model_type decides the defaults of absent keys; ours is always "deepseek_moe".
+        family = kwargs.pop("model_type", None) or kwargs.pop("_family", None) or "deepseek_moe"
+        kwargs.pop("_family", None)
+        if family not in _FAMILY_DEFAULTS:
+            raise ValueError(
+                f"model_type={family!r} is not a DeepSeek MoE config; expected one of {sorted(_FAMILY_DEFAULTS)}"
+            )
+        # `None` means "not given", except for the two ranks where it means "no LoRA" / "multi-head attention".
+        given = {k: v for k, v in explicit.items() if k in _V3_DEFAULTS and v is not None and v is not ...}
+        given.update({k: None for k in ("kv_lora_rank", "q_lora_rank") if explicit[k] is None})
+        values = {**_FAMILY_DEFAULTS[family], **given}
+        for key, value in values.items():
+            setattr(self, key, value)
+        if self.topk_method == "gready":  # early V2 remote code spelled it this way
+            self.topk_method = "greedy"
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        # Official 16B/V2-Lite configs carry no groups: one group holding every expert.
+        if self.n_group is None:
+            self.n_group = 1
+        if self.topk_group is None:
+            self.topk_group = self.n_group
+
+        self.hidden_act = hidden_act
+        self.max_position_embeddings = max_position_embeddings
+        self.initializer_range = initializer_range
+        self.rms_norm_eps = rms_norm_eps
+        self.use_cache = use_cache
+        self.pretraining_tp = pretraining_tp
+        self.attention_bias = attention_bias
+        self.attention_dropout = attention_dropout
+        self.output_router_logits = output_router_logits
+        self.rope_parameters = rope_parameters
+        # transformers' RoPE helpers read `head_dim`: the rotary width (MLA) or the attention head width (MHA).
+        if self.use_mla:
+            self.qk_head_dim = self.qk_nope_head_dim + self.qk_rope_head_dim
+            self.head_dim = self.qk_rope_head_dim
+        elif self.head_dim is None and self.num_attention_heads:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        super().__init__(
+            pad_token_id=pad_token_id,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
+        )
+        self.validate_deepseek(head_dim_given=head_dim is not None)
+
+    @property
+    def use_mla(self) -> bool:
+        """Multi-head latent attention (V2/V3) rather than multi-head attention (DeepSeekMoE-16B)."""
+        return self.kv_lora_rank is not None
+
+    @property
+    def num_experts_allowed(self) -> int:
+        """How many routed experts a token can reach once group-limited routing has kept `topk_group` groups."""
+        if self.topk_method == "greedy":
+            return self.n_routed_experts
+        return self.topk_group * (self.n_routed_experts // self.n_group)
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """MoE FFN for layers past the first `first_k_dense_replace`, every `moe_layer_freq`-th one."""
+        return self.n_routed_experts > 0 and (
+            layer_idx >= self.first_k_dense_replace and layer_idx % self.moe_layer_freq == 0
+        )
+
+    def validate_deepseek(self, head_dim_given: bool = False) -> None:
+        """Raise a `ValueError` naming the first field that does not fit the architecture."""
+
+        def check(ok: bool, field: str, message: str) -> None:
+            if not ok:
+                raise ValueError(f"DeepseekMoeConfig.{field}: {message}")
+
+        for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+            value = getattr(self, field)
+            check(isinstance(value, int) and value > 0, field, f"must be a positive integer, got {value!r}")
+        check(
+            self.num_nextn_predict_layers >= 0,
+            "num_nextn_predict_layers",
+            f"must be >= 0, got {self.num_nextn_predict_layers}",
+        )
+        check(self.n_routed_experts >= 0, "n_routed_experts", f"must be >= 0, got {self.n_routed_experts}")
+        check(self.n_shared_experts >= 0, "n_shared_experts", f"must be >= 0, got {self.n_shared_experts}")
+        check(self.moe_layer_freq >= 1, "moe_layer_freq", f"must be >= 1, got {self.moe_layer_freq}")
+        check(
+            0 <= self.first_k_dense_replace <= self.num_hidden_layers,
+            "first_k_dense_replace",
+            f"must be between 0 and num_hidden_layers={self.num_hidden_layers}, got {self.first_k_dense_replace}",
+        )
+        check(
+            self.topk_method in TOPK_METHODS,
+            "topk_method",
+            f"unknown method {self.topk_method!r}; expected one of {TOPK_METHODS} (or 'gready')",
+        )
+        check(
+            self.scoring_func in SCORING_FUNCS,
+            "scoring_func",
+            f"unknown scoring function {self.scoring_func!r}; expected one of {SCORING_FUNCS}",
+        )
+        if self.n_routed_experts > 0:
+            check(
+                self.moe_intermediate_size > 0,
+                "moe_intermediate_size",
+                f"must be a positive integer, got {self.moe_intermediate_size}",
+            )
+            check(self.n_group >= 1, "n_group", f"must be >= 1, got {self.n_group}")
+            check(
+                self.n_routed_experts % self.n_group == 0,
+                "n_group",
+                f"n_routed_experts={self.n_routed_experts} is not divisible by n_group={self.n_group}",
+            )
+            check(
+                1 <= self.topk_group <= self.n_group,
+                "topk_group",
+                f"must be between 1 and n_group={self.n_group}, got {self.topk_group}",
+            )
+            if self.topk_method == "noaux_tc" and self.n_group > 1:
+                check(
+                    self.n_routed_experts // self.n_group >= 2,
+                    "n_group",
+                    "noaux_tc scores a group by its top two experts, so each group needs at least 2 experts",
+                )
+            check(
+                1 <= self.num_experts_per_tok <= self.num_experts_allowed,
+                "num_experts_per_tok",
+                f"must be between 1 and the {self.num_experts_allowed} experts that topk_method="
+                f"{self.topk_method!r} with topk_group={self.topk_group} of n_group={self.n_group} allows, "
+                f"got {self.num_experts_per_tok}",
+            )
+        check(
+            self.num_attention_heads % self.num_key_value_heads == 0,
+            "num_key_value_heads",
+            f"num_attention_heads={self.num_attention_heads} is not a multiple of {self.num_key_value_heads}",
+        )
+        if self.use_mla:
+            check(self.kv_lora_rank > 0, "kv_lora_rank", f"must be positive or None, got {self.kv_lora_rank}")
+            check(
+                self.q_lora_rank is None or self.q_lora_rank > 0,
+                "q_lora_rank",
+                f"must be positive or None, got {self.q_lora_rank}",
+            )
+            check(self.qk_nope_head_dim >= 0, "qk_nope_head_dim", f"must be >= 0, got {self.qk_nope_head_dim}")
+            check(self.v_head_dim > 0, "v_head_dim", f"must be positive, got {self.v_head_dim}")
+            rotary = self.qk_rope_head_dim
+            check(rotary > 0 and rotary % 2 == 0, "qk_rope_head_dim", f"must be a positive even number, got {rotary}")
+        else:
+            check(
+                self.head_dim is not None and self.head_dim > 0 and self.head_dim % 2 == 0,
+                "head_dim",
+                f"must be a positive even number (hidden_size / num_attention_heads), got {self.head_dim}",
+            )
+            check(
+                head_dim_given or self.head_dim * self.num_attention_heads == self.hidden_size,
+                "num_attention_heads",
+                f"hidden_size={self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}",
+            )
+        self._validate_rope()
+
+    def _validate_rope(self) -> None:
+        rope = self.rope_parameters or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ROPE_TYPES:
+            raise ValueError(
+                f"DeepseekMoeConfig.rope_scaling: unknown type {rope_type!r}; expected one of {ROPE_TYPES}"
+            )
+        theta = rope.get("rope_theta", 10000.0)
+        if not theta or theta <= 0:
+            raise ValueError(f"DeepseekMoeConfig.rope_theta: must be positive, got {theta!r}")
+        if rope_type == "default":
+            return
+        factor = rope.get("factor")
+        if not isinstance(factor, (int, float)) or factor < 1:
+            raise ValueError(f"DeepseekMoeConfig.rope_scaling: 'factor' must be a number >= 1, got {factor!r}")
+        if rope_type == "yarn":
+            original = rope.get("original_max_position_embeddings")
+            if not isinstance(original, int) or original <= 0:
+                raise ValueError(
+                    "DeepseekMoeConfig.rope_scaling: yarn needs a positive 'original_max_position_embeddings', "
+                    f"got {original!r}"
+                )
+            for key in ("mscale", "mscale_all_dim", "beta_fast", "beta_slow"):
+                value = rope.get(key)
+                if value is not None and (not isinstance(value, (int, float)) or value < 0):
+                    raise ValueError(f"DeepseekMoeConfig.rope_scaling: {key!r} must be a number >= 0, got {value!r}")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> DeepseekMoeConfig:
+        """An official configuration (`deepseek-moe-16b`, `deepseek-v2-lite`, `deepseek-v2`, `deepseek-v3`) or a
+        small one for tests and demos (`tiny-16b`, `tiny-v2-lite`, `tiny-v2`, `tiny-v3`)."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+        values = copy.deepcopy(PRESETS[name])
+        values.update(overrides)
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        output = super().to_dict()
+        output.pop("qk_head_dim", None)  # derived
+        return output
+
+
+__all__ = ["DeepseekMoeConfig", "PRESETS"]

@@ -1,0 +1,684 @@
+"""DeepSeek mixture-of-experts models: DeepSeekMoE-16B (MHA), DeepSeek-V2 / V2-Lite and V3 (MLA).
+
+Read top-down: norms and rotary embeddings, the two attention variants, the router and the experts, the decoder
+layer, then the model classes. Parameter names follow the official checkpoints, so official directories load
+with zero missing or unexpected keys; routed experts live in fused 3D tensors in memory and are converted from and
+back to the per-expert layout on disk (see `register_checkpoint_conversion_mapping` at the end).
+
+This file and its siblings are also the remote code of uploaded models: imports of siblings are single-dot.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter
+from transformers.generation import GenerationMixin
+from transformers.integrations import use_experts_implementation
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from .configuration_deepseek_moe import DeepseekMoeConfig
+
+
+class DeepseekMoeRMSNorm(nn.Module):
+    """RMSNorm computed in fp32, scaled by the weight after casting back (the order of the official code)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+# --------------------------------------------------------------------------------------------- rotary embeddings
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature sqrt(1/t) = 0.1 * mscale * ln(scale) + 1 (1 when not extending)."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def softmax_scale(config: DeepseekMoeConfig, qk_head_dim: int) -> float:
+    """1/sqrt(d) times mscale(factor, mscale_all_dim)^2 whenever YaRN is configured (the official V2/V3 rule)."""
+    scale = qk_head_dim**-0.5
+    rope = config.rope_parameters or {}
+    if rope.get("rope_type", "default") == "yarn" and rope.get("mscale_all_dim"):
+        scale *= yarn_mscale(rope["factor"], rope["mscale_all_dim"]) ** 2
+    return scale
+
+
+class DeepseekMoeRotaryEmbedding(nn.Module):
+    """cos/sin tables for positions; YaRN frequencies and cos/sin scaling come from transformers' RoPE helpers."""
+
+    inv_freq: torch.Tensor
+
+    def __init__(self, config: DeepseekMoeConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.rope_type = config.rope_parameters["rope_type"]
+        rope_init_fn = ROPE_INIT_FUNCTIONS.get(self.rope_type, self.compute_default_rope_parameters)
+        inv_freq, self.attention_scaling = rope_init_fn(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(config: DeepseekMoeConfig, **kwargs) -> tuple[torch.Tensor, float]:
+        """Plain RoPE: θ_i = base^(-2i/d) over the rotary width `head_dim`."""
+        dim, base = config.head_dim, config.rope_parameters["rope_theta"]
+        return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = emb.cos() * self.attention_scaling
+        sin = emb.sin() * self.attention_scaling
+        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Half-split RoPE (DeepSeekMoE-16B, Llama layout); `x` is [B, heads, S, d], cos/sin [B, S, d]."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + rotate_half(x) * sin
+
+
+def apply_rotary_pos_emb_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on interleaved pairs (x[2i], x[2i+1]) as stored in official MLA checkpoints.
+
+    The result is written de-interleaved (all first components, then all second ones); queries and keys get the same
+    permutation, so their dot products equal the official complex-number rotation.
+    """
+    half = cos.shape[-1] // 2
+    cos, sin = cos[..., :half].unsqueeze(1), sin[..., :half].unsqueeze(1)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+# ------------------------------------------------------------------------------------------------------ attention
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs: Unpack[TransformersKwargs],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q kᵀ · scale + mask) v with the softmax in fp32; K/V heads repeated for grouped queries."""
+    groups = module.num_key_value_groups
+    if groups > 1:
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+class DeepseekMoeAttention(nn.Module):
+    """Multi-head attention of DeepSeekMoE-16B: Llama-style q/k/v/o projections with half-split RoPE."""
+
+    def __init__(self, config: DeepseekMoeConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_heads = config.num_key_value_heads
+        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        self.scaling = softmax_scale(config, self.head_dim)
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch_size, seq_length = hidden_states.shape[:-1]
+        shape = (batch_size, seq_length, -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+
+        cos, sin = position_embeddings
+        query, key = apply_rotary_pos_emb(query, cos, sin), apply_rotary_pos_emb(key, cos, sin)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(batch_size, seq_length, -1).contiguous()
+        return self.o_proj(attn_output), attn_weights
+
+
+class DeepseekMoeLatentAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2/V3).
+
+    Keys and values come from a shared latent `c_kv = RMSNorm(W_DKV x)` (kv_lora_rank wide) and one decoupled
+    rotary key `k_pe = RoPE(W_KR x)` shared by all heads. The cache holds only `c_kv` and `k_pe`
+    (kv_lora_rank + qk_rope_head_dim values per token), viewed as one-head tensors so every transformers cache
+    layer (dynamic, static, offloaded) stores them; per-head keys and values are expanded through `kv_b_proj`.
+    """
+
+    def __init__(self, config: DeepseekMoeConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_groups = 1
+        self.q_lora_rank = config.q_lora_rank
+        self.kv_lora_rank = config.kv_lora_rank
+        self.qk_nope_head_dim = config.qk_nope_head_dim
+        self.qk_rope_head_dim = config.qk_rope_head_dim
+        self.qk_head_dim = config.qk_nope_head_dim + config.qk_rope_head_dim
+        self.v_head_dim = config.v_head_dim
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        self.scaling = softmax_scale(config, self.qk_head_dim)
+        self.rope = apply_rotary_pos_emb_interleaved if config.rope_interleave else apply_rotary_pos_emb
+        bias = config.attention_bias
+
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(config.hidden_size, self.q_lora_rank, bias=bias)
+            self.q_a_layernorm = DeepseekMoeRMSNorm(self.q_lora_rank, eps=config.rms_norm_eps)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, self.num_heads * self.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(config.hidden_size, self.kv_lora_rank + self.qk_rope_head_dim, bias=bias)
+        self.kv_a_layernorm = DeepseekMoeRMSNorm(self.kv_lora_rank, eps=config.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(
+            self.kv_lora_rank, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False
+        )
+        self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, config.hidden_size, bias=bias)
+
+    def project_query(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head `q_nope` and (not yet rotated) `q_pe`, each [B, heads, S, d]."""
+        batch_size, seq_length = hidden_states.shape[:-1]
+        if self.q_lora_rank is None:
+            query = self.q_proj(hidden_states)
+        else:
+            query = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
+        query = query.view(batch_size, seq_length, self.num_heads, self.qk_head_dim).transpose(1, 2)
+        return query.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+
+    def compress_kv(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The normalised latent `c_kv` [B, 1, S, kv_lora_rank] and the (not yet rotated) key `k_pe` [B, 1, S, d_r]."""
+        batch_size, seq_length = hidden_states.shape[:-1]
+        c_kv, k_pe = self.kv_a_proj_with_mqa(hidden_states).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)
+        return c_kv.view(batch_size, 1, seq_length, -1), k_pe.view(batch_size, 1, seq_length, -1)
+
+    def expand_kv(self, c_kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head keys [k_nope; k_pe] and values from the latent, [B, heads, T, d]."""
+        batch_size, _, kv_length, _ = c_kv.shape
+        kv = self.kv_b_proj(c_kv).view(batch_size, kv_length, self.num_heads, -1).transpose(1, 2)
+        k_nope, value = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        key = torch.cat((k_nope, k_pe.expand(-1, self.num_heads, -1, -1)), dim=-1)
+        return key, value
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch_size, seq_length = hidden_states.shape[:-1]
+        q_nope, q_pe = self.project_query(hidden_states)
+        c_kv, k_pe = self.compress_kv(hidden_states)
+        cos, sin = position_embeddings
+        q_pe, k_pe = self.rope(q_pe, cos, sin), self.rope(k_pe, cos, sin)
+        if cache is not None:
+            c_kv, k_pe = cache.update(c_kv, k_pe, self.layer_idx)
+
+        key, value = self.expand_kv(c_kv, k_pe)
+        query = torch.cat((q_nope, q_pe), dim=-1)
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(batch_size, seq_length, -1).contiguous()
+        return self.o_proj(attn_output), attn_weights
+
+
+# ------------------------------------------------------------------------------------------------- feed-forward
+
+
+class DeepseekMoeMLP(nn.Module):
+    """SwiGLU feed-forward: down(act(gate(x)) * up(x)). Dense layers and the (fused) shared experts."""
+
+    def __init__(self, config: DeepseekMoeConfig, intermediate_size: int | None = None) -> None:
+        super().__init__()
+        intermediate_size = intermediate_size or config.intermediate_size
+        self.gate_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DeepseekMoeTopkRouter(nn.Module):
+    """The gate: affinities s = softmax|sigmoid(W x) in fp32, then a top-k choice of routed experts.
+
+    - `greedy`: top-k over all experts.
+    - `group_limited_greedy` (V2 device-limited): keep the `topk_group` groups with the highest max affinity.
+    - `noaux_tc` (V3 node-limited, auxiliary-loss-free): select on s + `e_score_correction_bias`, groups scored by
+      the sum of their top two; the bias never enters the weights.
+    Excluded groups are masked with -inf. Weights are the unbiased affinities of the chosen experts; V3 normalises
+    then scales by `routed_scaling_factor`, V2/16B scale only when they do not normalise.
+    """
+
+    e_score_correction_bias: torch.Tensor
+
+    def __init__(self, config: DeepseekMoeConfig) -> None:
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.num_experts = config.n_routed_experts
+        self.topk_method = config.topk_method
+        self.scoring_func = config.scoring_func
+        self.n_group = config.n_group
+        self.topk_group = config.topk_group
+        self.norm_topk_prob = config.norm_topk_prob
+        self.routed_scaling_factor = config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size, dtype=torch.float32))
+        if self.topk_method == "noaux_tc":
+            self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts, dtype=torch.float32))
+
+    def affinities(self, router_logits: torch.Tensor) -> torch.Tensor:
+        if self.scoring_func == "sigmoid":
+            return router_logits.sigmoid()
+        return router_logits.softmax(dim=-1, dtype=torch.float32)
+
+    def mask_groups(self, scores_for_choice: torch.Tensor) -> torch.Tensor:
+        """Set every expert outside the `topk_group` best groups to -inf."""
+        grouped = scores_for_choice.view(-1, self.n_group, self.num_experts // self.n_group)
+        if self.topk_method == "noaux_tc":
+            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+        else:
+            group_scores = grouped.amax(dim=-1)
+        group_idx = group_scores.topk(self.topk_group, dim=-1, sorted=False).indices
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, True)
+        return grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view_as(scores_for_choice)
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns router logits [T, E] (fp32), routing weights [T, k] (fp32) and expert indices [T, k]."""
+        hidden_states = hidden_states.reshape(-1, hidden_states.shape[-1])
+        router_logits = F.linear(hidden_states.float(), self.weight.float())
+        scores = self.affinities(router_logits)
+        scores_for_choice = scores
+        if self.topk_method == "noaux_tc":
+            scores_for_choice = scores + self.e_score_correction_bias.float()
+        if self.topk_method != "greedy" and self.n_group > 1:
+            scores_for_choice = self.mask_groups(scores_for_choice)
+        topk_indices = scores_for_choice.topk(self.top_k, dim=-1, sorted=False).indices
+        topk_weights = scores.gather(1, topk_indices)
+        if self.norm_topk_prob and self.top_k > 1:
+            topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20)
+        if self.topk_method == "noaux_tc" or not self.norm_topk_prob:
+            topk_weights = topk_weights * self.routed_scaling_factor
+        return router_logits, topk_weights, topk_indices
+
+
+@use_experts_implementation
+class DeepseekMoeExperts(nn.Module):
+    """Routed experts as fused 3D weights: `gate_up_proj` [E, 2I, H] (gate rows first) and `down_proj` [E, H, I].
+
+    This eager path sorts the (token, slot) pairs by expert once and runs each expert on one contiguous slice;
+    transformers' `grouped_mm`/`batched_mm` implementations plug in through `@use_experts_implementation`.
+    """
+
+    def __init__(self, config: DeepseekMoeConfig) -> None:
+        super().__init__()
+        self.num_experts = config.n_routed_experts
+        self.hidden_dim = config.hidden_size
+        self.intermediate_dim = config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * self.intermediate_dim, self.hidden_dim))
+        self.down_proj = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim, self.intermediate_dim))
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        top_k = top_k_index.shape[-1]
+        flat_experts = top_k_index.reshape(-1)
+        order = flat_experts.argsort(stable=True)
+        token_of_slot = order // top_k
+        counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
+        routed_inputs = hidden_states[token_of_slot]
+        outputs = []
+        for expert, rows in zip(range(self.num_experts), routed_inputs.split(counts)):
+            if rows.shape[0] == 0:
+                continue
+            gate, up = F.linear(rows, self.gate_up_proj[expert]).chunk(2, dim=-1)
+            outputs.append(F.linear(self.act_fn(gate) * up, self.down_proj[expert]))
+        routed_outputs = torch.cat(outputs) * top_k_weights.reshape(-1)[order, None]
+        final = torch.zeros_like(hidden_states)
+        return final.index_add_(0, token_of_slot, routed_outputs.to(final.dtype))
+
+
+class DeepseekMoeSparseBlock(nn.Module):
+    """MoE feed-forward: routed experts chosen by the gate plus always-on shared experts (one fused MLP)."""
+
+    def __init__(self, config: DeepseekMoeConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.gate = DeepseekMoeTopkRouter(config)
+        self.experts = DeepseekMoeExperts(config)
+        if config.n_shared_experts > 0:
+            self.shared_experts = DeepseekMoeMLP(config, config.moe_intermediate_size * config.n_shared_experts)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        _, topk_weights, topk_indices = self.gate(hidden_states)
+        routed = self.experts(hidden_states.reshape(-1, shape[-1]), topk_indices, topk_weights).view(shape)
+        if self.config.n_shared_experts > 0:
+            routed = routed + self.shared_experts(hidden_states)
+        return routed
+
+
+# ------------------------------------------------------------------------------------------------- decoder layer
+
+
+class DeepseekMoeDecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm block: x + attn(norm(x)), then h + ffn(norm(h)); dense FFN for the first layers, MoE after."""
+
+    def __init__(self, config: DeepseekMoeConfig, layer_idx: int) -> None:
+        super().__init__()
+        attention_class = DeepseekMoeLatentAttention if config.use_mla else DeepseekMoeAttention
+        self.self_attn = attention_class(config, layer_idx)
+        is_moe = config.is_moe_layer(layer_idx) or layer_idx >= config.num_hidden_layers
+        self.mlp = DeepseekMoeSparseBlock(config) if is_moe else DeepseekMoeMLP(config)
+        self.input_layernorm = DeepseekMoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = DeepseekMoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states, _ = self.self_attn(
+            self.input_layernorm(hidden_states),
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            cache=cache,
+            **kwargs,
+        )
+        hidden_states = residual + hidden_states
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class DeepseekMoeSharedHead(nn.Module):
+    """The MTP module's final norm (`shared_head.norm`); its `head` is the model's `lm_head`, not a copy."""
+
+    def __init__(self, config: DeepseekMoeConfig) -> None:
+        super().__init__()
+        self.norm = DeepseekMoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+
+class DeepseekMoeMTPLayer(DeepseekMoeDecoderLayer):
+    """Multi-token prediction module k (DeepSeek-V3), stored as `model.layers.{num_hidden_layers + k}`.
+
+    h'_i = eh_proj([enorm(Emb(t_{i+k})); hnorm(h_i)]) (embedding first, as the official weights are used), then one
+    MoE decoder block and `shared_head.norm` before the shared output head.
+    """
+
+    def __init__(self, config: DeepseekMoeConfig, layer_idx: int) -> None:
+        super().__init__(config, layer_idx)
+        self.enorm = DeepseekMoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.hnorm = DeepseekMoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
+        self.shared_head = DeepseekMoeSharedHead(config)
+
+
+# ------------------------------------------------------------------------------------------------------- models
+
+
+class DeepseekMoePreTrainedModel(PreTrainedModel):
+    config: DeepseekMoeConfig
+    config_class = DeepseekMoeConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DeepseekMoeDecoderLayer", "DeepseekMoeMTPLayer"]
+    _supports_flash_attn = False
+    _supports_sdpa = True
+    _supports_flex_attn = False
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False
+    _can_record_outputs = {
+        "hidden_states": DeepseekMoeDecoderLayer,
+        "attentions": [
+            OutputRecorder(DeepseekMoeAttention, index=1),
+            OutputRecorder(DeepseekMoeLatentAttention, index=1),
+        ],
+        "router_logits": OutputRecorder(DeepseekMoeTopkRouter, index=0),
+    }
+    _keep_in_fp32_modules_strict = ["e_score_correction_bias", "gate.weight"]
+    # Official MTP layers carry copies of the shared embedding and head; ours share the model's own.
+    _keys_to_ignore_on_load_unexpected = [r"model\.layers\.\d+\.(embed_tokens|shared_head\.head)\.weight"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, DeepseekMoeTopkRouter):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.topk_method == "noaux_tc":
+                init.zeros_(module.e_score_correction_bias)
+        elif isinstance(module, DeepseekMoeExperts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=std)
+
+
+class DeepseekMoeModel(DeepseekMoePreTrainedModel):
+    """Embedding, `num_hidden_layers` decoder layers and the final norm. `layers` also holds the MTP modules at
+    indices `num_hidden_layers + k`, as in official checkpoints; the main forward pass does not run them."""
+
+    def __init__(self, config: DeepseekMoeConfig) -> None:
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        main = [DeepseekMoeDecoderLayer(config, i) for i in range(config.num_hidden_layers)]
+        mtp = [
+            DeepseekMoeMTPLayer(config, config.num_hidden_layers + k) for k in range(config.num_nextn_predict_layers)
+        ]
+        self.layers = nn.ModuleList(main + mtp)
+        self.norm = DeepseekMoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = DeepseekMoeRotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> MoeModelOutputWithPast:
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if position_ids is None:
+            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+            position_ids = position_ids.unsqueeze(0)
+
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            cache=cache,
+            position_ids=position_ids,
+        )
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        for decoder_layer in self.layers[: self.config.num_hidden_layers]:
+            hidden_states = decoder_layer(
+                hidden_states,
+                attention_mask=causal_mask,
+                position_embeddings=position_embeddings,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=use_cache,
+                **kwargs,
+            )
+        return MoeModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache)
+
+
+class DeepseekMoeForCausalLM(DeepseekMoePreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+
+    def __init__(self, config: DeepseekMoeConfig) -> None:
+        super().__init__(config)
+        self.model = DeepseekMoeModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> MoeCausalLMOutputWithPast:
+        outputs: MoeModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return MoeCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=outputs.router_logits,
+        )
+
+
+class DeepseekMoeForSequenceClassification(GenericForSequenceClassification, DeepseekMoePreTrainedModel):
+    pass
+
+
+# -------------------------------------------------------------------------------------------- checkpoint layout
+
+# On disk: one tensor per expert (`mlp.experts.{e}.{gate,up,down}_proj.weight`), as DeepSeek, transformers' built-ins,
+# vLLM and SGLang expect. In memory: fused 3D tensors. transformers skips conversions for code outside its own package
+# unless they are registered for the model type; `save_pretrained` applies the reverse.
+register_checkpoint_conversion_mapping(
+    DeepseekMoeConfig.model_type,
+    [
+        WeightConverter(
+            source_patterns=["mlp.experts.*.gate_proj.weight", "mlp.experts.*.up_proj.weight"],
+            target_patterns="mlp.experts.gate_up_proj",
+            operations=[MergeModulelist(dim=0), Concatenate(dim=1)],
+        ),
+        WeightConverter(
+            source_patterns="mlp.experts.*.down_proj.weight",
+            target_patterns="mlp.experts.down_proj",
+            operations=[MergeModulelist(dim=0)],
+        ),
+    ],
+    overwrite=True,
+)
+
+
+__all__ = [
+    "DeepseekMoePreTrainedModel",
+    "DeepseekMoeModel",
+    "DeepseekMoeForCausalLM",
+    "DeepseekMoeForSequenceClassification",
+]
