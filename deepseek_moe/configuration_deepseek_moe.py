@@ -350,6 +350,7 @@ class DeepseekMoeConfig(PreTrainedConfig):
         **kwargs,
     ) -> None:
         explicit = dict(locals())
+        self._drop_fp8_quantization(kwargs)
         # The official model_type decides the defaults of absent keys; ours is always "deepseek_moe".
         family = kwargs.pop("model_type", None) or kwargs.pop("_family", None) or "deepseek_moe"
         kwargs.pop("_family", None)
@@ -397,6 +398,21 @@ class DeepseekMoeConfig(PreTrainedConfig):
             **kwargs,
         )
         self.validate_deepseek(head_dim_given=head_dim is not None)
+
+    @staticmethod
+    def _drop_fp8_quantization(kwargs: dict[str, Any]) -> None:
+        """Official FP8 checkpoints (128×128 block scales) are dequantized while loading by the model's checkpoint
+        conversion, so their `quantization_config` must not reach transformers' own FP8 loader, which mis-handles
+        partial edge blocks on CPU. The loaded model holds plain weights and saves without it."""
+        quantization = kwargs.get("quantization_config")
+        if not isinstance(quantization, dict) or quantization.get("quant_method") != "fp8":
+            return
+        block = list(quantization.get("weight_block_size") or [])
+        if block != [128, 128]:
+            raise ValueError(
+                f"DeepseekMoeConfig.quantization_config: only 128x128 FP8 blocks are supported, got {block or None}"
+            )
+        del kwargs["quantization_config"]
 
     @property
     def use_mla(self) -> bool:

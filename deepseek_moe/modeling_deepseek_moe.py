@@ -20,7 +20,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
-from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter
+from transformers.core_model_loading import ConversionOps, WeightConverter
 from transformers.generation import GenerationMixin
 from transformers.integrations import use_experts_implementation
 from transformers.masking_utils import create_causal_mask
@@ -37,7 +37,7 @@ from .configuration_deepseek_moe import DeepseekMoeConfig
 
 
 class DeepseekMoeRMSNorm(nn.Module):
-    """RMSNorm computed in fp32, scaled by the weight after casting back (the order of the official code)."""
+    """RMSNorm computed in (at least) fp32, scaled by the weight after casting back (the official order)."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -46,7 +46,7 @@ class DeepseekMoeRMSNorm(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
+        hidden_states = hidden_states.to(torch.promote_types(input_dtype, torch.float32))
         variance = hidden_states.pow(2).mean(-1, keepdim=True)
         hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
         return self.weight * hidden_states.to(input_dtype)
@@ -91,7 +91,8 @@ class DeepseekMoeRotaryEmbedding(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        freqs = position_ids[..., None].to(dtype) * self.inv_freq.to(device=x.device, dtype=dtype)
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = emb.cos() * self.attention_scaling
         sin = emb.sin() * self.attention_scaling
@@ -352,7 +353,7 @@ class DeepseekMoeTopkRouter(nn.Module):
     def affinities(self, router_logits: torch.Tensor) -> torch.Tensor:
         if self.scoring_func == "sigmoid":
             return router_logits.sigmoid()
-        return router_logits.softmax(dim=-1, dtype=torch.float32)
+        return router_logits.softmax(dim=-1)
 
     def mask_groups(self, scores_for_choice: torch.Tensor) -> torch.Tensor:
         """Set every expert outside the `topk_group` best groups to -inf."""
@@ -366,13 +367,14 @@ class DeepseekMoeTopkRouter(nn.Module):
         return grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view_as(scores_for_choice)
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns router logits [T, E] (fp32), routing weights [T, k] (fp32) and expert indices [T, k]."""
+        """Returns router logits [T, E], routing weights [T, k] (both at least fp32) and expert indices [T, k]."""
         hidden_states = hidden_states.reshape(-1, hidden_states.shape[-1])
-        router_logits = F.linear(hidden_states.float(), self.weight.float())
+        dtype = torch.promote_types(hidden_states.dtype, torch.float32)  # never below fp32
+        router_logits = F.linear(hidden_states.to(dtype), self.weight.to(dtype))
         scores = self.affinities(router_logits)
         scores_for_choice = scores
         if self.topk_method == "noaux_tc":
-            scores_for_choice = scores + self.e_score_correction_bias.float()
+            scores_for_choice = scores + self.e_score_correction_bias
         if self.topk_method != "greedy" and self.n_group > 1:
             scores_for_choice = self.mask_groups(scores_for_choice)
         topk_indices = scores_for_choice.topk(self.top_k, dim=-1, sorted=False).indices
@@ -655,6 +657,92 @@ class DeepseekMoeForSequenceClassification(GenericForSequenceClassification, Dee
 
 # -------------------------------------------------------------------------------------------- checkpoint layout
 
+FP8_BLOCK = 128
+
+
+def dequantize_fp8_blockwise(weight: torch.Tensor, scale_inv: torch.Tensor, block: int = FP8_BLOCK) -> torch.Tensor:
+    """W = w_fp8 · s per (block × block) tile; `weight_scale_inv` is the multiplier despite its name.
+
+    The scale grid is ceil(rows/block) × ceil(cols/block): edge tiles are partial (e.g. V3's 576-row
+    `kv_a_proj_with_mqa`), so the expanded grid is cut to the weight's shape rather than inferring the block size.
+    """
+    rows, cols = weight.shape[-2:]
+    expected = (math.ceil(rows / block), math.ceil(cols / block))
+    if tuple(scale_inv.shape[-2:]) != expected:
+        raise ValueError(
+            f"FP8 weight of shape {tuple(weight.shape)} needs a weight_scale_inv grid of {expected} for "
+            f"{block}x{block} blocks, got {tuple(scale_inv.shape)}"
+        )
+    scale = scale_inv.float().repeat_interleave(block, dim=-2)[..., :rows, :]
+    scale = scale.repeat_interleave(block, dim=-1)[..., :cols]
+    return weight.float() * scale
+
+
+def _weights_and_scales(input_dict: dict, patterns: list[str]) -> list[tuple[list, list | None]]:
+    """(weights, scales or None) per weight pattern, in pattern order."""
+    pairs = []
+    for pattern in patterns:
+        weights = input_dict[pattern]
+        weights = weights if isinstance(weights, list) else [weights]
+        scales = input_dict.get(f"{pattern}_scale_inv")
+        pairs.append((weights, scales if scales is None or isinstance(scales, list) else [scales]))
+    return pairs
+
+
+def _dequantized(weights: list[torch.Tensor], scales: list[torch.Tensor] | None) -> list[torch.Tensor]:
+    if scales is None:
+        return weights
+    return [dequantize_fp8_blockwise(w, s) for w, s in zip(weights, scales, strict=True)]
+
+
+class Fp8BlockDequantize(ConversionOps):
+    """Loads a weight, dequantizing it when the checkpoint stores FP8 with a `weight_scale_inv` companion, so
+    official FP8 checkpoints load on any machine. The reverse writes the plain weight and no scale."""
+
+    def convert(self, input_dict: dict, source_patterns: list[str], target_patterns: list[str], **kwargs) -> dict:
+        [(weights, scales)] = _weights_and_scales(input_dict, [p for p in source_patterns if p in input_dict][:1])
+        return {target_patterns[0]: _dequantized(weights, scales)[0]}
+
+    @property
+    def reverse_op(self) -> ConversionOps:
+        return Fp8BlockDequantize()
+
+
+class MergeExperts(ConversionOps):
+    """Per-expert projections (FP8 ones dequantized) → one fused [E, n·rows, cols] tensor: experts stacked on dim 0,
+    projections (gate, up) concatenated on dim 1."""
+
+    def convert(self, input_dict: dict, source_patterns: list[str], target_patterns: list[str], **kwargs) -> dict:
+        weight_patterns = [p for p in source_patterns if not p.endswith("_scale_inv")]
+        stacked = [torch.stack(_dequantized(w, s)) for w, s in _weights_and_scales(input_dict, weight_patterns)]
+        return {target_patterns[0]: torch.cat(stacked, dim=1)}
+
+    @property
+    def reverse_op(self) -> ConversionOps:
+        return SplitExperts()
+
+
+class SplitExperts(ConversionOps):
+    """Saving counterpart of `MergeExperts`: the fused tensor back to one plain tensor per expert and projection."""
+
+    def convert(self, input_dict: dict, source_patterns: list[str], target_patterns: list[str], **kwargs) -> dict:
+        fused = next(iter(input_dict.values()))
+        fused = fused[0] if isinstance(fused, list) else fused
+        weight_patterns = [p for p in target_patterns if not p.endswith("_scale_inv")]
+        output = {}
+        for pattern, projection in zip(weight_patterns, fused.chunk(len(weight_patterns), dim=1), strict=True):
+            output.update({pattern.replace("*", str(e)): w.contiguous() for e, w in enumerate(projection.unbind(0))})
+        return output
+
+    @property
+    def reverse_op(self) -> ConversionOps:
+        return MergeExperts()
+
+
+def _with_scales(*patterns: str) -> list[str]:
+    return [name for pattern in patterns for name in (pattern, f"{pattern}_scale_inv")]
+
+
 # On disk: one tensor per expert (`mlp.experts.{e}.{gate,up,down}_proj.weight`), as DeepSeek, transformers' built-ins,
 # vLLM and SGLang expect. In memory: fused 3D tensors. transformers skips conversions for code outside its own package
 # unless they are registered for the model type; `save_pretrained` applies the reverse.
@@ -662,15 +750,16 @@ register_checkpoint_conversion_mapping(
     DeepseekMoeConfig.model_type,
     [
         WeightConverter(
-            source_patterns=["mlp.experts.*.gate_proj.weight", "mlp.experts.*.up_proj.weight"],
+            source_patterns=_with_scales("mlp.experts.*.gate_proj.weight", "mlp.experts.*.up_proj.weight"),
             target_patterns="mlp.experts.gate_up_proj",
-            operations=[MergeModulelist(dim=0), Concatenate(dim=1)],
+            operations=[MergeExperts()],
         ),
         WeightConverter(
-            source_patterns="mlp.experts.*.down_proj.weight",
+            source_patterns=_with_scales("mlp.experts.*.down_proj.weight"),
             target_patterns="mlp.experts.down_proj",
-            operations=[MergeModulelist(dim=0)],
+            operations=[MergeExperts()],
         ),
+        WeightConverter(source_patterns=_with_scales("weight"), target_patterns="weight", operations=[Fp8BlockDequantize()]),
     ],
     overwrite=True,
 )

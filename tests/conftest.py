@@ -1,0 +1,79 @@
+"""Shared helpers: fully randomized tiny models and transformers' built-in DeepSeek configs for the same shapes."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import DeepseekV2Config, DeepseekV3Config  # noqa: E402
+from transformers.utils import logging  # noqa: E402
+
+from deepseek_moe import DeepseekMoeConfig  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+logging.disable_progress_bar()
+
+
+@torch.no_grad()
+def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every parameter and float buffer (norms, router, correction bias) random values, so that a weight loaded
+    into the wrong place, a skipped norm or an ignored bias changes the output."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if not tensor.is_floating_point() or "inv_freq" in name:
+            continue
+        if "e_score_correction_bias" in name:
+            values = torch.rand(tensor.shape, generator=generator, dtype=torch.float64) * 0.4 - 0.2
+        elif tensor.dim() == 1:
+            values = torch.rand(tensor.shape, generator=generator, dtype=torch.float64) + 0.5
+        else:
+            std = 1.5 / tensor.shape[-1] ** 0.5 if name.endswith("gate.weight") else 0.7 / tensor.shape[-1] ** 0.5
+            values = torch.randn(tensor.shape, generator=generator, dtype=torch.float64) * std
+        tensor.copy_(values.to(tensor.dtype))
+    return model
+
+
+_SHARED_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "moe_intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "n_shared_experts",
+    "n_routed_experts",
+    "routed_scaling_factor",
+    "kv_lora_rank",
+    "q_lora_rank",
+    "qk_rope_head_dim",
+    "v_head_dim",
+    "qk_nope_head_dim",
+    "n_group",
+    "topk_group",
+    "num_experts_per_tok",
+    "first_k_dense_replace",
+    "norm_topk_prob",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "pad_token_id",
+)
+
+
+def builtin_config(config: DeepseekMoeConfig) -> DeepseekV2Config | DeepseekV3Config:
+    """transformers' built-in config describing the same architecture as one of our MLA configs."""
+    values = {key: getattr(config, key) for key in _SHARED_KEYS}
+    values["rope_parameters"] = dict(config.rope_parameters)
+    if config.topk_method == "noaux_tc":
+        return DeepseekV3Config(**values, rope_interleave=config.rope_interleave, num_mtp_layers=0)
+    return DeepseekV2Config(**values, topk_method=config.topk_method)
+
+
+@pytest.fixture
+def tmp_dir(tmp_path):
+    return str(tmp_path)
