@@ -352,8 +352,8 @@ class DeepseekMoeConfig(PreTrainedConfig):
         explicit = dict(locals())
         self._drop_fp8_quantization(kwargs)
         # The official model_type decides the defaults of absent keys; ours is always "deepseek_moe".
-        family = kwargs.pop("model_type", None) or kwargs.pop("_family", None) or "deepseek_moe"
-        kwargs.pop("_family", None)
+        original_type = kwargs.pop("model_type", None)
+        family = kwargs.pop("_family", None) or original_type or "deepseek_moe"
         if family not in _FAMILY_DEFAULTS:
             raise ValueError(
                 f"model_type={family!r} is not a DeepSeek MoE config; expected one of {sorted(_FAMILY_DEFAULTS)}"
@@ -550,6 +550,14 @@ class DeepseekMoeConfig(PreTrainedConfig):
                 value = rope.get(key)
                 if value is not None and (not isinstance(value, (int, float)) or value < 0):
                     raise ValueError(f"DeepseekMoeConfig.rope_scaling: {key!r} must be a number >= 0, got {value!r}")
+
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path: Any, **kwargs: Any) -> tuple[dict, dict]:
+        """Reads official config.json files as ours: their `model_type` only selects the family defaults."""
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        if config_dict.get("model_type") in _FAMILY_DEFAULTS:
+            config_dict = {**config_dict, "_family": config_dict["model_type"], "model_type": cls.model_type}
+        return config_dict, kwargs
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> DeepseekMoeConfig:

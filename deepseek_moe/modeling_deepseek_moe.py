@@ -413,7 +413,7 @@ class DeepseekMoeExperts(nn.Module):
         counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
         routed_inputs = hidden_states[token_of_slot]
         outputs = []
-        for expert, rows in zip(range(self.num_experts), routed_inputs.split(counts)):
+        for expert, rows in enumerate(routed_inputs.split(counts)):
             if rows.shape[0] == 0:
                 continue
             gate, up = F.linear(rows, self.gate_up_proj[expert]).chunk(2, dim=-1)
@@ -759,7 +759,9 @@ register_checkpoint_conversion_mapping(
             target_patterns="mlp.experts.down_proj",
             operations=[MergeExperts()],
         ),
-        WeightConverter(source_patterns=_with_scales("weight"), target_patterns="weight", operations=[Fp8BlockDequantize()]),
+        WeightConverter(
+            source_patterns=_with_scales("weight"), target_patterns="weight", operations=[Fp8BlockDequantize()]
+        ),
     ],
     overwrite=True,
 )

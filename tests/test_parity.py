@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 from conftest import builtin_config, randomize_
+from transformers import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 
 from deepseek_moe import DeepseekMoeConfig, DeepseekMoeForCausalLM
 

@@ -1,0 +1,204 @@
+"""Official checkpoint directories load: per-expert keys, MTP layers, FP8 with block scales, bf16 routers."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import torch
+from conftest import builtin_config, randomize_
+from safetensors.torch import load_file, save_file
+from transformers import DeepseekV3ForCausalLM
+from transformers.testing_utils import CaptureLogger
+from transformers.utils import logging
+
+from deepseek_moe import DeepseekMoeConfig, DeepseekMoeForCausalLM
+
+BLOCK = 128
+# Weights an official FP8 checkpoint keeps in bf16.
+NOT_QUANTIZED = ("embed_tokens", "lm_head", "norm", "mlp.gate.weight", "shared_head.head")
+
+
+def official_v3_config(config: DeepseekMoeConfig, **extra) -> dict:
+    """A config.json as DeepSeek ships it (model_type deepseek_v3, rope_scaling, auto_map, ...)."""
+    keys = [
+        "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+        "num_nextn_predict_layers", "num_attention_heads", "num_key_value_heads", "n_shared_experts",
+        "n_routed_experts", "routed_scaling_factor", "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "v_head_dim",
+        "qk_nope_head_dim", "topk_method", "n_group", "topk_group", "num_experts_per_tok", "moe_layer_freq",
+        "first_k_dense_replace", "norm_topk_prob", "scoring_func", "aux_loss_alpha", "seq_aux",
+        "max_position_embeddings", "rms_norm_eps",
+    ]  # fmt: skip
+    rope = {k: v for k, v in config.rope_parameters.items() if k not in ("rope_type", "rope_theta")}
+    return {
+        "architectures": ["DeepseekV3ForCausalLM"],
+        "model_type": "deepseek_v3",
+        "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV3Config"},
+        "ep_size": 1,
+        "hidden_act": "silu",
+        "initializer_range": 0.02,
+        "rope_theta": 10000,
+        "rope_scaling": rope,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.46.3",
+        "use_cache": True,
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        **{k: getattr(config, k) for k in keys},
+        **extra,
+    }
+
+
+def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """128×128 block FP8 (e4m3) with amax/448 scales; edge blocks are partial."""
+    rows, cols = weight.shape
+    scale = torch.empty(math.ceil(rows / BLOCK), math.ceil(cols / BLOCK))
+    quantized = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
+    for i in range(scale.shape[0]):
+        for j in range(scale.shape[1]):
+            block = weight[i * BLOCK : (i + 1) * BLOCK, j * BLOCK : (j + 1) * BLOCK].float()
+            scale[i, j] = block.abs().max().clamp(min=1e-4) / 448.0
+            quantized[i * BLOCK : (i + 1) * BLOCK, j * BLOCK : (j + 1) * BLOCK] = (block / scale[i, j]).to(
+                torch.float8_e4m3fn
+            )
+    return quantized, scale
+
+
+def write_sharded(state: dict[str, torch.Tensor], directory, config: dict, shards: int = 3) -> None:
+    names = sorted(state)
+    weight_map = {}
+    for i in range(shards):
+        file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {name: state[name].contiguous() for name in names[i::shards]}
+        save_file(part, directory / file, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, file))
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())}}
+    (directory / "model.safetensors.index.json").write_text(json.dumps({**index, "weight_map": weight_map}))
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+def test_fp8_checkpoint_with_partial_blocks_loads_dequantized(tmp_path):
+    # kv_a_proj_with_mqa has 136 + 8 = 144 rows (one full and one partial block), the dense MLP 200.
+    config = DeepseekMoeConfig.from_preset(
+        "tiny-v3", hidden_size=136, intermediate_size=200, kv_lora_rank=136, num_nextn_predict_layers=1
+    )
+    source = randomize_(DeepseekMoeForCausalLM(config), seed=5)
+    source.save_pretrained(tmp_path / "source")
+    state = load_file(tmp_path / "source" / "model.safetensors")
+
+    fp8_state, dequantized = {}, {}
+    for name, tensor in state.items():
+        if tensor.dim() == 2 and not any(key in name for key in NOT_QUANTIZED):
+            quantized, scale = quantize_fp8(tensor)
+            fp8_state[name], fp8_state[name + "_scale_inv"] = quantized, scale
+            dequantized[name] = (
+                quantized.float()
+                * scale.repeat_interleave(BLOCK, 0)[: tensor.shape[0]].repeat_interleave(BLOCK, 1)[:, : tensor.shape[1]]
+            )
+        else:
+            fp8_state[name] = dequantized[name] = tensor.to(torch.bfloat16) if tensor.dim() == 2 else tensor
+    assert fp8_state["model.layers.0.self_attn.kv_a_proj_with_mqa.weight_scale_inv"].shape == (2, 2)
+    quantization = {
+        "activation_scheme": "dynamic",
+        "fmt": "e4m3",
+        "quant_method": "fp8",
+        "weight_block_size": [128, 128],
+    }
+    (tmp_path / "fp8").mkdir()
+    write_sharded(fp8_state, tmp_path / "fp8", official_v3_config(config, quantization_config=quantization))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. unexpected MTP keys or leftover scales would warn
+        model, info = DeepseekMoeForCausalLM.from_pretrained(
+            tmp_path / "fp8", dtype=torch.float32, output_loading_info=True
+        )
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    assert not hasattr(model.config, "quantization_config")
+
+    # Reference: transformers' built-in V3 on the dequantized weights (computed here, not by our loader).
+    (tmp_path / "reference").mkdir()
+    save_file({k: v.float().contiguous() for k, v in dequantized.items()}, tmp_path / "reference" / "model.safetensors")
+    reference_config = builtin_config(DeepseekMoeConfig.from_preset(
+        "tiny-v3", hidden_size=136, intermediate_size=200, kv_lora_rank=136, num_nextn_predict_layers=0
+    ))  # fmt: skip
+    reference_config.save_pretrained(tmp_path / "reference")
+    reference = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "reference")
+    input_ids = torch.randint(0, config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, expected = model.eval()(input_ids).logits, reference.float().eval()(input_ids).logits
+    assert (ours - expected).abs().max() <= 1e-5 * expected.abs().max()
+    # The MTP layer's own weights were dequantized into place too.
+    eh_proj = dequantized[f"model.layers.{config.num_hidden_layers}.eh_proj.weight"]
+    assert torch.equal(model.model.layers[config.num_hidden_layers].eh_proj.weight, eh_proj.float())
+
+
+def test_official_v3_directory_with_mtp_copies_loads_cleanly(tmp_path):
+    config = DeepseekMoeConfig.from_preset("tiny-v3")
+    source = randomize_(DeepseekMoeForCausalLM(config), seed=1)
+    source.save_pretrained(tmp_path / "source")
+    state = load_file(tmp_path / "source" / "model.safetensors")
+    mtp = f"model.layers.{config.num_hidden_layers}."
+    assert mtp + "eh_proj.weight" in state and mtp + "mlp.experts.0.gate_proj.weight" in state
+    # DeepSeek's checkpoint stores copies of the shared embedding and head inside each MTP layer.
+    state[mtp + "embed_tokens.weight"] = state["model.embed_tokens.weight"].clone()
+    state[mtp + "shared_head.head.weight"] = state["lm_head.weight"].clone()
+    (tmp_path / "official").mkdir()
+    write_sharded(state, tmp_path / "official", official_v3_config(config), shards=2)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model, info = DeepseekMoeForCausalLM.from_pretrained(
+            tmp_path / "official", dtype=torch.float32, output_loading_info=True
+        )
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    assert model.config.model_type == "deepseek_moe" and model.config.num_nextn_predict_layers == 1
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, source.state_dict()[name]), name
+
+
+def test_bf16_load_keeps_router_in_fp32(tmp_path):
+    config = DeepseekMoeConfig.from_preset("tiny-v3", num_nextn_predict_layers=0)
+    randomize_(DeepseekMoeForCausalLM(config)).save_pretrained(tmp_path)
+    model = DeepseekMoeForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    gate = model.model.layers[1].mlp.gate
+    assert gate.weight.dtype == torch.float32 and gate.e_score_correction_bias.dtype == torch.float32
+    assert model.model.layers[1].mlp.experts.gate_up_proj.dtype == torch.bfloat16
+    with torch.no_grad():
+        logits = model(torch.tensor([[1, 2, 3]])).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+
+
+def test_save_writes_official_per_expert_layout(tmp_path):
+    config = DeepseekMoeConfig.from_preset("tiny-v2", num_nextn_predict_layers=0)
+    model = randomize_(DeepseekMoeForCausalLM(config))
+    model.save_pretrained(tmp_path)
+    keys = set(load_file(tmp_path / "model.safetensors"))
+    fused = model.model.layers[1].mlp.experts
+    for e in range(config.n_routed_experts):
+        for projection in ("gate_proj", "up_proj", "down_proj"):
+            assert f"model.layers.1.mlp.experts.{e}.{projection}.weight" in keys
+    assert not any("gate_up_proj" in key for key in keys)
+    gate = load_file(tmp_path / "model.safetensors")["model.layers.1.mlp.experts.3.gate_proj.weight"]
+    assert torch.equal(gate, fused.gate_up_proj[3, : config.moe_intermediate_size])
+
+
+def test_official_16b_directory_loads_as_multi_head_attention(tmp_path):
+    config = DeepseekMoeConfig.from_preset("tiny-16b")
+    source = randomize_(DeepseekMoeForCausalLM(config), seed=2)
+    source.save_pretrained(tmp_path)
+    official = json.loads((tmp_path / "config.json").read_text())
+    for key in ("kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "topk_method",
+                "n_group", "topk_group", "routed_scaling_factor", "rope_interleave", "num_nextn_predict_layers",
+                "head_dim", "rope_parameters", "scoring_func"):  # fmt: skip
+        official.pop(key, None)
+    official.update(model_type="deepseek", architectures=["DeepseekForCausalLM"], rope_theta=10000, rope_scaling=None)
+    (tmp_path / "config.json").write_text(json.dumps(official))
+    with CaptureLogger(logging.get_logger("transformers.configuration_utils")) as captured:
+        model = DeepseekMoeForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    assert "model of type" not in captured.out
+    assert not model.config.use_mla and model.config.topk_method == "greedy"
+    input_ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    with torch.no_grad():
+        assert torch.equal(model.eval()(input_ids).logits, source.eval()(input_ids).logits)
