@@ -214,7 +214,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "n_group": 1,
         "topk_group": 1,
         "first_k_dense_replace": 1,
-        "max_position_embeddings": 16384,
+        "max_position_embeddings": 163840,
         "rope_scaling": {**_YARN, "mscale": 0.707, "mscale_all_dim": 0.707},
     },
     "tiny-v2": {
@@ -238,7 +238,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "topk_method": "group_limited_greedy",
         "routed_scaling_factor": 16.0,
         "first_k_dense_replace": 1,
-        "max_position_embeddings": 16384,
+        "max_position_embeddings": 163840,
         "rope_scaling": {**_YARN, "mscale": 0.707, "mscale_all_dim": 0.707},
     },
     "tiny-v3": {
@@ -261,7 +261,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "n_group": 4,
         "topk_group": 2,
         "first_k_dense_replace": 1,
-        "max_position_embeddings": 16384,
+        "max_position_embeddings": 163840,
         "rope_scaling": {**_YARN, "mscale": 1.0, "mscale_all_dim": 1.0},
     },
 }
@@ -390,6 +390,10 @@ class DeepseekMoeConfig(PreTrainedConfig):
             self.head_dim = self.qk_rope_head_dim
         elif self.head_dim is None and self.num_attention_heads:
             self.head_dim = self.hidden_size // self.num_attention_heads
+        # Validate before transformers' own RoPE standardisation, which would fill in or reject fields less clearly.
+        raw_rope = dict(rope_parameters or kwargs.get("rope_scaling") or {})
+        raw_rope.setdefault("rope_theta", kwargs.get("rope_theta", 10000.0))
+        self.validate_deepseek(head_dim_given=head_dim is not None, rope=raw_rope)
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
@@ -397,7 +401,6 @@ class DeepseekMoeConfig(PreTrainedConfig):
             tie_word_embeddings=tie_word_embeddings,
             **kwargs,
         )
-        self.validate_deepseek(head_dim_given=head_dim is not None)
 
     @staticmethod
     def _drop_fp8_quantization(kwargs: dict[str, Any]) -> None:
@@ -432,8 +435,9 @@ class DeepseekMoeConfig(PreTrainedConfig):
             layer_idx >= self.first_k_dense_replace and layer_idx % self.moe_layer_freq == 0
         )
 
-    def validate_deepseek(self, head_dim_given: bool = False) -> None:
-        """Raise a `ValueError` naming the first field that does not fit the architecture."""
+    def validate_deepseek(self, head_dim_given: bool = False, rope: dict[str, Any] | None = None) -> None:
+        """Raise a `ValueError` naming the first field that does not fit the architecture. `rope` is the RoPE
+        dict as given (`rope_parameters` or the official `rope_scaling`), defaulting to the standardised one."""
 
         def check(ok: bool, field: str, message: str) -> None:
             if not ok:
@@ -446,6 +450,11 @@ class DeepseekMoeConfig(PreTrainedConfig):
             self.num_nextn_predict_layers >= 0,
             "num_nextn_predict_layers",
             f"must be >= 0, got {self.num_nextn_predict_layers}",
+        )
+        check(
+            self.num_nextn_predict_layers == 0 or self.n_routed_experts > 0,
+            "num_nextn_predict_layers",
+            "MTP modules are MoE blocks and need n_routed_experts > 0",
         )
         check(self.n_routed_experts >= 0, "n_routed_experts", f"must be >= 0, got {self.n_routed_experts}")
         check(self.n_shared_experts >= 0, "n_shared_experts", f"must be >= 0, got {self.n_shared_experts}")
@@ -522,10 +531,10 @@ class DeepseekMoeConfig(PreTrainedConfig):
                 "num_attention_heads",
                 f"hidden_size={self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}",
             )
-        self._validate_rope()
+        self._validate_rope(self.rope_parameters or {} if rope is None else rope)
 
-    def _validate_rope(self) -> None:
-        rope = self.rope_parameters or {}
+    @staticmethod
+    def _validate_rope(rope: dict[str, Any]) -> None:
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ROPE_TYPES:
             raise ValueError(
@@ -566,6 +575,8 @@ class DeepseekMoeConfig(PreTrainedConfig):
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
         values = copy.deepcopy(PRESETS[name])
+        if "rope_parameters" in overrides:  # replaces the preset's official-style `rope_scaling`
+            values.pop("rope_scaling", None)
         values.update(overrides)
         return cls(**values)
 

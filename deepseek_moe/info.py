@@ -1,0 +1,146 @@
+"""Size facts about a configuration: exact parameter counts, KV-cache bytes per token and a readable summary.
+
+Everything is derived from the model itself (built on the meta device, so no memory is allocated) rather than from
+closed-form formulas, so the numbers cannot drift from what the modeling code actually creates.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from .configuration_deepseek_moe import PRESETS, DeepseekMoeConfig
+from .modeling_deepseek_moe import DeepseekMoeExperts, DeepseekMoeForCausalLM
+
+
+def _layer_counts(layer: nn.Module, config: DeepseekMoeConfig) -> tuple[int, int]:
+    """(all parameters, parameters one token uses) of a decoder or MTP layer: a token reaches only
+    `num_experts_per_tok` of the `n_routed_experts` routed experts; router and shared experts always run."""
+    total = sum(p.numel() for p in layer.parameters())
+    routed = sum(p.numel() for m in layer.modules() if isinstance(m, DeepseekMoeExperts) for p in m.parameters())
+    active_routed = routed // config.n_routed_experts * config.num_experts_per_tok if routed else 0
+    return total, total - routed + active_routed
+
+
+def count_parameters(config: DeepseekMoeConfig) -> dict[str, int]:
+    """Exact parameter counts of `DeepseekMoeForCausalLM(config)` (parameters only; V3's per-layer
+    `e_score_correction_bias` is a buffer and not counted).
+
+    - `total` / `activated`: the main model with embedding and `lm_head`, MTP layers excluded; activated is what one
+      token uses (all routed experts replaced by `num_experts_per_tok` of them).
+    - `mtp_total` / `mtp_activated`: the MTP layers' own parameters, `eh_proj` included (they share the model's
+      embedding and head). DeepSeek's V3 figures, 11.5B unique / 2.4B activated with embedding and head, are these
+      counts without the 0.10B `eh_proj` (11.51B / 2.44B).
+    - `total_with_mtp`: every parameter this model holds.
+    - `checkpoint_total`: what the official checkpoint stores, which also keeps one copy of the embedding and of the
+      head inside each MTP layer: 684.49B for V3, which with the 0.04B FP8 scale entries is the hub's "685B"
+      (671B main model + MTP + those copies).
+    """
+    with torch.device("meta"):
+        model = DeepseekMoeForCausalLM(config)
+    layers = model.model.layers
+    main_layers = [_layer_counts(layer, config) for layer in layers[: config.num_hidden_layers]]
+    mtp_layers = [_layer_counts(layer, config) for layer in layers[config.num_hidden_layers :]]
+    mtp_total = sum(total for total, _ in mtp_layers)
+    outside_layers = sum(p.numel() for p in model.parameters()) - sum(total for total, _ in main_layers) - mtp_total
+    embedding_and_head = model.model.embed_tokens.weight.numel() + model.lm_head.weight.numel()
+    total = outside_layers + sum(total for total, _ in main_layers)
+    return {
+        "total": total,
+        "activated": outside_layers + sum(active for _, active in main_layers),
+        "mtp_total": mtp_total,
+        "mtp_activated": sum(active for _, active in mtp_layers),
+        "total_with_mtp": total + mtp_total,
+        "checkpoint_total": total + mtp_total + config.num_nextn_predict_layers * embedding_and_head,
+    }
+
+
+def kv_cache_bytes_per_token(config: DeepseekMoeConfig, dtype_bytes: int = 2) -> dict[str, int]:
+    """Bytes the KV cache grows by per token: MLA stores the latent and the rotary key (`kv_lora_rank +
+    qk_rope_head_dim` values), multi-head attention stores keys and values of every KV head. MTP layers, which only
+    cache when used as a draft model, are not included."""
+    if config.use_mla:
+        values = config.kv_lora_rank + config.qk_rope_head_dim
+    else:
+        values = 2 * config.num_key_value_heads * config.head_dim
+    per_layer = values * dtype_bytes
+    return {
+        "values_per_layer": values,
+        "bytes_per_layer": per_layer,
+        "num_layers": config.num_hidden_layers,
+        "bytes_all_layers": per_layer * config.num_hidden_layers,
+    }
+
+
+def _routing(config: DeepseekMoeConfig) -> str:
+    scoring = config.scoring_func + (" + correction bias" if config.topk_method == "noaux_tc" else "")
+    groups = ""
+    if config.topk_method != "greedy" and config.n_group > 1:
+        score = "top-2 sum" if config.topk_method == "noaux_tc" else "max"
+        groups = f", within the best {config.topk_group} of {config.n_group} groups (group score: {score})"
+    weights = "normalised" if config.norm_topk_prob else "unnormalised"
+    if config.topk_method == "noaux_tc" or not config.norm_topk_prob:
+        weights += f", scaled by {config.routed_scaling_factor:g}"
+    return f"{config.topk_method}: {scoring}, top-{config.num_experts_per_tok}{groups}; weights {weights}"
+
+
+def _billions(count: int) -> str:
+    """Billions for reading, the exact count too so that small configurations do not all show 0.00B."""
+    return f"{count / 1e9:.2f}B ({count:,})"
+
+
+def describe(config: DeepseekMoeConfig) -> str:
+    """A multi-line, human-readable summary of the architecture and its size."""
+    moe_layers = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
+    if config.use_mla:
+        family = "DeepSeek-V3" if config.topk_method == "noaux_tc" else "DeepSeek-V2"
+        q = "none (q_proj)" if config.q_lora_rank is None else str(config.q_lora_rank)
+        attention = (
+            f"MLA, {config.num_attention_heads} heads, kv_lora_rank {config.kv_lora_rank}, q_lora_rank {q}, "
+            f"head dims nope/rope/v {config.qk_nope_head_dim}/{config.qk_rope_head_dim}/{config.v_head_dim}"
+        )
+    else:
+        family = "DeepSeekMoE"
+        attention = (
+            f"multi-head, {config.num_attention_heads} heads ({config.num_key_value_heads} KV), "
+            f"head dim {config.head_dim}"
+        )
+    params = count_parameters(config)
+    kv = kv_cache_bytes_per_token(config)
+    lines = [
+        f"architecture: {family}-style, hidden {config.hidden_size}, vocab {config.vocab_size}",
+        f"attention:    {attention}",
+        f"layers:       {config.num_hidden_layers} ({config.num_hidden_layers - moe_layers} dense, {moe_layers} MoE)"
+        + (f" + {config.num_nextn_predict_layers} MTP" if config.num_nextn_predict_layers else ""),
+        f"experts:      {config.n_routed_experts} routed + {config.n_shared_experts} shared, "
+        f"{config.num_experts_per_tok} routed active per token, expert width {config.moe_intermediate_size}",
+        f"routing:      {_routing(config)}",
+        f"parameters:   {_billions(params['total'])} total, {_billions(params['activated'])} activated per token "
+        "(incl. embedding and head)",
+    ]
+    if config.num_nextn_predict_layers:
+        lines.append(
+            f"MTP:          {_billions(params['mtp_total'])} total, {_billions(params['mtp_activated'])} activated; "
+            f"checkpoint incl. its embedding/head copies {_billions(params['checkpoint_total'])}"
+        )
+    lines.append(
+        f"KV cache:     {kv['bytes_all_layers']:,} bytes per token in bf16 "
+        f"({kv['values_per_layer']} values x {kv['num_layers']} layers)"
+    )
+    return "\n".join(lines)
+
+
+def load_config(preset_or_dir: str) -> DeepseekMoeConfig:
+    """A preset from `PRESETS`, or a local directory with a config.json (ours or an official DeepSeek one)."""
+    if preset_or_dir in PRESETS:
+        return DeepseekMoeConfig.from_preset(preset_or_dir)
+    if os.path.isfile(os.path.join(preset_or_dir, "config.json")):
+        return DeepseekMoeConfig.from_pretrained(preset_or_dir)
+    raise ValueError(
+        f"{preset_or_dir!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a directory with a config.json"
+    )
+
+
+__all__ = ["count_parameters", "describe", "kv_cache_bytes_per_token", "load_config"]
