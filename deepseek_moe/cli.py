@@ -46,11 +46,56 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=_demo)
 
 
+def _upload(args: argparse.Namespace) -> int:
+    from .hub import upload  # imports huggingface_hub only when needed
+
+    upload(
+        args.model_dir,
+        args.repo_id,
+        token=args.token,
+        private=args.private,
+        revision=args.revision,
+        create_pr=args.create_pr,
+        commit_message=args.commit_message,
+        dry_run=args.dry_run,
+        base_model=args.base_model,
+        license=args.license,
+        regenerate_card=args.regenerate_card,
+        max_commit_size=args.max_commit_size,
+    )
+    return 0
+
+
+def _add_upload(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "upload",
+        help="validate a model or LoRA adapter folder and publish it to the Hub with remote code and a model card",
+        description="Checks the config, the weights and that the folder loads as remote code before sending anything; "
+        "uploads in several commits for large folders and skips files already on the Hub, so a re-run resumes.",
+    )
+    parser.add_argument("model_dir", metavar="MODEL_DIR", help="a saved model (config.json) or adapter folder")
+    parser.add_argument("repo_id", metavar="REPO_ID", help="the Hub repository, e.g. user/my-model")
+    parser.add_argument("--private", action="store_true", default=None, help="create the repository as private")
+    parser.add_argument("--revision", help="branch to upload to (created if missing; default main)")
+    parser.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    parser.add_argument("--commit-message", help="commit title (several commits get ' (part i/n)')")
+    parser.add_argument("--dry-run", action="store_true", help="validate and print the plan; send nothing")
+    parser.add_argument("--token", help="Hub token (default: HF_TOKEN or the token saved by `hf auth login`)")
+    parser.add_argument("--base-model", help="base model for the card (default: from the folder, if it names one)")
+    parser.add_argument("--license", help="license for the card (default: mit for V3, DeepSeek's license otherwise)")
+    parser.add_argument("--regenerate-card", action="store_true", help="replace the folder's own README.md")
+    parser.add_argument(
+        "--max-commit-size", default="20GB", help="bytes per commit, HF-style units (default 20GB; decimal)"
+    )
+    parser.set_defaults(run=_upload)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepseek-moe", description="DeepSeek mixture-of-experts models.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_info(subparsers)
     _add_demo(subparsers)
+    _add_upload(subparsers)
     return parser
 
 

@@ -91,18 +91,24 @@ def _billions(count: int) -> str:
     return f"{count / 1e9:.2f}B ({count:,})"
 
 
+def family(config: DeepseekMoeConfig) -> str:
+    """Which DeepSeek generation the architecture follows: multi-head attention is DeepSeekMoE (16B), MLA with the
+    auxiliary-loss-free router is V3, other MLA models are V2."""
+    if not config.use_mla:
+        return "DeepSeekMoE"
+    return "DeepSeek-V3" if config.topk_method == "noaux_tc" else "DeepSeek-V2"
+
+
 def describe(config: DeepseekMoeConfig) -> str:
     """A multi-line, human-readable summary of the architecture and its size."""
     moe_layers = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
     if config.use_mla:
-        family = "DeepSeek-V3" if config.topk_method == "noaux_tc" else "DeepSeek-V2"
         q = "none (q_proj)" if config.q_lora_rank is None else str(config.q_lora_rank)
         attention = (
             f"MLA, {config.num_attention_heads} heads, kv_lora_rank {config.kv_lora_rank}, q_lora_rank {q}, "
             f"head dims nope/rope/v {config.qk_nope_head_dim}/{config.qk_rope_head_dim}/{config.v_head_dim}"
         )
     else:
-        family = "DeepSeekMoE"
         attention = (
             f"multi-head, {config.num_attention_heads} heads ({config.num_key_value_heads} KV), "
             f"head dim {config.head_dim}"
@@ -110,7 +116,7 @@ def describe(config: DeepseekMoeConfig) -> str:
     params = count_parameters(config)
     kv = kv_cache_bytes_per_token(config)
     lines = [
-        f"architecture: {family}-style, hidden {config.hidden_size}, vocab {config.vocab_size}",
+        f"architecture: {family(config)}-style, hidden {config.hidden_size}, vocab {config.vocab_size}",
         f"attention:    {attention}",
         f"layers:       {config.num_hidden_layers} ({config.num_hidden_layers - moe_layers} dense, {moe_layers} MoE)"
         + (f" + {config.num_nextn_predict_layers} MTP" if config.num_nextn_predict_layers else ""),
@@ -143,4 +149,4 @@ def load_config(preset_or_dir: str) -> DeepseekMoeConfig:
     )
 
 
-__all__ = ["count_parameters", "describe", "kv_cache_bytes_per_token", "load_config"]
+__all__ = ["count_parameters", "describe", "family", "kv_cache_bytes_per_token", "load_config"]
