@@ -503,7 +503,9 @@ def publish(
         if create_pr and number == 1:
             target, url = info.pr_revision, info.pr_url
         parent = info.oid
-        print(f"commit {number}/{len(batches)}: {len(batch)} files, {sum(todo[p] for p in batch):,} bytes: {info.oid}")
+        print(
+            f"commit {number}/{len(batches)}: {len(batch)} file(s), {sum(todo[p] for p in batch):,} bytes: {info.oid}"
+        )
     return url if create_pr else info.commit_url
 
 
