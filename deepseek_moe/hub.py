@@ -57,6 +57,12 @@ AUTO_MAP = {
     )
 }
 TAGS = ["deepseek", "moe", "custom_code"]
+# Cards that PEFT (huggingface_hub's template) and transformers' Trainer write on their own carry these; such cards are
+# replaced, hand-written ones kept unless --regenerate-card.
+TEMPLATE_CARD_MARKERS = (
+    "<!-- Provide a quick summary of what the model is/does. -->",
+    "<!-- This model card has been generated automatically",
+)
 
 
 class UploadError(ValueError):
@@ -123,17 +129,22 @@ def remote_code_files() -> list[Path]:
     return sorted(files)
 
 
-# Runs in `python -I` (no PYTHONPATH, no user site) with the package hidden even if it is installed, so the staged
-# folder is loaded exactly as a user without deepseek-moe would load it. The meta device keeps this free for any size.
-_LOAD_CHECK = """
+# Python source that makes `import deepseek_moe` fail even where the package is installed; run with `python -I` (no
+# PYTHONPATH, no user site) it gives the interpreter of a user who does not have this package.
+HIDE_PACKAGE = """
 import importlib.abc, sys
 
 class HidePackage(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name.partition(".")[0] == "deepseek_moe":
-            raise ImportError("deepseek_moe is hidden: the staged folder must load as remote code")
+            raise ImportError("deepseek_moe is hidden: the model must load as remote code")
 
 sys.meta_path.insert(0, HidePackage())
+"""
+# The meta device keeps the check free for any model size; keys and remote code are still resolved.
+_LOAD_CHECK = (
+    HIDE_PACKAGE
+    + """
 from transformers import AutoModelForCausalLM
 
 model, info = AutoModelForCausalLM.from_pretrained(
@@ -143,6 +154,7 @@ problems = {key: info[key] for key in ("missing_keys", "mismatched_keys") if inf
 if problems or type(model).__module__.startswith("deepseek_moe"):
     sys.exit(f"loaded as {type(model).__module__}.{type(model).__name__} with {problems}")
 """
+)
 
 
 def check_loads_as_remote_code(staging: Path) -> None:
@@ -247,11 +259,12 @@ def stage(
     staging.mkdir(parents=True)
     stage_folder = stage_adapter if kind == "adapter" else stage_model
     card = stage_folder(source, staging, repo_id, base_model, license)
-    card_generated = regenerate_card or not (source / "README.md").is_file()
+    existing = (source / "README.md").read_text() if (source / "README.md").is_file() else None
+    card_generated = regenerate_card or existing is None or any(m in existing for m in TEMPLATE_CARD_MARKERS)
     if card_generated:
         write_staged(staging, "README.md", card)
     else:
-        card = (source / "README.md").read_text()
+        card = existing
     files = {path.relative_to(staging).as_posix(): path.stat().st_size for path in staging.rglob("*") if path.is_file()}
     return Plan(kind=kind, files=files, card=card, card_generated=card_generated)
 
@@ -553,6 +566,7 @@ def upload(
 
 __all__ = [
     "AUTO_MAP",
+    "HIDE_PACKAGE",
     "Plan",
     "UploadError",
     "commit_batches",
