@@ -57,6 +57,8 @@ AUTO_MAP = {
     )
 }
 TAGS = ["deepseek", "moe", "custom_code"]
+# The files that make a repository loadable and carded; committed last so it only looks complete once it is.
+FINAL_FILES = ("config.json", WEIGHTS_INDEX, "adapter_config.json", "README.md")
 # Cards that PEFT (huggingface_hub's template) and transformers' Trainer write on their own carry these; such cards are
 # replaced, hand-written ones kept unless --regenerate-card.
 TEMPLATE_CARD_MARKERS = (
@@ -443,16 +445,25 @@ def authenticate(token: str | None) -> HfApi:
 
 
 def commit_batches(files: dict[str, int], max_bytes: int) -> list[list[str]]:
-    """Group files into commits of at most `max_bytes` (a larger file gets its own). Weights go first, everything
-    else last, so an interrupted upload never leaves an index or config pointing at shards that are not there."""
+    """Group files into commits of at most `max_bytes` (a larger file gets its own). Weights go first and the files
+    that make a repository loadable (`FINAL_FILES`) together in the last commit, so an interrupted upload never leaves
+    a config or index pointing at shards that are not there yet."""
+    final = sorted(path for path in files if path in FINAL_FILES)
+    rest = sorted(
+        (path for path in files if path not in FINAL_FILES), key=lambda p: (not p.endswith(".safetensors"), p)
+    )
     batches: list[list[str]] = []
     size = 0
-    for path in sorted(files, key=lambda p: (not p.endswith(".safetensors"), p)):
+    for path in rest:
         if not batches or size + files[path] > max_bytes:
             batches.append([])
             size = 0
         batches[-1].append(path)
         size += files[path]
+    if final and batches and size + sum(files[path] for path in final) <= max_bytes:
+        batches[-1] += final
+    elif final:
+        batches.append(final)
     return batches
 
 

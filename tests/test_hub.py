@@ -1,0 +1,222 @@
+"""Publishing to the Hub, end to end against the in-memory loopback Hub of `hub_server.py`.
+
+The client side (upload and download) runs in subprocesses, so that `HF_ENDPOINT` and `HF_HUB_DISABLE_XET` are set
+before huggingface_hub is imported and nothing can reach the real Hub.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import randomize_
+from hub_server import FakeHub
+
+from deepseek_moe import DeepseekMoeConfig, DeepseekMoeForCausalLM
+from deepseek_moe.hub import AUTO_MAP, HIDE_PACKAGE, remote_code_files
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = [[3, 14, 15, 92, 65, 35, 89, 79]]
+REPO = "tester/tiny-v3"
+
+
+@pytest.fixture(scope="module")
+def hub():
+    server = FakeHub()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> tuple[Path, torch.Tensor]:
+    """A sharded tiny V3 (with an MTP layer) as a training run leaves it, and its logits on PROMPT."""
+    directory = tmp_path_factory.mktemp("model")
+    model = randomize_(DeepseekMoeForCausalLM(DeepseekMoeConfig.from_preset("tiny-v3"))).eval()
+    model.save_pretrained(directory, max_shard_size="200KB")
+    history = [{"step": step, "loss": 6.0 - 0.2 * step} for step in range(1, 11)]
+    (directory / "trainer_state.json").write_text(json.dumps({"global_step": 10, "epoch": 1.0, "log_history": history}))
+    (directory / "expert_load_layer1.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    with torch.no_grad():
+        logits = model(torch.tensor(PROMPT)).logits
+    return directory, logits
+
+
+def client_env(hub: FakeHub, home: Path, token: str | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE", "TRANSFORMERS_OFFLINE"))}
+    env.update(
+        HF_ENDPOINT=hub.endpoint,
+        HF_HUB_DISABLE_XET="1",
+        HF_HOME=str(home),
+        HF_HUB_DISABLE_TELEMETRY="1",
+        HF_HUB_DISABLE_PROGRESS_BARS="1",
+        TRANSFORMERS_VERBOSITY="error",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=str(ROOT),
+    )
+    if token:
+        env["HF_TOKEN"] = token
+    return env
+
+
+def hub_upload(env: dict[str, str], *args) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(ROOT / "hub_upload.py"), *map(str, args)]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+
+def linked_copy(source: Path, target: Path) -> Path:
+    target.mkdir()
+    for path in source.iterdir():
+        (target / path.name).symlink_to(path)
+    return target
+
+
+@pytest.fixture(scope="module")
+def uploaded(hub, model_dir, tmp_path_factory) -> subprocess.CompletedProcess:
+    env = client_env(hub, tmp_path_factory.mktemp("hf_home"), hub.token)
+    result = hub_upload(env, model_dir[0], REPO, "--max-commit-size", "600KB")
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def test_upload_publishes_weights_remote_code_and_card(hub, model_dir, uploaded) -> None:
+    directory = model_dir[0]
+    files = hub.files(REPO)
+    for path in directory.iterdir():
+        if path.name != "config.json":
+            assert files[path.name] == path.read_bytes(), path.name
+    for code in remote_code_files():
+        assert files[code.name] == code.read_bytes()
+    assert json.loads(files["config.json"])["auto_map"] == AUTO_MAP
+    card = files["README.md"].decode()
+    for expected in (
+        "library_name: transformers",
+        "pipeline_tag: text-generation",
+        "license: mit",
+        "- custom_code",
+        "| routed experts | 16, width 32 |",
+        "| active routed experts per token | 4 |",
+        "trust_remote_code=True",
+        "Trained for 10 steps",
+        "![expert_load_layer1.png](expert_load_layer1.png)",
+    ):
+        assert expected in card
+    # The loss curve is an image when matplotlib is installed, a table otherwise.
+    if importlib.util.find_spec("matplotlib"):
+        assert "![training loss](loss_curve.png)" in card and files["loss_curve.png"].startswith(b"\x89PNG")
+    else:
+        assert "| step | training loss |" in card
+    # Several commits, weights first: the commit before the last has shards but no config or index yet.
+    history = hub.history(REPO)
+    assert len(history) >= 4 and history[0].endswith(f"(part {len(history) - 1}/{len(history) - 1})")
+    repo = hub.repos[REPO]
+    before_last = hub.files(REPO, repo.parents[repo.refs["main"]])
+    assert not {"config.json", "model.safetensors.index.json"} & before_last.keys() and any(
+        name.endswith(".safetensors") for name in before_last
+    )
+    # The user's folder is untouched.
+    assert not (directory / "README.md").exists() and not list(directory.glob("*.py"))
+    assert "auto_map" not in json.loads((directory / "config.json").read_text())
+
+
+def test_uploaded_model_loads_where_the_package_is_not_installed(hub, model_dir, uploaded, tmp_path) -> None:
+    script = HIDE_PACKAGE + (
+        "import torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()\n"
+        "with torch.no_grad():\n"
+        "    torch.save(model(torch.tensor(eval(sys.argv[2]))).logits, sys.argv[3])\n"
+        "print(type(model).__module__)\n"
+    )
+    env = client_env(hub, tmp_path / "hf_home", hub.token)
+    command = [sys.executable, "-I", "-c", script, REPO, repr(PROMPT), str(tmp_path / "logits.pt")]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().startswith("transformers_modules.")
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), model_dir[1], rtol=1e-6, atol=1e-6)
+
+
+def test_rerun_skips_unchanged_files_and_create_pr_leaves_main_alone(hub, model_dir, uploaded, tmp_path) -> None:
+    main_before = hub.repos[REPO].refs["main"]
+    hub.requests.clear()
+    env = client_env(hub, tmp_path / "hf_home", hub.token)
+    args = ["--create-pr", "--license", "apache-2.0", "--regenerate-card", "--max-commit-size", "600KB"]
+    result = hub_upload(env, model_dir[0], REPO, *args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "already on the Hub unchanged: skipped" in result.stdout
+    assert not [path for method, path in hub.requests if method == "PUT"]  # no weight was sent again
+    pr = sorted(ref for ref in hub.repos[REPO].refs if ref.startswith("refs/pr/"))
+    assert pr == ["refs/pr/1"] and "/discussions/1" in result.stdout
+    assert hub.repos[REPO].refs["main"] == main_before
+    assert "license: apache-2.0" in hub.files(REPO, "refs/pr/1")["README.md"].decode()
+    assert "license: mit" in hub.files(REPO)["README.md"].decode()
+
+
+def test_dry_run_sends_nothing(hub, model_dir, tmp_path) -> None:
+    hub.requests.clear()
+    result = hub_upload(client_env(hub, tmp_path / "hf_home", hub.token), model_dir[0], "tester/dry", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert hub.requests == []
+    for expected in ("model-00001-of-", "modeling_deepseek_moe.py", "library_name: transformers", "nothing was sent"):
+        assert expected in result.stdout
+
+
+def _missing_shard(directory: Path) -> None:
+    shard = sorted(directory.glob("model-*.safetensors"))[2]
+    shard.unlink()
+
+
+def _missing_weight(directory: Path) -> None:
+    index_path = directory / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    del index["weight_map"]["model.layers.2.mlp.experts.5.down_proj.weight"]
+    index_path.unlink()
+    index_path.write_text(json.dumps(index))
+
+
+def _broken_config(directory: Path) -> None:
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").unlink()
+    (directory / "config.json").write_text(json.dumps({**config, "topk_method": "top_p"}))
+
+
+REFUSALS = {
+    "no_token": (None, None, "no Hugging Face token"),
+    "bad_token": ("hf_wrong", None, "token was rejected"),
+    "missing_shard": ("ok", _missing_shard, "lists weight shards that are not in the folder: model-00003-of-"),
+    "missing_weight": ("ok", _missing_weight, "1 weights are missing"),
+    "broken_config": ("ok", _broken_config, "topk_method"),
+}
+
+
+@pytest.mark.parametrize(("token", "damage", "message"), REFUSALS.values(), ids=REFUSALS.keys())
+def test_refuses_before_uploading(hub, model_dir, tmp_path, token, damage, message) -> None:
+    directory = linked_copy(model_dir[0], tmp_path / "model")
+    if damage:
+        damage(directory)
+    hub.requests.clear()
+    env = client_env(hub, tmp_path / "hf_home", hub.token if token == "ok" else token)
+    result = hub_upload(env, directory, "tester/refused")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert hub.writes() == [] and "tester/refused" not in hub.repos
+
+
+def test_lora_adapter_uploads_with_a_peft_card(hub, model_dir, uploaded, tmp_path) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    model = DeepseekMoeForCausalLM.from_pretrained(model_dir[0])
+    lora = get_peft_model(model, LoraConfig(r=4, target_modules=["q_a_proj", "kv_b_proj"]))
+    lora.save_pretrained(tmp_path / "adapter")  # PEFT writes its template card: replaced by ours
+    env = client_env(hub, tmp_path / "hf_home", hub.token)
+    result = hub_upload(env, tmp_path / "adapter", "tester/tiny-v3-lora", "--base-model", REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+    files = hub.files("tester/tiny-v3-lora")
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= files.keys()
+    card = files["README.md"].decode()
+    assert "library_name: peft" in card and f"base_model: {REPO}" in card and "PeftModel.from_pretrained" in card
