@@ -68,7 +68,8 @@ TEMPLATE_CARD_MARKERS = (
 
 
 class UploadError(ValueError):
-    """A problem found before anything was uploaded; the command line prints it as one line and exits with 2."""
+    """A problem the user can fix (found before anything is uploaded, or a conflict that a re-run resolves); the
+    command line prints it without a traceback and exits with 2."""
 
 
 @dataclass
@@ -516,14 +517,21 @@ def publish(
     target, parent, url = revision, head, str(repo_url)
     for number, batch in enumerate(batches, 1):
         message = commit_message if len(batches) == 1 else f"{commit_message} (part {number}/{len(batches)})"
-        info = api.create_commit(
-            repo_id,
-            [CommitOperationAdd(path_in_repo=path, path_or_fileobj=str(staging / path)) for path in batch],
-            commit_message=message,
-            revision=target,
-            create_pr=create_pr and number == 1,
-            parent_commit=parent,
-        )
+        try:
+            info = api.create_commit(
+                repo_id,
+                [CommitOperationAdd(path_in_repo=path, path_or_fileobj=str(staging / path)) for path in batch],
+                commit_message=message,
+                revision=target,
+                create_pr=create_pr and number == 1,
+                parent_commit=parent,
+            )
+        except HfHubHTTPError as error:
+            if error.response is not None and error.response.status_code == 412:
+                raise UploadError(
+                    f"{target or 'main'} moved during the upload (someone else committed); run again to resume"
+                ) from error
+            raise
         if create_pr and number == 1:
             target, url = info.pr_revision, info.pr_url
         parent = info.oid
