@@ -85,6 +85,13 @@ class Plan:
 # ------------------------------------------------------------------------------------------------------ validation
 
 
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except ValueError as error:
+        raise UploadError(f"{path} is not valid JSON: {error}") from error
+
+
 def load_folder_config(model_dir: Path) -> DeepseekMoeConfig:
     try:
         return DeepseekMoeConfig.from_pretrained(model_dir)
@@ -96,7 +103,7 @@ def stored_weights(model_dir: Path) -> dict[str, str]:
     """Tensor name -> file, from the index (whose shards must all exist) or from a single `model.safetensors`."""
     index = model_dir / WEIGHTS_INDEX
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = read_json(index).get("weight_map", {})
         missing = sorted({file for file in weight_map.values() if not (model_dir / file).is_file()})
         if missing:
             raise UploadError(f"{index} lists weight shards that are not in the folder: {', '.join(missing)}")
@@ -209,23 +216,20 @@ def stage_model(source: Path, staging: Path, repo_id: str, base_model: str | Non
     config = load_folder_config(source)
     check_weights(source, config)
     link_publishable_files(source, staging)
-    config_json = json.loads((source / "config.json").read_text())
+    config_json = read_json(source / "config.json")
     write_staged(staging, "config.json", json.dumps({**config_json, "auto_map": AUTO_MAP}, indent=2) + "\n")
     for file in remote_code_files():
         write_staged(staging, file.name, file.read_text())
     check_loads_as_remote_code(staging)
     record_path = source / CONVERSION_RECORD
-    record = json.loads(record_path.read_text()) if record_path.is_file() else None
+    record = read_json(record_path) if record_path.is_file() else None
     base = base_model or _hub_id((record or {}).get("source")) or _hub_id(config_json.get("_name_or_path"))
     return model_card(staging, repo_id, config, base, license, record)
 
 
 def stage_adapter(source: Path, staging: Path, repo_id: str, base_model: str | None, license: str | None) -> str:
     """Validate a LoRA adapter folder and stage it; returns the generated card."""
-    try:
-        adapter_config = json.loads((source / "adapter_config.json").read_text())
-    except ValueError as error:
-        raise UploadError(f"{source / 'adapter_config.json'} is not valid JSON: {error}") from error
+    adapter_config = read_json(source / "adapter_config.json")
     weights = source / "adapter_model.safetensors"
     if not weights.is_file():
         raise UploadError(f"{source} has adapter_config.json but no adapter_model.safetensors")
@@ -322,7 +326,7 @@ def _training_section(staging: Path) -> str:
     lines = []
     state_path = staging / TRAINER_STATE
     if state_path.is_file():
-        state = json.loads(state_path.read_text())
+        state = read_json(state_path)
         losses = [(entry["step"], entry["loss"]) for entry in state.get("log_history", []) if "loss" in entry]
         lines.append(f"Trained for {state.get('global_step', '?')} steps ({state.get('epoch', '?')} epochs).\n")
         if losses:
@@ -511,7 +515,7 @@ def publish(
     if len(todo) < len(plan.files):
         print(f"{len(plan.files) - len(todo)} of {len(plan.files)} files are already on the Hub unchanged: skipped")
     if not todo:
-        print("nothing to upload")
+        print("nothing to upload: every file is already on the Hub")
         return str(repo_url)
     batches = commit_batches(todo, max_commit_bytes)
     target, parent, url = revision, head, str(repo_url)
@@ -579,7 +583,7 @@ def upload(
             return None
         message = commit_message or f"Upload {plan.kind} with deepseek-moe"
         url = publish(api, staging, plan, repo_id, private, revision, create_pr, message, max_commit_bytes)
-    print(f"uploaded: {url}")
+    print(f"done: {url}")
     return url
 
 

@@ -17,8 +17,10 @@ import pytest
 import torch
 from conftest import randomize_
 from hub_server import FakeHub
+from huggingface_hub import constants
 
 from deepseek_moe import DeepseekMoeConfig, DeepseekMoeForCausalLM
+from deepseek_moe.cli import main
 from deepseek_moe.hub import AUTO_MAP, HIDE_PACKAGE, remote_code_files
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,13 +159,25 @@ def test_rerun_skips_unchanged_files_and_create_pr_leaves_main_alone(hub, model_
     assert "license: mit" in hub.files(REPO)["README.md"].decode()
 
 
-def test_dry_run_sends_nothing(hub, model_dir, tmp_path) -> None:
+@pytest.fixture
+def hub_in_process(hub, monkeypatch, tmp_path) -> FakeHub:
+    """This process's huggingface_hub pointed at the loopback Hub, with no token anywhere: cheap for the checks that
+    never get as far as uploading. huggingface_hub reads these settings at import, so they are patched."""
+    monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
     hub.requests.clear()
-    result = hub_upload(client_env(hub, tmp_path / "hf_home", hub.token), model_dir[0], "tester/dry", "--dry-run")
-    assert result.returncode == 0, result.stderr
-    assert hub.requests == []
+    return hub
+
+
+def test_dry_run_sends_nothing(hub_in_process, model_dir, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("HF_TOKEN", hub_in_process.token)
+    assert main(["upload", str(model_dir[0]), "tester/dry", "--dry-run"]) == 0
+    assert hub_in_process.requests == []
+    output = capsys.readouterr().out
     for expected in ("model-00001-of-", "modeling_deepseek_moe.py", "library_name: transformers", "nothing was sent"):
-        assert expected in result.stdout
+        assert expected in output
 
 
 def _missing_shard(directory: Path) -> None:
@@ -195,16 +209,15 @@ REFUSALS = {
 
 
 @pytest.mark.parametrize(("token", "damage", "message"), REFUSALS.values(), ids=REFUSALS.keys())
-def test_refuses_before_uploading(hub, model_dir, tmp_path, token, damage, message) -> None:
+def test_refuses_before_uploading(hub_in_process, model_dir, tmp_path, monkeypatch, capsys, token, damage, message):
     directory = linked_copy(model_dir[0], tmp_path / "model")
     if damage:
         damage(directory)
-    hub.requests.clear()
-    env = client_env(hub, tmp_path / "hf_home", hub.token if token == "ok" else token)
-    result = hub_upload(env, directory, "tester/refused")
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert message in result.stderr and "Traceback" not in result.stderr
-    assert hub.writes() == [] and "tester/refused" not in hub.repos
+    if token:
+        monkeypatch.setenv("HF_TOKEN", hub_in_process.token if token == "ok" else token)
+    assert main(["upload", str(directory), "tester/refused"]) == 2
+    assert message in capsys.readouterr().err
+    assert hub_in_process.writes() == [] and "tester/refused" not in hub_in_process.repos
 
 
 def test_lora_adapter_uploads_with_a_peft_card(hub, model_dir, uploaded, tmp_path) -> None:
