@@ -33,7 +33,7 @@ from transformers.utils.hub import convert_file_size_to_int
 
 from . import configuration_deepseek_moe, modeling_deepseek_moe
 from .configuration_deepseek_moe import DeepseekMoeConfig
-from .info import count_parameters, family, kv_cache_bytes_per_token
+from .info import family, summary
 from .modeling_deepseek_moe import (
     DeepseekMoeForCausalLM,
     DeepseekMoeForSequenceClassification,
@@ -293,32 +293,7 @@ def _license_metadata(license: str | None, config: DeepseekMoeConfig) -> dict[st
 
 
 def _architecture_table(config: DeepseekMoeConfig) -> str:
-    params = count_parameters(config)
-    kv = kv_cache_bytes_per_token(config)
-    moe_layers = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
-    if config.use_mla:
-        attention = (
-            f"MLA, {config.num_attention_heads} heads, kv_lora_rank {config.kv_lora_rank}, "
-            f"q_lora_rank {config.q_lora_rank or 'none'}, head dims nope/rope/v "
-            f"{config.qk_nope_head_dim}/{config.qk_rope_head_dim}/{config.v_head_dim}"
-        )
-    else:
-        attention = f"multi-head, {config.num_attention_heads} heads, head dim {config.head_dim}"
-    rows = [
-        ("architecture", f"{family(config)}-style"),
-        ("layers", f"{config.num_hidden_layers} ({config.num_hidden_layers - moe_layers} dense, {moe_layers} MoE)"),
-        ("MTP layers", str(config.num_nextn_predict_layers)),
-        ("hidden size / vocabulary", f"{config.hidden_size} / {config.vocab_size}"),
-        ("attention", attention),
-        ("routed experts", f"{config.n_routed_experts}, width {config.moe_intermediate_size}"),
-        ("shared experts", str(config.n_shared_experts)),
-        ("active routed experts per token", str(config.num_experts_per_tok)),
-        ("routing", f"{config.topk_method}, {config.scoring_func} scores, {config.n_group} groups"),
-        ("total parameters", f"{params['total']:,} (+{params['mtp_total']:,} MTP)"),
-        ("activated parameters per token", f"{params['activated']:,}"),
-        ("KV cache per token (bf16)", f"{kv['bytes_all_layers']:,} bytes"),
-    ]
-    return "| | |\n| --- | --- |\n" + "\n".join(f"| {name} | {value} |" for name, value in rows)
+    return "| | |\n| --- | --- |\n" + "\n".join(f"| {label} | {value} |" for label, value in summary(config))
 
 
 def _training_section(staging: Path) -> str:

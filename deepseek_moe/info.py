@@ -99,8 +99,9 @@ def family(config: DeepseekMoeConfig) -> str:
     return "DeepSeek-V3" if config.topk_method == "noaux_tc" else "DeepSeek-V2"
 
 
-def describe(config: DeepseekMoeConfig) -> str:
-    """A multi-line, human-readable summary of the architecture and its size."""
+def summary(config: DeepseekMoeConfig) -> list[tuple[str, str]]:
+    """(label, value) rows describing the architecture and its size: `describe` prints them, the Hub model card
+    shows them as a table."""
     moe_layers = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
     if config.use_mla:
         q = "none (q_proj)" if config.q_lora_rank is None else str(config.q_lora_rank)
@@ -115,27 +116,47 @@ def describe(config: DeepseekMoeConfig) -> str:
         )
     params = count_parameters(config)
     kv = kv_cache_bytes_per_token(config)
-    lines = [
-        f"architecture: {family(config)}-style, hidden {config.hidden_size}, vocab {config.vocab_size}",
-        f"attention:    {attention}",
-        f"layers:       {config.num_hidden_layers} ({config.num_hidden_layers - moe_layers} dense, {moe_layers} MoE)"
-        + (f" + {config.num_nextn_predict_layers} MTP" if config.num_nextn_predict_layers else ""),
-        f"experts:      {config.n_routed_experts} routed + {config.n_shared_experts} shared, "
-        f"{config.num_experts_per_tok} routed active per token, expert width {config.moe_intermediate_size}",
-        f"routing:      {_routing(config)}",
-        f"parameters:   {_billions(params['total'])} total, {_billions(params['activated'])} activated per token "
-        "(incl. embedding and head)",
+    rows = [
+        ("architecture", f"{family(config)}-style, hidden {config.hidden_size}, vocab {config.vocab_size}"),
+        ("attention", attention),
+        (
+            "layers",
+            f"{config.num_hidden_layers} ({config.num_hidden_layers - moe_layers} dense, {moe_layers} MoE)"
+            + (f" + {config.num_nextn_predict_layers} MTP" if config.num_nextn_predict_layers else ""),
+        ),
+        (
+            "experts",
+            f"{config.n_routed_experts} routed + {config.n_shared_experts} shared, {config.num_experts_per_tok} "
+            f"routed active per token, expert width {config.moe_intermediate_size}",
+        ),
+        ("routing", _routing(config)),
+        (
+            "parameters",
+            f"{_billions(params['total'])} total, {_billions(params['activated'])} activated per token "
+            "(incl. embedding and head)",
+        ),
     ]
     if config.num_nextn_predict_layers:
-        lines.append(
-            f"MTP:          {_billions(params['mtp_total'])} total, {_billions(params['mtp_activated'])} activated; "
-            f"checkpoint incl. its embedding/head copies {_billions(params['checkpoint_total'])}"
+        rows.append(
+            (
+                "MTP",
+                f"{_billions(params['mtp_total'])} total, {_billions(params['mtp_activated'])} activated; "
+                f"checkpoint incl. its embedding/head copies {_billions(params['checkpoint_total'])}",
+            )
         )
-    lines.append(
-        f"KV cache:     {kv['bytes_all_layers']:,} bytes per token in bf16 "
-        f"({kv['values_per_layer']} values x {kv['num_layers']} layers)"
+    rows.append(
+        (
+            "KV cache",
+            f"{kv['bytes_all_layers']:,} bytes per token in bf16 "
+            f"({kv['values_per_layer']} values x {kv['num_layers']} layers)",
+        )
     )
-    return "\n".join(lines)
+    return rows
+
+
+def describe(config: DeepseekMoeConfig) -> str:
+    """A multi-line, human-readable summary of the architecture and its size."""
+    return "\n".join(f"{label + ':':<14}{value}" for label, value in summary(config))
 
 
 def load_config(preset_or_dir: str) -> DeepseekMoeConfig:
@@ -149,4 +170,4 @@ def load_config(preset_or_dir: str) -> DeepseekMoeConfig:
     )
 
 
-__all__ = ["count_parameters", "describe", "family", "kv_cache_bytes_per_token", "load_config"]
+__all__ = ["count_parameters", "describe", "family", "kv_cache_bytes_per_token", "load_config", "summary"]
