@@ -25,7 +25,7 @@ from huggingface_hub import CommitOperationAdd, HfApi, ModelCardData, get_token
 from huggingface_hub.errors import HfHubHTTPError, RevisionNotFoundError
 from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils.sha import git_hash, sha_fileobj
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from transformers.core_model_loading import revert_weight_conversion
 from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.modeling_utils import remove_tied_weights_from_state_dict
@@ -99,20 +99,35 @@ def load_folder_config(model_dir: Path) -> DeepseekMoeConfig:
         raise UploadError(f"{model_dir / 'config.json'} does not load as a DeepseekMoeConfig: {error}") from error
 
 
+def safetensors_keys(path: Path) -> set[str]:
+    """Tensor names in a safetensors header (the data is not read)."""
+    try:
+        with safe_open(path, "pt") as file:
+            return set(file.keys())
+    except SafetensorError as error:
+        raise UploadError(f"{path} is not a readable safetensors file: {error}") from error
+
+
 def stored_weights(model_dir: Path) -> dict[str, str]:
-    """Tensor name -> file, from the index (whose shards must all exist) or from a single `model.safetensors`."""
+    """Tensor name -> file, from the index or a single `model.safetensors`; every shard must exist and hold what the
+    index maps to it (headers only are read)."""
     index = model_dir / WEIGHTS_INDEX
+    single = model_dir / "model.safetensors"
     if index.is_file():
         weight_map = read_json(index).get("weight_map", {})
-        missing = sorted({file for file in weight_map.values() if not (model_dir / file).is_file()})
-        if missing:
-            raise UploadError(f"{index} lists weight shards that are not in the folder: {', '.join(missing)}")
-        return weight_map
-    single = model_dir / "model.safetensors"
-    if not single.is_file():
+    elif single.is_file():
+        weight_map = dict.fromkeys(safetensors_keys(single), single.name)
+    else:
         raise UploadError(f"{model_dir} has neither model.safetensors nor {WEIGHTS_INDEX}")
-    with safe_open(single, "pt") as file:
-        return dict.fromkeys(file.keys(), single.name)
+    missing = sorted({file for file in weight_map.values() if not (model_dir / file).is_file()})
+    if missing:
+        raise UploadError(f"{index} lists weight shards that are not in the folder: {', '.join(missing)}")
+    for file in sorted(set(weight_map.values())):
+        keys = safetensors_keys(model_dir / file)
+        absent = sorted(name for name, shard in weight_map.items() if shard == file and name not in keys)
+        if absent:
+            raise UploadError(f"{file} lacks {len(absent)} tensors that {WEIGHTS_INDEX} maps to it, e.g. {absent[0]}")
+    return weight_map
 
 
 def expected_weights(config: DeepseekMoeConfig) -> set[str]:

@@ -44,6 +44,7 @@ def model_dir(tmp_path_factory) -> tuple[Path, torch.Tensor]:
     history = [{"step": step, "loss": 6.0 - 0.2 * step} for step in range(1, 11)]
     (directory / "trainer_state.json").write_text(json.dumps({"global_step": 10, "epoch": 1.0, "log_history": history}))
     (directory / "expert_load_layer1.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    (directory / "conversion.json").write_text(json.dumps({"source": "deepseek-ai/DeepSeek-V3", "dtype": "float32"}))
     with torch.no_grad():
         logits = model(torch.tensor(PROMPT)).logits
     return directory, logits
@@ -100,6 +101,8 @@ def test_upload_publishes_weights_remote_code_and_card(hub, model_dir, uploaded)
         "library_name: transformers",
         "pipeline_tag: text-generation",
         "license: mit",
+        "base_model: deepseek-ai/DeepSeek-V3",
+        "- **source**: deepseek-ai/DeepSeek-V3",
         "- custom_code",
         "| experts | 16 routed + 1 shared, 4 routed active per token, expert width 32 |",
         "| attention | MLA, 4 heads, kv_lora_rank 32,",
@@ -194,6 +197,12 @@ def _missing_weight(directory: Path) -> None:
     index_path.write_text(json.dumps(index))
 
 
+def _corrupt_shard(directory: Path) -> None:
+    shard = sorted(directory.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    shard.write_bytes(b"not a safetensors file")
+
+
 def _broken_config(directory: Path) -> None:
     config = json.loads((directory / "config.json").read_text())
     (directory / "config.json").unlink()
@@ -205,6 +214,7 @@ REFUSALS = {
     "bad_token": ("hf_wrong", None, "token was rejected"),
     "missing_shard": ("ok", _missing_shard, "lists weight shards that are not in the folder: model-00003-of-"),
     "missing_weight": ("ok", _missing_weight, "1 weights are missing"),
+    "corrupt_shard": ("ok", _corrupt_shard, "safetensors is not a readable safetensors file"),
     "broken_config": ("ok", _broken_config, "topk_method"),
 }
 
