@@ -193,7 +193,7 @@ def check_loads_as_remote_code(staging: Path) -> None:
         text=True,
     )
     if result.returncode:
-        details = "\n".join((result.stdout + result.stderr).strip().splitlines()[-15:])
+        details = "\n".join((result.stdout + result.stderr).strip().splitlines()[-8:])
         raise UploadError(
             f"the staged folder does not load with AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True) "
             f"where deepseek_moe is not installed:\n{details}"

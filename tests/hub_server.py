@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
+# (status, JSON payload or raw bytes, extra headers)
+Response = tuple[int, dict | list | bytes, dict]
 # Files the real Hub stores in LFS: weights, images, anything binary.
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".png", ".jpg", ".gguf")
 
@@ -93,7 +95,7 @@ class FakeHub:
 
     # ------------------------------------------------------------------------------------------------ routes
 
-    def route(self, handler: _Handler) -> tuple[int, dict | list | bytes, dict]:
+    def route(self, handler: _Handler) -> Response:
         url = urlsplit(handler.path)
         parts = [unquote(part) for part in url.path.strip("/").split("/")]
         query = {key: values[0] for key, values in parse_qs(url.query).items()}
@@ -125,7 +127,7 @@ class FakeHub:
             self.lfs_objects[parts[1]] = body
             return 200, {}, {}
         if len(parts) >= 5 and parts[2] == "resolve":
-            return self.resolve_file(method, "/".join(parts[:2]), parts[3], "/".join(parts[4:]), handler)
+            return self.resolve_file("/".join(parts[:2]), parts[3], "/".join(parts[4:]), handler)
         raise HubError(404, "", f"no route for {method} {url.path}")
 
     def repo(self, repo_id: str) -> Repo:
@@ -140,7 +142,7 @@ class FakeHub:
             raise HubError(404, "RevisionNotFound", f"Revision {revision} not found")
         return sha, repo.trees[sha]
 
-    def create_repo(self, request: dict) -> tuple[int, dict, dict]:
+    def create_repo(self, request: dict) -> Response:
         repo_id = f"{request.get('organization') or self.user}/{request['name']}"
         if repo_id in self.repos:
             # The real Hub names the existing repository, and create_repo(exist_ok=True) reads it.
@@ -152,7 +154,7 @@ class FakeHub:
         repo.refs["main"] = repo.commit(None, {".gitattributes": attributes}, "initial commit")
         return 200, {"url": f"{self.endpoint}/{repo_id}", "name": repo_id}, {}
 
-    def api_models(self, method: str, repo_id: str, rest: list[str], query: dict, body: bytes):
+    def api_models(self, method: str, repo_id: str, rest: list[str], query: dict, body: bytes) -> Response:
         action, argument = (rest[0], "/".join(rest[1:])) if rest else ("", "main")
         if method == "GET" and action in ("", "revision"):
             sha, files = self.tree(repo_id, argument)
@@ -186,7 +188,7 @@ class FakeHub:
             return self.commit(repo_id, argument, query.get("create_pr") == "1", body)
         raise HubError(404, "", f"no route for {method} /api/models/{repo_id}/{'/'.join(rest)}")
 
-    def list_tree(self, repo_id: str, revision: str, prefix: str, recursive: bool):
+    def list_tree(self, repo_id: str, revision: str, prefix: str, recursive: bool) -> Response:
         _, files = self.tree(repo_id, revision)
         base = f"{prefix}/" if prefix else ""
         entries, folders = [], set()
@@ -205,7 +207,7 @@ class FakeHub:
         entries += [{"type": "directory", "path": folder, "oid": git_blob_sha1(folder.encode())} for folder in folders]
         return 200, entries, {}
 
-    def lfs_batch(self, request: dict) -> tuple[int, dict, dict]:
+    def lfs_batch(self, request: dict) -> Response:
         objects = []
         for item in request["objects"]:
             entry = {"oid": item["oid"], "size": item["size"]}
@@ -214,7 +216,7 @@ class FakeHub:
             objects.append(entry)
         return 200, {"transfer": "basic", "objects": objects}, {}
 
-    def commit(self, repo_id: str, revision: str, create_pr: bool, body: bytes) -> tuple[int, dict, dict]:
+    def commit(self, repo_id: str, revision: str, create_pr: bool, body: bytes) -> Response:
         repo = self.repo(repo_id)
         base, files = self.tree(repo_id, revision)
         lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
@@ -248,7 +250,7 @@ class FakeHub:
             {},
         )
 
-    def resolve_file(self, method: str, repo_id: str, revision: str, path: str, handler: _Handler):
+    def resolve_file(self, repo_id: str, revision: str, path: str, handler: _Handler) -> Response:
         sha, files = self.tree(repo_id, revision)
         if path not in files:
             raise HubError(404, "EntryNotFound", f"{path} does not exist at {revision}")

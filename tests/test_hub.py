@@ -20,6 +20,7 @@ from hub_server import FakeHub
 from huggingface_hub import constants
 
 from deepseek_moe import DeepseekMoeConfig, DeepseekMoeForCausalLM
+from deepseek_moe import hub as hub_module
 from deepseek_moe.cli import main
 from deepseek_moe.hub import AUTO_MAP, HIDE_PACKAGE, remote_code_files
 
@@ -229,6 +230,18 @@ def test_refuses_before_uploading(hub_in_process, model_dir, tmp_path, monkeypat
     assert main(["upload", str(directory), "tester/refused"]) == 2
     assert message in capsys.readouterr().err
     assert hub_in_process.writes() == [] and "tester/refused" not in hub_in_process.repos
+
+
+def test_refuses_when_the_staged_code_does_not_load_without_the_package(
+    hub_in_process, model_dir, monkeypatch, capsys
+) -> None:
+    modeling_only = [path for path in remote_code_files() if path.name.startswith("modeling_")]
+    monkeypatch.setattr(hub_module, "remote_code_files", lambda: modeling_only)
+    monkeypatch.setenv("HF_TOKEN", hub_in_process.token)
+    assert main(["upload", str(model_dir[0]), "tester/refused"]) == 2
+    error = capsys.readouterr().err
+    assert "does not load with AutoModelForCausalLM" in error and "configuration_deepseek_moe" in error
+    assert hub_in_process.writes() == []
 
 
 def test_lora_adapter_uploads_with_a_peft_card(hub, model_dir, uploaded, tmp_path) -> None:
