@@ -1,7 +1,8 @@
 """Publishing to the Hub, end to end against the in-memory loopback Hub of `hub_server.py`.
 
-The client side (upload and download) runs in subprocesses, so that `HF_ENDPOINT` and `HF_HUB_DISABLE_XET` are set
-before huggingface_hub is imported and nothing can reach the real Hub.
+Uploads and downloads run in subprocesses, so that `HF_ENDPOINT` and `HF_HUB_DISABLE_XET` are set before
+huggingface_hub is imported; the runs that must stop before uploading (and the dry run) run in this process with
+huggingface_hub's endpoint constants patched. Nothing can reach the real Hub.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,7 +32,7 @@ REPO = "tester/tiny-v3"
 
 
 @pytest.fixture(scope="module")
-def hub():
+def hub() -> Iterator[FakeHub]:
     server = FakeHub()
     yield server
     server.close()
@@ -169,6 +171,10 @@ def hub_in_process(hub, monkeypatch, tmp_path) -> FakeHub:
     """This process's huggingface_hub pointed at the loopback Hub, with no token anywhere: cheap for the checks that
     never get as far as uploading. huggingface_hub reads these settings at import, so they are patched."""
     monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
+    monkeypatch.setattr(
+        constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+    )
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
     monkeypatch.delenv("HF_TOKEN", raising=False)
