@@ -355,6 +355,8 @@ def model_card(
     license: str | None,
     record: dict | None,
 ) -> str:
+    """README.md for a model: Hub metadata (the "Use this model" snippets depend on `library_name` and
+    `pipeline_tag`), the architecture, how to load it, and the training and conversion history the folder carries."""
     metadata = ModelCardData(
         library_name="transformers",
         pipeline_tag="text-generation",
@@ -398,6 +400,7 @@ def model_card(
 
 
 def adapter_card(repo_id: str, adapter_config: dict, base_model: str, license: str | None) -> str:
+    """README.md for a LoRA adapter: `library_name: peft` and `base_model` let the Hub link it to its base model."""
     metadata = ModelCardData(
         library_name="peft",
         pipeline_tag="text-generation",
