@@ -1,8 +1,8 @@
 """Publishing to the Hub, end to end against the in-memory loopback Hub of `hub_server.py`.
 
-Uploads and downloads run in subprocesses, so that `HF_ENDPOINT` and `HF_HUB_DISABLE_XET` are set before
-huggingface_hub is imported; the runs that must stop before uploading (and the dry run) run in this process with
-huggingface_hub's endpoint constants patched. Nothing can reach the real Hub.
+The first upload (through `hub_upload.py`) and the download run in subprocesses, so that `HF_ENDPOINT` and
+`HF_HUB_DISABLE_XET` are set before huggingface_hub is imported; the other runs use this process with huggingface_hub's
+endpoint constants patched, which saves the imports. Nothing can reach the real Hub.
 """
 
 from __future__ import annotations
@@ -150,26 +150,10 @@ def test_uploaded_model_loads_where_the_package_is_not_installed(hub, model_dir,
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), model_dir[1], rtol=1e-6, atol=1e-6)
 
 
-def test_rerun_skips_unchanged_files_and_create_pr_leaves_main_alone(hub, model_dir, uploaded, tmp_path) -> None:
-    main_before = hub.repos[REPO].refs["main"]
-    hub.requests.clear()
-    env = client_env(hub, tmp_path / "hf_home", hub.token)
-    args = ["--create-pr", "--license", "apache-2.0", "--regenerate-card", "--max-commit-size", "600KB"]
-    result = hub_upload(env, model_dir[0], REPO, *args)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "already on the Hub unchanged: skipped" in result.stdout
-    assert not [path for method, path in hub.requests if method == "PUT"]  # no weight was sent again
-    pr = sorted(ref for ref in hub.repos[REPO].refs if ref.startswith("refs/pr/"))
-    assert pr == ["refs/pr/1"] and "/discussions/1" in result.stdout
-    assert hub.repos[REPO].refs["main"] == main_before
-    assert "license: apache-2.0" in hub.files(REPO, "refs/pr/1")["README.md"].decode()
-    assert "license: mit" in hub.files(REPO)["README.md"].decode()
-
-
 @pytest.fixture
 def hub_in_process(hub, monkeypatch, tmp_path) -> FakeHub:
-    """This process's huggingface_hub pointed at the loopback Hub, with no token anywhere: cheap for the checks that
-    never get as far as uploading. huggingface_hub reads these settings at import, so they are patched."""
+    """This process's huggingface_hub pointed at the loopback Hub, with no token anywhere and no requests recorded
+    yet; it saves a subprocess's imports. huggingface_hub reads these settings at import, so they are patched."""
     monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
     monkeypatch.setattr(
         constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}"
@@ -180,6 +164,24 @@ def hub_in_process(hub, monkeypatch, tmp_path) -> FakeHub:
     monkeypatch.delenv("HF_TOKEN", raising=False)
     hub.requests.clear()
     return hub
+
+
+def test_rerun_skips_unchanged_files_and_create_pr_leaves_main_alone(
+    hub_in_process, model_dir, uploaded, monkeypatch, capsys
+) -> None:
+    hub = hub_in_process
+    main_before = hub.repos[REPO].refs["main"]
+    monkeypatch.setenv("HF_TOKEN", hub.token)
+    args = ["--create-pr", "--license", "apache-2.0", "--regenerate-card", "--max-commit-size", "600KB"]
+    assert main(["upload", str(model_dir[0]), REPO, *args]) == 0
+    output = capsys.readouterr().out
+    assert "already on the Hub unchanged: skipped" in output
+    assert not [path for method, path in hub.requests if method == "PUT"]  # no weight was sent again
+    pr = sorted(ref for ref in hub.repos[REPO].refs if ref.startswith("refs/pr/"))
+    assert pr == ["refs/pr/1"] and "/discussions/1" in output
+    assert hub.repos[REPO].refs["main"] == main_before
+    assert "license: apache-2.0" in hub.files(REPO, "refs/pr/1")["README.md"].decode()
+    assert "license: mit" in hub.files(REPO)["README.md"].decode()
 
 
 def test_dry_run_sends_nothing(hub_in_process, model_dir, monkeypatch, capsys) -> None:
@@ -250,16 +252,15 @@ def test_refuses_when_the_staged_code_does_not_load_without_the_package(
     assert hub_in_process.writes() == []
 
 
-def test_lora_adapter_uploads_with_a_peft_card(hub, model_dir, uploaded, tmp_path) -> None:
+def test_lora_adapter_uploads_with_a_peft_card(hub_in_process, model_dir, monkeypatch, tmp_path) -> None:
     from peft import LoraConfig, get_peft_model
 
     model = DeepseekMoeForCausalLM.from_pretrained(model_dir[0])
     lora = get_peft_model(model, LoraConfig(r=4, target_modules=["q_a_proj", "kv_b_proj"]))
     lora.save_pretrained(tmp_path / "adapter")  # PEFT writes its template card: replaced by ours
-    env = client_env(hub, tmp_path / "hf_home", hub.token)
-    result = hub_upload(env, tmp_path / "adapter", "tester/tiny-v3-lora", "--base-model", REPO)
-    assert result.returncode == 0, result.stdout + result.stderr
-    files = hub.files("tester/tiny-v3-lora")
+    monkeypatch.setenv("HF_TOKEN", hub_in_process.token)
+    assert main(["upload", str(tmp_path / "adapter"), "tester/tiny-v3-lora", "--base-model", REPO]) == 0
+    files = hub_in_process.files("tester/tiny-v3-lora")
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= files.keys()
     card = files["README.md"].decode()
     assert "library_name: peft" in card and f"base_model: {REPO}" in card and "PeftModel.from_pretrained" in card
