@@ -75,8 +75,16 @@ def _add_upload(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("model_dir", metavar="MODEL_DIR", help="a saved model (config.json) or adapter folder")
     parser.add_argument("repo_id", metavar="REPO_ID", help="the Hub repository, e.g. user/my-model")
-    parser.add_argument("--private", action="store_true", default=None, help="create the repository as private")
-    parser.add_argument("--revision", help="branch to upload to (created if missing; default main)")
+    parser.add_argument(
+        "--private",
+        action="store_true",
+        default=None,
+        help="create the repository as private (an existing one keeps its visibility)",
+    )
+    parser.add_argument(
+        "--revision",
+        help="branch to upload to (created if missing; default main), or refs/pr/N to add to an open pull request",
+    )
     parser.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
     parser.add_argument("--commit-message", help="commit title (several commits get ' (part i/n)')")
     parser.add_argument("--dry-run", action="store_true", help="validate and print the plan; send nothing")

@@ -182,6 +182,11 @@ def test_rerun_skips_unchanged_files_and_create_pr_leaves_main_alone(
     assert hub.repos[REPO].refs["main"] == main_before
     assert "license: apache-2.0" in hub.files(REPO, "refs/pr/1")["README.md"].decode()
     assert "license: mit" in hub.files(REPO)["README.md"].decode()
+    # Continuing the pull request finds everything there already.
+    pr_head = hub.repos[REPO].refs["refs/pr/1"]
+    args = ["--revision", "refs/pr/1", "--license", "apache-2.0", "--regenerate-card"]
+    assert main(["upload", str(model_dir[0]), REPO, *args]) == 0
+    assert "nothing to upload" in capsys.readouterr().out and hub.repos[REPO].refs["refs/pr/1"] == pr_head
 
 
 def test_dry_run_sends_nothing(hub_in_process, model_dir, monkeypatch, capsys) -> None:
