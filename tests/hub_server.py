@@ -69,6 +69,8 @@ class FakeHub:
         self.repos: dict[str, Repo] = {}
         self.lfs_objects: dict[str, bytes] = {}
         self.requests: list[tuple[str, str]] = []
+        # Set to n to make the commit after the next n fail, as if the connection dropped mid-upload.
+        self.commits_before_failure: int | None = None
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), type("Handler", (_Handler,), {"hub": self}))
         self.endpoint = f"http://127.0.0.1:{self.server.server_port}"
@@ -219,6 +221,11 @@ class FakeHub:
     def commit(self, repo_id: str, revision: str, create_pr: bool, body: bytes) -> Response:
         repo = self.repo(repo_id)
         base, files = self.tree(repo_id, revision)
+        if self.commits_before_failure is not None:
+            self.commits_before_failure -= 1
+            if self.commits_before_failure < 0:
+                self.commits_before_failure = None
+                raise HubError(400, "", "simulated failure: the upload was interrupted")
         lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
         header = next(line["value"] for line in lines if line["key"] == "header")
         if header.get("parentCommit") and header["parentCommit"] != base:

@@ -7,6 +7,7 @@ endpoint constants patched, which saves the imports. Nothing can reach the real 
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -187,6 +188,22 @@ def test_rerun_skips_unchanged_files_and_create_pr_leaves_main_alone(
     args = ["--revision", "refs/pr/1", "--license", "apache-2.0", "--regenerate-card"]
     assert main(["upload", str(model_dir[0]), REPO, *args]) == 0
     assert "nothing to upload" in capsys.readouterr().out and hub.repos[REPO].refs["refs/pr/1"] == pr_head
+
+
+def test_interrupted_upload_resumes_with_what_is_missing(hub_in_process, model_dir, monkeypatch, capsys) -> None:
+    hub = hub_in_process
+    monkeypatch.setenv("HF_TOKEN", hub.token)
+    command = ["upload", str(model_dir[0]), "tester/resumed", "--max-commit-size", "600KB"]
+    hub.commits_before_failure = 2
+    assert main(command) == 2
+    assert "interrupted" in capsys.readouterr().err
+    partial = hub.files("tester/resumed")
+    assert any(name.endswith(".safetensors") for name in partial) and "config.json" not in partial
+    hub.requests.clear()
+    assert main(command) == 0
+    sent = {path.rsplit("/", 1)[-1] for method, path in hub.requests if method == "PUT"}
+    assert sent and not sent & {hashlib.sha256(data).hexdigest() for data in partial.values()}
+    assert {path.name for path in model_dir[0].iterdir()} | {"README.md"} <= hub.files("tester/resumed").keys()
 
 
 def test_dry_run_sends_nothing(hub_in_process, model_dir, monkeypatch, capsys) -> None:
