@@ -84,6 +84,15 @@ class FakeHub:
         repo = self.repos[repo_id]
         return {path: blob.data for path, blob in repo.trees[repo.resolve(revision)].items()}
 
+    def changed_paths(self, repo_id: str, revision: str = "main") -> set[str]:
+        """Paths the commit at `revision` added, changed or removed relative to its parent."""
+        repo = self.repos[repo_id]
+        sha = repo.resolve(revision)
+        tree, parent = repo.trees[sha], repo.trees.get(repo.parents[sha]) or {}
+        return {
+            p for p in tree.keys() | parent.keys() if p not in tree or p not in parent or tree[p].oid != parent[p].oid
+        }
+
     def history(self, repo_id: str, revision: str = "main") -> list[str]:
         """Commit messages from `revision` back to the repository's creation, newest first."""
         repo, sha, messages = self.repos[repo_id], self.repos[repo_id].resolve(revision), []
