@@ -3,7 +3,7 @@
 Everything is checked before the first request that writes: the config loads, the weights are complete against the
 model's official key names, the model code is exported as flat remote code and loads in a Python that cannot import
 this package, and a model card is written. The user's folder is never modified: a temporary staging folder holds
-symlinks to its files plus the generated ones. Large folders go up in several commits (weights first; config, code
+symlinks to its files plus the generated ones. Large folders go up in several commits (weights first; config, index
 and card last, so the repository only looks complete once it is), and a re-run skips the files that are already on
 the Hub with the same content.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCardData, get_token
-from huggingface_hub.errors import HfHubHTTPError, RevisionNotFoundError
+from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils.sha import git_hash, sha_fileobj
 from safetensors import SafetensorError, safe_open
@@ -468,10 +468,7 @@ def commit_batches(files: dict[str, int], max_bytes: int) -> list[list[str]]:
 def unchanged_on_hub(api: HfApi, repo_id: str, revision: str, staging: Path, files: dict[str, int]) -> set[str]:
     """Files whose content is already at `revision` (git blob sha1 for regular files, sha256 for LFS), so a re-run
     after an interruption only uploads what is missing."""
-    try:
-        remote = {e.path: e for e in api.list_repo_tree(repo_id, revision=revision, recursive=True)}
-    except RevisionNotFoundError:
-        return set()
+    remote = {entry.path: entry for entry in api.list_repo_tree(repo_id, revision=revision, recursive=True)}
     same = set()
     for path, size in files.items():
         entry = remote.get(path)
@@ -511,7 +508,7 @@ def publish(
         print("nothing to upload: every file is already on the Hub")
         return str(repo_url)
     batches = commit_batches(todo, max_commit_bytes)
-    target, parent, url = revision, head, str(repo_url)
+    target, parent, pr_url = revision, head, None
     for number, batch in enumerate(batches, 1):
         message = commit_message if len(batches) == 1 else f"{commit_message} (part {number}/{len(batches)})"
         try:
@@ -529,13 +526,13 @@ def publish(
                     f"{target or 'main'} moved during the upload (someone else committed); run again to resume"
                 ) from error
             raise
-        if create_pr and number == 1:
-            target, url = info.pr_revision, info.pr_url
+        if create_pr and number == 1:  # later parts go to the pull request's ref
+            target, pr_url = info.pr_revision, info.pr_url
         parent = info.oid
         print(
             f"commit {number}/{len(batches)}: {len(batch)} file(s), {sum(todo[p] for p in batch):,} bytes: {info.oid}"
         )
-    return url if create_pr else info.commit_url
+    return pr_url or info.commit_url
 
 
 def print_plan(plan: Plan, repo_id: str, max_commit_bytes: int) -> None:
