@@ -167,26 +167,30 @@ def hub_in_process(hub, monkeypatch, tmp_path) -> FakeHub:
 
 
 def test_rerun_skips_unchanged_files_and_create_pr_leaves_main_alone(
-    hub_in_process, model_dir, uploaded, monkeypatch, capsys
+    hub_in_process, model_dir, uploaded, monkeypatch, capsys, tmp_path
 ) -> None:
-    hub = hub_in_process
-    main_before = hub.repos[REPO].refs["main"]
+    hub, repo = hub_in_process, hub_in_process.repos[REPO]
+    directory = linked_copy(model_dir[0], tmp_path / "model")
+    (directory / "notes.txt").write_text("evaluation notes\n" * 100)
+    main_before = repo.refs["main"]
     monkeypatch.setenv("HF_TOKEN", hub.token)
-    args = ["--create-pr", "--license", "apache-2.0", "--regenerate-card", "--max-commit-size", "600KB"]
-    assert main(["upload", str(model_dir[0]), REPO, *args]) == 0
+    args = ["--create-pr", "--license", "apache-2.0", "--regenerate-card", "--max-commit-size", "1KB"]
+    assert main(["upload", str(directory), REPO, *args]) == 0
     output = capsys.readouterr().out
-    assert "already on the Hub unchanged: skipped" in output
-    assert not [path for method, path in hub.requests if method == "PUT"]  # no weight was sent again
-    pr = sorted(ref for ref in hub.repos[REPO].refs if ref.startswith("refs/pr/"))
-    assert pr == ["refs/pr/1"] and "/discussions/1" in output
-    assert hub.repos[REPO].refs["main"] == main_before
+    assert "already on the Hub unchanged: skipped" in output and "/discussions/1" in output
+    # Two commits on the pull request's ref, the new file first and the card last, chained; main is untouched.
+    assert [ref for ref in repo.refs if ref.startswith("refs/pr/")] == ["refs/pr/1"]
+    assert [message[-10:] for message in hub.history(REPO, "refs/pr/1")[:2]] == ["(part 2/2)", "(part 1/2)"]
+    assert hub.changed_paths(REPO, "refs/pr/1") == {"README.md"}
+    assert hub.changed_paths(REPO, repo.parents[repo.refs["refs/pr/1"]]) == {"notes.txt"}
+    assert repo.refs["main"] == main_before
     assert "license: apache-2.0" in hub.files(REPO, "refs/pr/1")["README.md"].decode()
     assert "license: mit" in hub.files(REPO)["README.md"].decode()
     # Continuing the pull request finds everything there already.
-    pr_head = hub.repos[REPO].refs["refs/pr/1"]
+    pr_head = repo.refs["refs/pr/1"]
     args = ["--revision", "refs/pr/1", "--license", "apache-2.0", "--regenerate-card"]
-    assert main(["upload", str(model_dir[0]), REPO, *args]) == 0
-    assert "nothing to upload" in capsys.readouterr().out and hub.repos[REPO].refs["refs/pr/1"] == pr_head
+    assert main(["upload", str(directory), REPO, *args]) == 0
+    assert "nothing to upload" in capsys.readouterr().out and repo.refs["refs/pr/1"] == pr_head
 
 
 def test_interrupted_upload_resumes_with_what_is_missing(hub_in_process, model_dir, monkeypatch, capsys) -> None:
