@@ -196,11 +196,12 @@ def test_rerun_skips_unchanged_files_and_create_pr_leaves_main_alone(
 def test_interrupted_upload_resumes_with_what_is_missing(hub_in_process, model_dir, monkeypatch, capsys) -> None:
     hub = hub_in_process
     monkeypatch.setenv("HF_TOKEN", hub.token)
-    command = ["upload", str(model_dir[0]), "tester/resumed", "--max-commit-size", "600KB"]
+    command = ["upload", str(model_dir[0]), "tester/resumed", "--max-commit-size", "600KB", "--private"]
     hub.commits_before_failure = 2
     assert main(command) == 2
     assert "interrupted" in capsys.readouterr().err
     partial = hub.files("tester/resumed")
+    assert hub.repos["tester/resumed"].private
     assert any(name.endswith(".safetensors") for name in partial) and "config.json" not in partial
     interrupted_at = hub.repos["tester/resumed"].refs["main"]
     assert main(command) == 0
