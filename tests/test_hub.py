@@ -166,8 +166,15 @@ def hub_in_process(hub, monkeypatch, tmp_path) -> FakeHub:
     return hub
 
 
+@pytest.fixture
+def without_load_check(monkeypatch) -> None:
+    """Skip the remote-code load subprocess (a few seconds each) in tests about what happens after validation; the
+    first upload and the refusal test below exercise it."""
+    monkeypatch.setattr(hub_module, "check_loads_as_remote_code", lambda staging: None)
+
+
 def test_rerun_skips_unchanged_files_and_create_pr_leaves_main_alone(
-    hub_in_process, model_dir, uploaded, monkeypatch, capsys, tmp_path
+    hub_in_process, without_load_check, model_dir, uploaded, monkeypatch, capsys, tmp_path
 ) -> None:
     hub, repo = hub_in_process, hub_in_process.repos[REPO]
     directory = linked_copy(model_dir[0], tmp_path / "model")
@@ -193,7 +200,9 @@ def test_rerun_skips_unchanged_files_and_create_pr_leaves_main_alone(
     assert "nothing to upload" in capsys.readouterr().out and repo.refs["refs/pr/1"] == pr_head
 
 
-def test_interrupted_upload_resumes_with_what_is_missing(hub_in_process, model_dir, monkeypatch, capsys) -> None:
+def test_interrupted_upload_resumes_with_what_is_missing(
+    hub_in_process, without_load_check, model_dir, monkeypatch, capsys
+) -> None:
     hub = hub_in_process
     monkeypatch.setenv("HF_TOKEN", hub.token)
     command = ["upload", str(model_dir[0]), "tester/resumed", "--max-commit-size", "600KB", "--private"]
