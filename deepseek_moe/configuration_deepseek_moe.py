@@ -347,6 +347,7 @@ class DeepseekMoeConfig(PreTrainedConfig):
         attention_bias: bool = False,
         attention_dropout: float = 0.0,
         output_router_logits: bool = False,
+        mtp_loss_weight: float = 0.3,
         **kwargs,
     ) -> None:
         explicit = dict(locals())
@@ -383,6 +384,7 @@ class DeepseekMoeConfig(PreTrainedConfig):
         self.attention_bias = attention_bias
         self.attention_dropout = attention_dropout
         self.output_router_logits = output_router_logits
+        self.mtp_loss_weight = mtp_loss_weight  # λ of the V3 paper: 0.3, later 0.1 (see training.mtp)
         self.rope_parameters = rope_parameters
         # transformers' RoPE helpers read `head_dim`: the rotary width (MLA) or the attention head width (MHA).
         if self.use_mla:
@@ -451,6 +453,7 @@ class DeepseekMoeConfig(PreTrainedConfig):
             "num_nextn_predict_layers",
             f"must be >= 0, got {self.num_nextn_predict_layers}",
         )
+        check(self.mtp_loss_weight >= 0, "mtp_loss_weight", f"must be >= 0, got {self.mtp_loss_weight}")
         check(
             self.num_nextn_predict_layers == 0 or self.n_routed_experts > 0,
             "num_nextn_predict_layers",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -500,6 +501,21 @@ class DeepseekMoeMTPLayer(DeepseekMoeDecoderLayer):
         self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
         self.shared_head = DeepseekMoeSharedHead(config)
 
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        next_embeds: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        """h^k from h^{k-1} (positions i) and the embeddings of the tokens k steps ahead (t_{i+k})."""
+        combined = self.eh_proj(torch.cat((self.enorm(next_embeds), self.hnorm(hidden_states)), dim=-1))
+        return super().forward(
+            combined, attention_mask=attention_mask, position_embeddings=position_embeddings, cache=cache, **kwargs
+        )
+
 
 # ------------------------------------------------------------------------------------------------------- models
 
@@ -602,6 +618,14 @@ class DeepseekMoeModel(DeepseekMoePreTrainedModel):
         return MoeModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache)
 
 
+@dataclass
+class DeepseekMoeCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
+    """`MoeCausalLMOutputWithPast` plus `mtp_loss`: the multi-token prediction loss averaged over depths (already
+    weighted by `mtp_loss_weight` inside `loss`, reported here unweighted)."""
+
+    mtp_loss: torch.FloatTensor | None = None
+
+
 class DeepseekMoeForCausalLM(DeepseekMoePreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
@@ -638,17 +662,100 @@ class DeepseekMoeForCausalLM(DeepseekMoePreTrainedModel, GenerationMixin):
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, keep, :])
-        loss = None
+        loss = mtp_loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return MoeCausalLMOutputWithPast(
+            if self.config.num_nextn_predict_layers > 0 and cache is None:
+                embeds = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+                mtp_loss = self.multi_token_prediction_loss(
+                    hidden_states, embeds, labels, attention_mask, position_ids, **kwargs
+                )
+                loss = loss + self.config.mtp_loss_weight * mtp_loss
+        return DeepseekMoeCausalLMOutputWithPast(
             loss=loss,
+            mtp_loss=mtp_loss,
             logits=logits,
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=outputs.router_logits,
         )
+
+    def save_pretrained(
+        self, save_directory: str, is_main_process: bool = True, state_dict: dict | None = None, **kwargs
+    ) -> None:
+        """Saves the official MTP layout too: DeepSeek's checkpoints (and vLLM/SGLang loaders) expect every MTP layer
+        to carry its own `embed_tokens` and `shared_head.head`; in memory ours share the model's."""
+        if state_dict is None and self.config.num_nextn_predict_layers > 0:
+            state_dict = self.state_dict()
+            for k in range(self.config.num_nextn_predict_layers):
+                prefix = f"model.layers.{self.config.num_hidden_layers + k}."
+                state_dict[prefix + "embed_tokens.weight"] = state_dict["model.embed_tokens.weight"].clone()
+                state_dict[prefix + "shared_head.head.weight"] = state_dict["lm_head.weight"].clone()
+        super().save_pretrained(save_directory, is_main_process=is_main_process, state_dict=state_dict, **kwargs)
+
+    def mtp_hidden_states(
+        self,
+        depth: int,
+        previous: torch.Tensor,
+        next_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        cache: Cache | None = None,
+    ) -> torch.Tensor:
+        """h^depth over the positions of `previous` (= h^{depth-1}), given the embeddings `depth` tokens ahead.
+
+        `attention_mask` is the 2D padding mask over cached + new positions; `cache` holds this depth's keys."""
+        layer = self.model.layers[self.config.num_hidden_layers + depth - 1]
+        mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=next_embeds,
+            attention_mask=attention_mask,
+            cache=cache,
+            position_ids=position_ids,
+            layer_idx=layer.self_attn.layer_idx,
+        )
+        position_embeddings = self.model.rotary_emb(previous, position_ids)
+        return layer(previous, next_embeds, attention_mask=mask, position_embeddings=position_embeddings, cache=cache)
+
+    def mtp_logits(self, depth: int, mtp_hidden: torch.Tensor) -> torch.Tensor:
+        """The shared output head on `shared_head.norm(h^depth)`: predicts the token depth + 1 steps ahead."""
+        layer = self.model.layers[self.config.num_hidden_layers + depth - 1]
+        return self.lm_head(layer.shared_head.norm(mtp_hidden))
+
+    def multi_token_prediction_loss(
+        self,
+        hidden_states: torch.Tensor,
+        embeds: torch.Tensor,
+        labels: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """(1/D) Σ_k CE(depth k predicting t_{i+k+1} at position i), chaining h^k from the main model's output.
+
+        Depth k sees positions i < T - k (its token t_{i+k} must exist); `ignore_index` labels and padding are
+        skipped by the loss function, which also honours `num_items_in_batch`."""
+        seq_length = hidden_states.shape[1]
+        if position_ids is None:
+            position_ids = torch.arange(seq_length, device=hidden_states.device)[None]
+        previous, losses = hidden_states, []
+        for depth in range(1, self.config.num_nextn_predict_layers + 1):
+            length = seq_length - depth
+            if length < 1:
+                break
+            mask = attention_mask[:, :length] if attention_mask is not None and attention_mask.dim() == 2 else None
+            previous = self.mtp_hidden_states(
+                depth, previous[:, :length], embeds[:, depth:], mask, position_ids[..., :length]
+            )
+            shift_labels = F.pad(labels[:, depth + 1 :], (0, 1), value=-100)
+            logits = self.mtp_logits(depth, previous)
+            losses.append(
+                self.loss_function(
+                    logits=logits, labels=None, vocab_size=self.config.vocab_size, shift_labels=shift_labels, **kwargs
+                )
+            )
+        return torch.stack(losses).mean() if losses else hidden_states.new_zeros(())
 
 
 class DeepseekMoeForSequenceClassification(GenericForSequenceClassification, DeepseekMoePreTrainedModel):
