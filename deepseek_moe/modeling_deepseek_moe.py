@@ -694,6 +694,33 @@ class DeepseekMoeForCausalLM(DeepseekMoePreTrainedModel, GenerationMixin):
                 state_dict[prefix + "shared_head.head.weight"] = state_dict["lm_head.weight"].clone()
         super().save_pretrained(save_directory, is_main_process=is_main_process, state_dict=state_dict, **kwargs)
 
+    def generate(self, inputs: torch.Tensor | None = None, *args, use_mtp: bool = False, **kwargs):
+        """`generate(..., use_mtp=True)` decodes greedily with the MTP modules drafting tokens (self-speculative
+        decoding; same tokens as plain greedy). Returns the sequences, or with `return_dict_in_generate=True` an
+        `MtpGenerateOutput` that also carries the draft acceptance rate. Other calls are transformers' `generate`."""
+        if not use_mtp:
+            return super().generate(inputs, *args, **kwargs)
+        from .speculative import mtp_greedy_generate
+
+        if args:
+            raise ValueError("generate(use_mtp=True) takes keyword arguments only")
+        generation_config = kwargs.pop("generation_config", None) or self.generation_config
+        options = {
+            "max_new_tokens": kwargs.pop("max_new_tokens", generation_config.max_new_tokens) or 20,
+            "eos_token_id": kwargs.pop("eos_token_id", generation_config.eos_token_id),
+            "pad_token_id": kwargs.pop("pad_token_id", generation_config.pad_token_id),
+            "num_draft_tokens": kwargs.pop("num_draft_tokens", None),
+        }
+        input_ids = kwargs.pop("input_ids", inputs)
+        attention_mask = kwargs.pop("attention_mask", None)
+        return_dict = kwargs.pop("return_dict_in_generate", False)
+        if kwargs.pop("do_sample", False) or generation_config.do_sample:
+            raise ValueError("generate(use_mtp=True) supports greedy decoding only (do_sample=False)")
+        if kwargs:
+            raise ValueError(f"generate(use_mtp=True) does not support {sorted(kwargs)}")
+        output = mtp_greedy_generate(self, input_ids, attention_mask, **options)
+        return output if return_dict else output.sequences
+
     def mtp_hidden_states(
         self,
         depth: int,
