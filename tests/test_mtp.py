@@ -150,3 +150,28 @@ def test_use_mtp_rejects_sampling_and_missing_modules():
         _model(depth=1).generate(torch.tensor([[1, 2]]), use_mtp=True, do_sample=True)
     with pytest.raises(ValueError, match="num_nextn_predict_layers"):
         _model(depth=0).generate(torch.tensor([[1, 2]]), use_mtp=True)
+
+
+def test_mtp_loss_weight_schedule_follows_the_paper(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from deepseek_moe.training import MtpLossWeightCallback, mtp_loss_weight
+
+    assert mtp_loss_weight(0.0) == 0.3 and mtp_loss_weight(0.6) == 0.3 and mtp_loss_weight(0.7) == 0.1
+    with pytest.raises(ValueError, match="progress"):
+        mtp_loss_weight(1.5)
+
+    model = _model(depth=1)
+    seen = []
+
+    class Record(MtpLossWeightCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            seen.append(model.config.mtp_loss_weight)
+
+    data = [{"input_ids": torch.arange(8), "labels": torch.arange(8)} for _ in range(8)]
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=2, use_cpu=True, report_to=[],
+        save_strategy="no", logging_strategy="no",
+    )  # fmt: skip
+    Trainer(model=model, args=args, train_dataset=data, callbacks=[Record(switch_at=0.5)]).train()
+    assert seen == [0.3, 0.3, 0.1, 0.1]
