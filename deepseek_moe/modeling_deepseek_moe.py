@@ -440,7 +440,8 @@ class DeepseekMoeTopkRouter(nn.Module):
         capacity = math.ceil(self.capacity_factor * num_pairs / num_devices)
         device = (topk_indices // (self.num_experts // num_devices)).reshape(-1)
         protected = torch.zeros_like(topk_indices, dtype=torch.bool)
-        protected[: round(self.capacity_protected_fraction * batch_size) * (topk_indices.shape[0] // batch_size)] = True
+        protected_sequences = int(self.capacity_protected_fraction * batch_size + 0.5)
+        protected[: protected_sequences * (topk_indices.shape[0] // batch_size)] = True
         protected = protected.reshape(-1)
         # Affinities are in [0, 1]: protected pairs rank first, then by affinity, within each device.
         priority = affinity.reshape(-1).double() + 2.0 * protected
@@ -513,7 +514,11 @@ class DeepseekMoeSparseBlock(nn.Module):
 
 
 def balance_losses(
-    config: DeepseekMoeConfig, router: DeepseekMoeTopkRouter, router_logits: torch.Tensor, batch_size: int
+    config: DeepseekMoeConfig,
+    router: DeepseekMoeTopkRouter,
+    router_logits: torch.Tensor,
+    batch_size: int,
+    token_mask: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """One MoE layer's auxiliary losses, each already multiplied by its coefficient (reference §3a, §3b).
 
@@ -524,6 +529,7 @@ def balance_losses(
     - `device` (with `num_devices` D): α₂ Σ_d f'_d P'_d, f'_d = mean of f over the device's experts, P'_d = their sum.
     - `comm` (with D and `device_limit` M): α₃ Σ_d f''_d P'_d, f''_d = D/(MT)·#{t: t is sent to device d}.
     - `z`: router z-loss, coefficient · mean_t logsumexp(logits_t)².
+    Tokens where `token_mask` [B, S] is False (padding) are left out of every count, mean and T.
     """
     scores, _, topk_indices = router.route(router_logits)
     if router.scoring_func == "sigmoid":
@@ -532,26 +538,35 @@ def balance_losses(
     units = batch_size if config.seq_aux else 1
     scores = scores.view(units, -1, num_experts)
     topk_indices = topk_indices.view(units, -1, top_k)
-    tokens = scores.shape[1]
-    selected = torch.zeros_like(scores).scatter_(2, topk_indices, 1.0)  # [U, T, N'], no gradient
+    mask = torch.ones_like(scores[..., :1]) if token_mask is None else token_mask.reshape(units, -1, 1).to(scores)
+    tokens = mask.sum(dim=1)  # [U, 1]
+    has_tokens = tokens.squeeze(-1) > 0
+    tokens = tokens.clamp(min=1)
+
+    def mean_over_units(per_unit: torch.Tensor) -> torch.Tensor:
+        return per_unit.sum() / has_tokens.sum().clamp(min=1)
+
+    selected = torch.zeros_like(scores).scatter_(2, topk_indices, 1.0) * mask  # [U, T, N'], no gradient
     f = selected.sum(dim=1) * num_experts / (top_k * tokens)
-    P = scores.mean(dim=1)
+    P = (scores * mask).sum(dim=1) / tokens
     alpha = config.seq_aux_alpha if router.topk_method == "noaux_tc" else config.aux_loss_alpha
     losses = {}
     if alpha > 0:
-        losses["expert"] = alpha * (f * P).sum(dim=-1).mean()
+        losses["expert"] = alpha * mean_over_units((f * P).sum(dim=-1))
     if config.num_devices is not None:
         D = config.num_devices
         P_device = P.view(units, D, -1).sum(dim=-1)
         if config.aux_loss_device_alpha > 0:
             f_device = f.view(units, D, -1).mean(dim=-1)
-            losses["device"] = config.aux_loss_device_alpha * (f_device * P_device).sum(dim=-1).mean()
+            losses["device"] = config.aux_loss_device_alpha * mean_over_units((f_device * P_device).sum(dim=-1))
         if config.device_limit is not None and config.aux_loss_comm_alpha > 0:
-            sent = selected.view(units, tokens, D, -1).amax(dim=-1)
+            sent = selected.view(units, selected.shape[1], D, -1).amax(dim=-1)
             f_comm = sent.sum(dim=1) * D / (config.device_limit * tokens)
-            losses["comm"] = config.aux_loss_comm_alpha * (f_comm * P_device).sum(dim=-1).mean()
+            losses["comm"] = config.aux_loss_comm_alpha * mean_over_units((f_comm * P_device).sum(dim=-1))
     if config.router_z_loss_coef > 0:
-        losses["z"] = config.router_z_loss_coef * router_logits.logsumexp(dim=-1).square().mean()
+        flat_mask = mask.reshape(-1)
+        z = (router_logits.logsumexp(dim=-1).square() * flat_mask).sum() / flat_mask.sum().clamp(min=1)
+        losses["z"] = config.router_z_loss_coef * z
     return losses
 
 
@@ -770,12 +785,15 @@ class DeepseekMoeForCausalLM(DeepseekMoePreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden_states[:, keep, :])
         aux_losses, aux_loss = None, None
         if want_aux and outputs.router_logits:
-            batch_size = hidden_states.shape[0]
+            batch_size, seq_length = hidden_states.shape[:2]
+            token_mask = None
+            if attention_mask is not None and attention_mask.dim() == 2:
+                token_mask = attention_mask[:, -seq_length:].bool()
             layers = self.model.layers[: self.config.num_hidden_layers]
             routers = [layer.mlp.gate for layer in layers if isinstance(layer.mlp, DeepseekMoeSparseBlock)]
             aux_losses = {}
             for router, router_logits in zip(routers, outputs.router_logits, strict=True):
-                for kind, value in balance_losses(self.config, router, router_logits, batch_size).items():
+                for kind, value in balance_losses(self.config, router, router_logits, batch_size, token_mask).items():
                     aux_losses[kind] = aux_losses[kind] + value if kind in aux_losses else value
             aux_loss = sum(aux_losses.values()) if aux_losses else None
         loss = None

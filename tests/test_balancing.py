@@ -61,8 +61,10 @@ def record_routing(model: DeepseekMoeForCausalLM) -> list[tuple[torch.Tensor, to
     return records
 
 
-def brute_force_losses(config: DeepseekMoeConfig, logits: torch.Tensor, idx: torch.Tensor, batch_size: int) -> dict:
-    """The paper's formulas with plain loops over units, experts, devices and tokens."""
+def brute_force_losses(
+    config: DeepseekMoeConfig, logits: torch.Tensor, idx: torch.Tensor, batch_size: int, mask: list[bool]
+) -> dict:
+    """The paper's formulas with plain loops over units, experts, devices and tokens; padding (mask False) skipped."""
     num_tokens, E = logits.shape
     K = idx.shape[1]
     if config.scoring_func == "softmax":
@@ -72,6 +74,7 @@ def brute_force_losses(config: DeepseekMoeConfig, logits: torch.Tensor, idx: tor
         s = s / s.sum(dim=-1, keepdim=True)
     seq = num_tokens // batch_size
     units = [range(b * seq, (b + 1) * seq) for b in range(batch_size)] if config.seq_aux else [range(num_tokens)]
+    units = [[t for t in unit if mask[t]] for unit in units]
     chosen = [set(idx[t].tolist()) for t in range(num_tokens)]
     D, M = config.num_devices, config.device_limit
     totals = {"expert": 0.0, "device": 0.0, "comm": 0.0}
@@ -97,32 +100,39 @@ def brute_force_losses(config: DeepseekMoeConfig, logits: torch.Tensor, idx: tor
         if M:
             out["comm"] = config.aux_loss_comm_alpha * totals["comm"]
     if config.router_z_loss_coef:
-        lse = [math.log(sum(math.exp(v) for v in logits[t].tolist())) for t in range(num_tokens)]
-        out["z"] = config.router_z_loss_coef * sum(v * v for v in lse) / num_tokens
+        lse = [math.log(sum(math.exp(v) for v in logits[t].tolist())) for t in range(num_tokens) if mask[t]]
+        out["z"] = config.router_z_loss_coef * sum(v * v for v in lse) / len(lse)
     return out
 
 
 @pytest.mark.parametrize("preset", ["tiny-v2", "tiny-v3", "tiny-16b"])
 @pytest.mark.parametrize("seq_aux", [True, False])
-def test_losses_match_brute_force(preset: str, seq_aux: bool) -> None:
+@pytest.mark.parametrize("padded", [False, True])
+def test_losses_match_brute_force(preset: str, seq_aux: bool, padded: bool) -> None:
     model = tiny_model(preset, seq_aux=seq_aux, num_devices=4, device_limit=2, router_z_loss_coef=1e-3)
     model.eval()
     records = record_routing(model)
     ids = batch(3)
-    out = model(ids, labels=ids, output_router_logits=True)
+    attention_mask = torch.ones_like(ids)
+    if padded:
+        attention_mask[0, 7:] = 0
+        attention_mask[2, 4:] = 0
+    out = model(ids, attention_mask=attention_mask, labels=ids, output_router_logits=True)
     expected: dict[str, float] = {}
+    mask = attention_mask.reshape(-1).bool().tolist()
     for logits, idx in records:
-        for kind, value in brute_force_losses(model.config, logits.double(), idx, batch_size=3).items():
+        for kind, value in brute_force_losses(model.config, logits.double(), idx, 3, mask).items():
             expected[kind] = expected.get(kind, 0.0) + value
     assert set(out.aux_losses) == set(expected) == {"expert", "device", "comm", "z"}
     for kind, value in expected.items():
         assert out.aux_losses[kind].item() == pytest.approx(value, rel=1e-5), kind
     assert out.aux_loss.item() == pytest.approx(sum(expected.values()), rel=1e-5)
-    plain = model(ids, labels=ids)
+    plain = model(ids, attention_mask=attention_mask, labels=ids)
     assert plain.aux_loss is None and plain.aux_losses is None  # inference computes nothing unasked
     assert out.loss.item() == pytest.approx(plain.loss.item() + out.aux_loss.item(), rel=1e-6)
     model.config.add_aux_loss_to_loss = False
-    assert model(ids, labels=ids, output_router_logits=True).loss.item() == pytest.approx(plain.loss.item())
+    unadded = model(ids, attention_mask=attention_mask, labels=ids, output_router_logits=True)
+    assert unadded.loss.item() == pytest.approx(plain.loss.item())
 
 
 def test_remote_code_seq_aux_formula() -> None:
