@@ -71,18 +71,21 @@ def register_bias_update_hook(
     return optimizer.register_step_post_hook(hook)
 
 
-def load_statistics(counts: torch.Tensor) -> dict[str, float]:
-    """Balance of one layer from `[E + 1]` counts (per expert, then dropped pairs), as `update_expert_bias` returns.
+def load_statistics(counts: torch.Tensor) -> dict[str, float | torch.Tensor] | None:
+    """Balance of one layer from `[E + 1]` counts (per expert, then dropped pairs), as `update_expert_bias` returns;
+    None when the layer routed nothing (e.g. an MTP module that did not run).
 
-    `cv` is the coefficient of variation std/mean of the expert loads (0 = perfectly balanced), `max_over_mean` the
-    most loaded expert relative to the mean, `dropped` the fraction of routed pairs dropped by the capacity limit.
+    `fraction` [E] is each expert's share of the routed pairs, `cv` the coefficient of variation std/mean of the
+    loads (0 = perfectly balanced), `max_over_mean` the most loaded expert relative to the mean, `dropped` the
+    fraction of routed pairs dropped by the capacity limit.
     """
     load = counts[:-1].double()
     total = load.sum().item()
     if total == 0:
-        return {"cv": 0.0, "max_over_mean": 0.0, "dropped": 0.0}
+        return None
     mean = load.mean()
     return {
+        "fraction": load / total,
         "cv": (load.std(unbiased=False) / mean).item(),
         "max_over_mean": (load.max() / mean).item(),
         "dropped": counts[-1].item() / total,
@@ -90,7 +93,8 @@ def load_statistics(counts: torch.Tensor) -> dict[str, float]:
 
 
 def current_load(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The counts accumulated since the last bias update on this rank, in `update_expert_bias`'s format."""
+    """The counts accumulated on this rank since the last bias update, in `update_expert_bias`'s format; feed them
+    to `load_statistics` for a layer's balance."""
     return {
         name: torch.cat([r.tokens_per_expert, r.dropped_tokens.view(1)]).cpu() for name, r in moe_routers(model).items()
     }
@@ -120,24 +124,28 @@ class ExpertBalanceCallback(TrainerCallback):
         for name, counts in loads.items():
             self._since_log[name] = self._since_log.get(name, 0) + counts
         if self.keep_history:
-            self.history.append({name: counts[:-1] / counts[:-1].sum().clamp(min=1) for name, counts in loads.items()})
+            stats = {name: load_statistics(counts) for name, counts in loads.items()}
+            self.history.append({name: s["fraction"] for name, s in stats.items() if s is not None})
 
     def on_log(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs
     ) -> None:
         if logs is None or not self._since_log:
             return
-        stats = {}
         per_layer = {name: load_statistics(counts) for name, counts in self._since_log.items()}
-        for name, layer_stats in per_layer.items():
-            layer = name.removeprefix("model.").removesuffix(".mlp.gate")
-            stats.update({f"moe/{layer}/{key}": value for key, value in layer_stats.items()})
+        per_layer = {name: layer_stats for name, layer_stats in per_layer.items() if layer_stats is not None}
+        self._since_log = {}
+        if not per_layer:
+            return
+        stats = {}
         for key in ("cv", "max_over_mean", "dropped"):
             stats[f"moe/{key}"] = sum(s[key] for s in per_layer.values()) / len(per_layer)
+            for name, layer_stats in per_layer.items():
+                layer = name.removeprefix("model.").removesuffix(".mlp.gate")
+                stats[f"moe/{layer}/{key}"] = layer_stats[key]
         logs.update(stats)
         if state.log_history:
             state.log_history[-1].update(stats)
-        self._since_log = {}
 
 
 def expert_load_matrix(history: Sequence[dict[str, torch.Tensor]], layer: str) -> torch.Tensor:
