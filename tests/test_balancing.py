@@ -423,3 +423,15 @@ def test_plot_expert_load(tmp_path) -> None:
 def test_bad_balancing_settings_raise(overrides: dict, field: str) -> None:
     with pytest.raises(ValueError, match=f"DeepseekMoeConfig.{field}"):
         DeepseekMoeConfig.from_preset("tiny-v3", **overrides)
+
+
+def test_bias_stays_fp32_after_casting_the_model() -> None:
+    model = tiny_model("tiny-v3", bias_update_speed=1e-3).to(torch.bfloat16)
+    router = main_routers(model)["model.layers.1.mlp.gate"]
+    with torch.no_grad():
+        router.e_score_correction_bias.fill_(2.0)
+    model.train()
+    model(batch(2)).logits.float().sum().backward()
+    update_expert_bias(model)
+    assert router.e_score_correction_bias.dtype == torch.float32
+    assert (router.e_score_correction_bias - 2.0).abs().max().item() == pytest.approx(1e-3, rel=1e-3)

@@ -14,8 +14,11 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 from transformers import PreTrainedModel, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.utils import logging
 
 from ..modeling_deepseek_moe import DeepseekMoeTopkRouter
+
+logger = logging.get_logger(__name__)
 
 
 def moe_routers(model: torch.nn.Module) -> dict[str, DeepseekMoeTopkRouter]:
@@ -51,8 +54,12 @@ def update_expert_bias(model: torch.nn.Module, gamma: float | None = None) -> di
     for (name, router), layer_counts in zip(routers.items(), counts, strict=True):
         load = layer_counts[:-1].to(torch.float32)
         if gamma > 0 and hasattr(router, "e_score_correction_bias"):
+            if router.e_score_correction_bias.dtype != torch.float32:
+                # `model.to(bf16)` casts buffers too, and steps of γ = 1e-3 vanish in bf16 next to a bias near 1.
+                logger.warning_once("e_score_correction_bias was not fp32; it is moved back to fp32 for the update")
+                router.e_score_correction_bias = router.e_score_correction_bias.float()
             bias = router.e_score_correction_bias
-            bias += (gamma * torch.sign(load.mean() - load)).to(bias.device, bias.dtype)
+            bias += (gamma * torch.sign(load.mean() - load)).to(bias.device)
         router.tokens_per_expert.zero_()
         router.dropped_tokens.zero_()
         loads[name] = layer_counts.cpu()
