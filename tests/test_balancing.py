@@ -249,6 +249,41 @@ def test_gradient_accumulation_moves_bias_once_like_combined_batch() -> None:
         assert router.tokens_per_expert.sum() == 0
 
 
+@pytest.fixture
+def fresh_accelerate_state():
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def test_hook_on_accelerate_optimizer_runs_once_per_accumulated_step(fresh_accelerate_state) -> None:
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    model = tiny_model("tiny-v3", bias_update_speed=0.01)
+    expected = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    register_bias_update_hook(optimizer, model)
+    model.train()
+    ids = batch(4)
+    start = {n: r.e_score_correction_bias.clone() for n, r in main_routers(model).items()}
+    for i, micro in enumerate((ids[:2], ids[2:])):
+        with accelerator.accumulate(model):
+            accelerator.backward(model(micro, labels=micro).loss)
+            optimizer.step()
+            optimizer.zero_grad()
+        moved = [not torch.equal(r.e_score_correction_bias, start[n]) for n, r in main_routers(model).items()]
+        assert all(moved) if i == 1 else not any(moved)
+    expected.train()
+    expected(ids, labels=ids).loss.backward()
+    update_expert_bias(expected)
+    for name, router in main_routers(model).items():
+        assert torch.equal(router.e_score_correction_bias, main_routers(expected)[name].e_score_correction_bias)
+
+
 def test_zero_gamma_freezes_bias() -> None:
     model = tiny_model("tiny-v3", bias_update_speed=0.0)
     model.train()

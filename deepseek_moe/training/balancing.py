@@ -32,12 +32,16 @@ def _bias_update_speed(model: torch.nn.Module) -> float:
 
 
 @torch.no_grad()
-def update_expert_bias(model: torch.nn.Module, gamma: float | None = None) -> dict[str, torch.Tensor]:
+def update_expert_bias(
+    model: torch.nn.Module, gamma: float | None = None, group: dist.ProcessGroup | None = None
+) -> dict[str, torch.Tensor]:
     """Apply one optimizer step's bias update and reset the counts; returns each router's global counts.
 
     Counts are summed over every micro-batch since the last call and, when torch.distributed is initialised, over
-    all ranks, so every rank applies the same update. γ defaults to the config's `bias_update_speed` (0 freezes the
-    bias; the counts are still returned and reset). Routers without a bias (V2 family) only report and reset.
+    the ranks of `group` (default: all), so every rank applies the same update. Ranks that see the same tokens
+    (tensor parallel) only scale the counts, which the sign rule ignores. γ defaults to the config's
+    `bias_update_speed` (0 freezes the bias; the counts are still returned and reset). Routers without a bias
+    (V2 family) only report and reset.
     Returns {router name: [E + 1] int64 tensor: counts per expert, then the number of dropped pairs}.
     """
     routers = moe_routers(model)
@@ -48,8 +52,8 @@ def update_expert_bias(model: torch.nn.Module, gamma: float | None = None) -> di
     counts = torch.stack(
         [torch.cat([r.tokens_per_expert, r.dropped_tokens.view(1)]).to(first.device) for r in routers.values()]
     )
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(counts)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(counts, group=group)
     loads = {}
     for (name, router), layer_counts in zip(routers.items(), counts, strict=True):
         load = layer_counts[:-1].to(torch.float32)
@@ -67,13 +71,20 @@ def update_expert_bias(model: torch.nn.Module, gamma: float | None = None) -> di
 
 
 def register_bias_update_hook(
-    optimizer: torch.optim.Optimizer, model: torch.nn.Module, gamma: float | None = None
+    optimizer: torch.optim.Optimizer,
+    model: torch.nn.Module,
+    gamma: float | None = None,
+    group: dist.ProcessGroup | None = None,
 ) -> torch.utils.hooks.RemovableHandle:
-    """Run `update_expert_bias(model, gamma)` after every `optimizer.step()`, i.e. once per optimizer step whatever
-    the gradient accumulation (torchtitan uses the same seam). Returns the handle to remove it."""
+    """Run `update_expert_bias(model, gamma, group)` after every real optimizer step, i.e. once per optimizer step
+    whatever the gradient accumulation (torchtitan uses the same seam). Wrappers such as Accelerate's
+    `AcceleratedOptimizer` (which calls the inner step only when gradients sync) are unwrapped to the torch
+    optimizer. Returns the handle to remove the hook."""
+    while hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
 
     def hook(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-        update_expert_bias(model, gamma)
+        update_expert_bias(model, gamma, group)
 
     return optimizer.register_step_post_hook(hook)
 
