@@ -45,7 +45,7 @@ def tiny_model(preset: str, seed: int = 0, **overrides) -> DeepseekMoeForCausalL
 
 
 def main_routers(model: DeepseekMoeForCausalLM) -> dict:
-    """The routers of the main layers (the MTP module's router does not run in the main forward)."""
+    """The routers of the main layers, whose routing every forward exercises (MTP modules route only for their loss)."""
     return {n: r for n, r in moe_routers(model).items() if int(n.split(".")[2]) < model.config.num_hidden_layers}
 
 
@@ -470,3 +470,16 @@ def test_bias_stays_fp32_after_casting_the_model() -> None:
     update_expert_bias(model)
     assert router.e_score_correction_bias.dtype == torch.float32
     assert (router.e_score_correction_bias - 2.0).abs().max().item() == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_counts_are_training_state_not_checkpoint_content(tmp_path) -> None:
+    model = tiny_model("tiny-v3")
+    model.train()
+    model(batch(2)).logits.sum().backward()
+    assert not any("tokens_per_expert" in key or "dropped_tokens" in key for key in model.state_dict())
+    model.save_pretrained(tmp_path)
+    loaded = DeepseekMoeForCausalLM.from_pretrained(tmp_path)
+    for name, router in moe_routers(loaded).items():
+        assert router.tokens_per_expert.dtype == torch.int64 and router.tokens_per_expert.sum() == 0
+        assert router.dropped_tokens == 0
+        torch.testing.assert_close(router.e_score_correction_bias, moe_routers(model)[name].e_score_correction_bias)
