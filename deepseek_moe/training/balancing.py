@@ -4,7 +4,14 @@ Routers count routed (token, expert) pairs during training forwards (`tokens_per
 after all gradient-accumulation micro-batches, `update_expert_bias` sums the counts over data-parallel ranks and
 moves each `e_score_correction_bias` by the sign rule b_i += γ·sign(mean load − load_i) (V3 §2.1.2), then resets
 the counts. Call it from exactly one place: `register_bias_update_hook` (any training loop) or
-`ExpertBalanceCallback` (transformers Trainer).
+`ExpertBalanceCallback` (transformers Trainer):
+
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[ExpertBalanceCallback()])
+    # or, in a plain loop:
+    register_bias_update_hook(optimizer, model)
+
+Counting is exact under gradient accumulation and activation checkpointing; tokens are counted per routed pair,
+padding included (the balance losses, computed in the model, leave padding out).
 """
 
 from __future__ import annotations
