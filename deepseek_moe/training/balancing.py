@@ -11,7 +11,7 @@ the counts. Call it from exactly one place: `register_bias_update_hook` (any tra
     register_bias_update_hook(optimizer, model)
 
 Counting is exact under gradient accumulation and activation checkpointing; tokens are counted per routed pair,
-padding included (the balance losses, computed in the model, leave padding out).
+padding included since padded tokens occupy experts too (the balance losses, computed in the model, leave padding out).
 """
 
 from __future__ import annotations
