@@ -4,6 +4,7 @@ parallel, checkpointing), loss weighting under Trainer's gradient accumulation, 
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import os
 import socket
@@ -12,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.utils.checkpoint import checkpoint
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
 
@@ -213,11 +215,22 @@ def test_counting_only_in_training_forwards_with_grad() -> None:
     assert all(r.tokens_per_expert.sum() == 2 * 12 * model.config.num_experts_per_tok for r in routers)
 
 
+def _checkpoint_under_saved_tensor_hooks(function, *args, **kwargs):
+    """What `activation_checkpointing_enable(offload=True)` does (`save_on_cpu` around the checkpoint), on CPU."""
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        return checkpoint(function, *args, **kwargs)
+
+
+@pytest.mark.parametrize("offload", [False, True])
 @pytest.mark.parametrize("reentrant", [False, True])
-def test_checkpointing_counts_once(reentrant: bool) -> None:
+def test_checkpointing_counts_once(reentrant: bool, offload: bool) -> None:
     reference = tiny_model("tiny-v3")
     model = copy.deepcopy(reference)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    if offload:
+        func = functools.partial(_checkpoint_under_saved_tensor_hooks, use_reentrant=reentrant)
+        model._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=func)
+    else:
+        model.activation_checkpointing_enable({"use_reentrant": reentrant})
     ids = batch(2)
     for m in (reference, model):
         m.train()
