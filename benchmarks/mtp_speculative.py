@@ -86,9 +86,8 @@ def main() -> None:
         accepted, drafted = accepted + out.accepted_tokens, drafted + out.drafted_tokens
 
     tokens = args.prompts * args.new_tokens
-    print(
-        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    )
+    machine = platform.processor() or platform.machine()
+    print(f"machine: {machine}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"model: tiny-v3 h128 L4 D={args.depth}, trained {args.steps} steps in {train_time:.0f} s (loss {loss:.3f})")
     print(f"acceptance rate {accepted / drafted:.1%} ({accepted}/{drafted} drafted tokens)")
     print(

@@ -275,6 +275,21 @@ class DeepseekMoeConfig(PreTrainedConfig):
     (`greedy`, also spelled `gready`; `group_limited_greedy`, group score = max; `noaux_tc`, biased selection and
     group score = sum of the top two). V2-style routers scale by `routed_scaling_factor` only when the weights are
     not normalised; `noaux_tc` (V3) normalises (if `norm_topk_prob`) and then always scales.
+
+    Load balancing (training only; see `deepseek_moe.training.balancing`):
+    - Expert-level balance loss α·Σ f_i P_i per MoE layer, per sequence (`seq_aux`) or over the batch. α is
+      `aux_loss_alpha` (α₁ of DeepSeekMoE/V2) for `greedy`/`group_limited_greedy` and `seq_aux_alpha` for `noaux_tc`
+      (V3's complementary sequence-wise loss, 1e-4; the V3 config's `aux_loss_alpha` is an unused leftover).
+    - V2 device-level (`aux_loss_device_alpha`, α₂) and communication (`aux_loss_comm_alpha`, α₃) balance losses when
+      `num_devices` (D, experts split evenly in order) is set; the communication loss also needs `device_limit` (M).
+    - `router_z_loss_coef`: optional router z-loss (mean squared logsumexp of the logits), 0 = off.
+    - `add_aux_loss_to_loss`: add the auxiliary losses to `loss` when labels are given (they are always returned).
+    - `bias_update_speed` (γ): step of V3's auxiliary-loss-free bias update b_i += γ·sign(mean load − load_i); 0
+      freezes the bias.
+    - `capacity_factor`: V2 device-level token dropping (None = off): each device (of `num_devices`, else each
+      expert) keeps at most capacity_factor·T·K/D routed slots, dropping the lowest affinities first; the first
+      `capacity_protected_fraction` of the sequences of a batch are never dropped. Training only, unless
+      `drop_tokens_at_inference`.
     """
 
     model_type = "deepseek_moe"
@@ -348,6 +363,17 @@ class DeepseekMoeConfig(PreTrainedConfig):
         attention_dropout: float = 0.0,
         output_router_logits: bool = False,
         mtp_loss_weight: float = 0.3,
+        seq_aux_alpha: float = 1e-4,
+        num_devices: int | None = None,
+        device_limit: int | None = None,
+        aux_loss_device_alpha: float = 0.05,
+        aux_loss_comm_alpha: float = 0.02,
+        router_z_loss_coef: float = 0.0,
+        add_aux_loss_to_loss: bool = True,
+        bias_update_speed: float = 0.001,
+        capacity_factor: float | None = None,
+        capacity_protected_fraction: float = 0.1,
+        drop_tokens_at_inference: bool = False,
         **kwargs,
     ) -> None:
         explicit = dict(locals())
@@ -385,6 +411,17 @@ class DeepseekMoeConfig(PreTrainedConfig):
         self.attention_dropout = attention_dropout
         self.output_router_logits = output_router_logits
         self.mtp_loss_weight = mtp_loss_weight  # λ of the V3 paper: 0.3, later 0.1 (see training.mtp)
+        self.seq_aux_alpha = seq_aux_alpha
+        self.num_devices = num_devices
+        self.device_limit = device_limit
+        self.aux_loss_device_alpha = aux_loss_device_alpha
+        self.aux_loss_comm_alpha = aux_loss_comm_alpha
+        self.router_z_loss_coef = router_z_loss_coef
+        self.add_aux_loss_to_loss = add_aux_loss_to_loss
+        self.bias_update_speed = bias_update_speed
+        self.capacity_factor = capacity_factor
+        self.capacity_protected_fraction = capacity_protected_fraction
+        self.drop_tokens_at_inference = drop_tokens_at_inference
         self.rope_parameters = rope_parameters
         # transformers' RoPE helpers read `head_dim`: the rotary width (MLA) or the attention head width (MHA).
         if self.use_mla:
@@ -534,7 +571,45 @@ class DeepseekMoeConfig(PreTrainedConfig):
                 "num_attention_heads",
                 f"hidden_size={self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}",
             )
+        self._validate_balancing()
         self._validate_rope(self.rope_parameters or {} if rope is None else rope)
+
+    def _validate_balancing(self) -> None:
+        for field in (
+            "aux_loss_alpha",
+            "seq_aux_alpha",
+            "aux_loss_device_alpha",
+            "aux_loss_comm_alpha",
+            "router_z_loss_coef",
+            "bias_update_speed",
+        ):
+            value = getattr(self, field)
+            if not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"DeepseekMoeConfig.{field}: must be a number >= 0, got {value!r}")
+        devices, limit = self.num_devices, self.device_limit
+        if devices is not None:
+            if not isinstance(devices, int) or devices < 1:
+                raise ValueError(f"DeepseekMoeConfig.num_devices: must be a positive integer or None, got {devices!r}")
+            if self.n_routed_experts % devices != 0:
+                raise ValueError(
+                    f"DeepseekMoeConfig.num_devices: n_routed_experts={self.n_routed_experts} is not divisible by "
+                    f"num_devices={devices}"
+                )
+        if limit is not None:
+            if devices is None:
+                raise ValueError("DeepseekMoeConfig.device_limit: needs num_devices to be set")
+            if not isinstance(limit, int) or not 1 <= limit <= devices:
+                raise ValueError(
+                    f"DeepseekMoeConfig.device_limit: must be between 1 and num_devices={devices}, got {limit!r}"
+                )
+        factor = self.capacity_factor
+        if factor is not None and (not isinstance(factor, (int, float)) or factor <= 0):
+            raise ValueError(f"DeepseekMoeConfig.capacity_factor: must be a positive number or None, got {factor!r}")
+        fraction = self.capacity_protected_fraction
+        if not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
+            raise ValueError(
+                f"DeepseekMoeConfig.capacity_protected_fraction: must be between 0 and 1, got {fraction!r}"
+            )
 
     @staticmethod
     def _validate_rope(rope: dict[str, Any]) -> None:

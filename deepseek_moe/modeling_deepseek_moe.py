@@ -324,6 +324,20 @@ class DeepseekMoeMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
+def counts_this_forward(module: nn.Module) -> bool:
+    """Whether a router forward is a training forward whose routing must be counted, exactly once per micro-batch.
+
+    No-grad and eval forwards do not count. Activation checkpointing re-runs the forward inside backward: the
+    non-reentrant kind (transformers' default) counted in its first forward and recomputes under saved-tensor hooks,
+    so that re-run is skipped; the reentrant kind ran its first forward without grad, so its re-run is counted.
+    """
+    if not (module.training and torch.is_grad_enabled()):
+        return False
+    if torch._C._current_graph_task_id() == -1:  # not inside a backward pass
+        return True
+    return torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+
+
 class DeepseekMoeTopkRouter(nn.Module):
     """The gate: affinities s = softmax|sigmoid(W x) in fp32, then a top-k choice of routed experts.
 
@@ -333,9 +347,15 @@ class DeepseekMoeTopkRouter(nn.Module):
       the sum of their top two; the bias never enters the weights.
     Excluded groups are masked with -inf. Weights are the unbiased affinities of the chosen experts; V3 normalises
     then scales by `routed_scaling_factor`, V2/16B scale only when they do not normalise.
+
+    Training state (not saved, not gradients): `tokens_per_expert` counts routed (token, expert) pairs and
+    `dropped_tokens` the pairs dropped by the optional capacity limit, once per training forward, until
+    `deepseek_moe.training.update_expert_bias` reads them, moves the bias and resets them.
     """
 
     e_score_correction_bias: torch.Tensor
+    tokens_per_expert: torch.Tensor
+    dropped_tokens: torch.Tensor
 
     def __init__(self, config: DeepseekMoeConfig) -> None:
         super().__init__()
@@ -347,9 +367,16 @@ class DeepseekMoeTopkRouter(nn.Module):
         self.topk_group = config.topk_group
         self.norm_topk_prob = config.norm_topk_prob
         self.routed_scaling_factor = config.routed_scaling_factor
+        self.num_devices = config.num_devices
+        self.capacity_factor = config.capacity_factor
+        self.capacity_protected_fraction = config.capacity_protected_fraction
+        self.drop_tokens_at_inference = config.drop_tokens_at_inference
         self.weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size, dtype=torch.float32))
         if self.topk_method == "noaux_tc":
             self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts, dtype=torch.float32))
+        # int64 so that casting the model to bf16 cannot round the counts.
+        self.register_buffer("tokens_per_expert", torch.zeros(self.num_experts, dtype=torch.int64), persistent=False)
+        self.register_buffer("dropped_tokens", torch.zeros((), dtype=torch.int64), persistent=False)
 
     def affinities(self, router_logits: torch.Tensor) -> torch.Tensor:
         if self.scoring_func == "sigmoid":
@@ -368,10 +395,28 @@ class DeepseekMoeTopkRouter(nn.Module):
         return grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view_as(scores_for_choice)
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns router logits [T, E], routing weights [T, k] (both at least fp32) and expert indices [T, k]."""
+        """Returns router logits [T, E], routing weights [T, k] (both at least fp32) and expert indices [T, k].
+
+        `hidden_states` is [B, S, H] (or [T, H], one sequence); dropped (token, expert) pairs get weight 0.
+        """
+        batch_size = hidden_states.shape[0] if hidden_states.dim() == 3 else 1
         hidden_states = hidden_states.reshape(-1, hidden_states.shape[-1])
         dtype = torch.promote_types(hidden_states.dtype, torch.float32)  # never below fp32
         router_logits = F.linear(hidden_states.to(dtype), self.weight.to(dtype))
+        scores, topk_weights, topk_indices = self.route(router_logits)
+        keep = None
+        if self.capacity_factor is not None and (self.training or self.drop_tokens_at_inference):
+            keep = self.capacity_mask(scores.gather(1, topk_indices), topk_indices, batch_size)
+            topk_weights = topk_weights * keep
+        if counts_this_forward(self):
+            with torch.no_grad():
+                self.tokens_per_expert += torch.bincount(topk_indices.reshape(-1), minlength=self.num_experts)
+                if keep is not None:
+                    self.dropped_tokens += (~keep).sum()
+        return router_logits, topk_weights, topk_indices
+
+    def route(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Affinities s [T, E], routing weights [T, k] and expert indices [T, k] from the logits (no dropping)."""
         scores = self.affinities(router_logits)
         scores_for_choice = scores
         if self.topk_method == "noaux_tc":
@@ -384,7 +429,30 @@ class DeepseekMoeTopkRouter(nn.Module):
             topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20)
         if self.topk_method == "noaux_tc" or not self.norm_topk_prob:
             topk_weights = topk_weights * self.routed_scaling_factor
-        return router_logits, topk_weights, topk_indices
+        return scores, topk_weights, topk_indices
+
+    def capacity_mask(self, affinity: torch.Tensor, topk_indices: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """Which (token, expert) pairs [T, k] fit the device capacity (DeepSeek-V2 §2.2.4 token dropping).
+
+        Each of D devices (`num_devices`, else one per expert) keeps capacity_factor·T·k/D pairs, highest affinity
+        first. Pairs of the first `capacity_protected_fraction` of the batch's sequences always stay (and count).
+        """
+        num_devices = self.num_devices or self.num_experts
+        num_pairs = topk_indices.numel()
+        capacity = math.ceil(self.capacity_factor * num_pairs / num_devices)
+        device = (topk_indices // (self.num_experts // num_devices)).reshape(-1)
+        protected = torch.zeros_like(topk_indices, dtype=torch.bool)
+        protected_sequences = int(self.capacity_protected_fraction * batch_size + 0.5)
+        protected[: protected_sequences * (topk_indices.shape[0] // batch_size)] = True
+        protected = protected.reshape(-1)
+        # Affinities are in [0, 1]: protected pairs rank first, then by affinity, within each device.
+        priority = affinity.reshape(-1).double() + 2.0 * protected
+        order = torch.argsort(device.double() * 4.0 - priority, stable=True)
+        per_device = torch.bincount(device, minlength=num_devices)
+        first_of_device = torch.cumsum(per_device, 0) - per_device
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(num_pairs, device=order.device) - first_of_device[device[order]]
+        return ((rank < capacity) | protected).view_as(topk_indices)
 
 
 @use_experts_implementation
@@ -442,6 +510,77 @@ class DeepseekMoeSparseBlock(nn.Module):
         if self.config.n_shared_experts > 0:
             routed = routed + self.shared_experts(hidden_states)
         return routed
+
+
+# ------------------------------------------------------------------------------------------------ balance losses
+
+
+def balance_losses(
+    config: DeepseekMoeConfig,
+    router: DeepseekMoeTopkRouter,
+    router_logits: torch.Tensor,
+    batch_size: int,
+    token_mask: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """One MoE layer's auxiliary losses, each already multiplied by its coefficient (reference §3a, §3b).
+
+    Routing is recomputed from the recorded logits (deterministic, before any dropping). With N' experts, K' chosen
+    per token and T tokens per unit (a sequence when `seq_aux`, else the whole batch), averaged over units:
+    - `expert`: α Σ_i f_i P_i, f_i = N'/(K'T)·#{t: t selects i}, P_i = mean_t s_i,t; sigmoid affinities are
+      normalised per token (s'/Σs', V3). α is `seq_aux_alpha` for `noaux_tc`, else `aux_loss_alpha`.
+    - `device` (with `num_devices` D): α₂ Σ_d f'_d P'_d, f'_d = mean of f over the device's experts, P'_d = their sum.
+    - `comm` (with D and `device_limit` M): α₃ Σ_d f''_d P'_d, f''_d = D/(MT)·#{t: t is sent to device d}.
+    - `z`: router z-loss, coefficient · mean_t logsumexp(logits_t)².
+    Tokens where `token_mask` [B, S] is False (padding) are left out of every count, mean and T.
+    """
+    scores, _, topk_indices = router.route(router_logits)
+    if router.scoring_func == "sigmoid":
+        scores = scores / scores.sum(dim=-1, keepdim=True)
+    num_experts, top_k = scores.shape[-1], topk_indices.shape[-1]
+    units = batch_size if config.seq_aux else 1
+    scores = scores.view(units, -1, num_experts)
+    topk_indices = topk_indices.view(units, -1, top_k)
+    mask = torch.ones_like(scores[..., :1]) if token_mask is None else token_mask.reshape(units, -1, 1).to(scores)
+    tokens = mask.sum(dim=1)  # [U, 1]
+    has_tokens = tokens.squeeze(-1) > 0
+    tokens = tokens.clamp(min=1)
+
+    def mean_over_units(per_unit: torch.Tensor) -> torch.Tensor:
+        return per_unit.sum() / has_tokens.sum().clamp(min=1)
+
+    selected = torch.zeros_like(scores).scatter_(2, topk_indices, 1.0) * mask  # [U, T, N'], no gradient
+    f = selected.sum(dim=1) * num_experts / (top_k * tokens)
+    P = (scores * mask).sum(dim=1) / tokens
+    alpha = config.seq_aux_alpha if router.topk_method == "noaux_tc" else config.aux_loss_alpha
+    losses = {}
+    if alpha > 0:
+        losses["expert"] = alpha * mean_over_units((f * P).sum(dim=-1))
+    if config.num_devices is not None:
+        D = config.num_devices
+        P_device = P.view(units, D, -1).sum(dim=-1)
+        if config.aux_loss_device_alpha > 0:
+            f_device = f.view(units, D, -1).mean(dim=-1)
+            losses["device"] = config.aux_loss_device_alpha * mean_over_units((f_device * P_device).sum(dim=-1))
+        if config.device_limit is not None and config.aux_loss_comm_alpha > 0:
+            sent = selected.view(units, selected.shape[1], D, -1).amax(dim=-1)
+            f_comm = sent.sum(dim=1) * D / (config.device_limit * tokens)
+            losses["comm"] = config.aux_loss_comm_alpha * mean_over_units((f_comm * P_device).sum(dim=-1))
+    if config.router_z_loss_coef > 0:
+        flat_mask = mask.reshape(-1)
+        z = (router_logits.logsumexp(dim=-1).square() * flat_mask).sum() / flat_mask.sum().clamp(min=1)
+        losses["z"] = config.router_z_loss_coef * z
+    return losses
+
+
+@dataclass
+class DeepseekMoeCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
+    """`aux_loss` is the sum of `aux_losses`: each kind of balance loss (`expert`, `device`, `comm`, `z`) with its
+    coefficient, summed over MoE layers. Computed when training or when router logits are asked for.
+    `mtp_loss` is the multi-token prediction loss averaged over depths (weighted by `mtp_loss_weight` inside `loss`,
+    reported here unweighted)."""
+
+    aux_losses: dict[str, torch.Tensor] | None = None
+    mtp_loss: torch.FloatTensor | None = None
 
 
 # ------------------------------------------------------------------------------------------------- decoder layer
@@ -548,6 +687,8 @@ class DeepseekMoePreTrainedModel(PreTrainedModel):
         std = self.config.initializer_range
         if isinstance(module, DeepseekMoeTopkRouter):
             init.normal_(module.weight, mean=0.0, std=std)
+            init.zeros_(module.tokens_per_expert)
+            init.zeros_(module.dropped_tokens)
             if module.topk_method == "noaux_tc":
                 init.zeros_(module.e_score_correction_bias)
         elif isinstance(module, DeepseekMoeExperts):
@@ -618,14 +759,6 @@ class DeepseekMoeModel(DeepseekMoePreTrainedModel):
         return MoeModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache)
 
 
-@dataclass
-class DeepseekMoeCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
-    """`MoeCausalLMOutputWithPast` plus `mtp_loss`: the multi-token prediction loss averaged over depths (already
-    weighted by `mtp_loss_weight` inside `loss`, reported here unweighted)."""
-
-    mtp_loss: torch.FloatTensor | None = None
-
-
 class DeepseekMoeForCausalLM(DeepseekMoePreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
@@ -649,7 +782,15 @@ class DeepseekMoeForCausalLM(DeepseekMoePreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> MoeCausalLMOutputWithPast:
+    ) -> DeepseekMoeCausalLMOutputWithPast:
+        r"""Balance losses are computed when training or when `output_router_logits` is set, returned as `aux_loss`
+        and `aux_losses`, and added to `loss` (if `config.add_aux_loss_to_loss`) with a weight that keeps them one
+        mean per optimizer step under gradient accumulation: with Trainer's `num_items_in_batch` the LM loss is a
+        sum over the whole accumulation window divided by its label tokens, so the aux term is weighted by this
+        micro-batch's share of those tokens; otherwise both terms are per-micro-batch means (weight 1)."""
+        want_aux = self.training or kwargs.get("output_router_logits", self.config.output_router_logits)
+        if want_aux:
+            kwargs["output_router_logits"] = True
         outputs: MoeModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -662,9 +803,29 @@ class DeepseekMoeForCausalLM(DeepseekMoePreTrainedModel, GenerationMixin):
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, keep, :])
+        aux_losses, aux_loss = None, None
+        if want_aux and outputs.router_logits:
+            batch_size, seq_length = hidden_states.shape[:2]
+            token_mask = None
+            if attention_mask is not None and attention_mask.dim() == 2:
+                token_mask = attention_mask[:, -seq_length:].bool()
+            layers = self.model.layers[: self.config.num_hidden_layers]
+            routers = [layer.mlp.gate for layer in layers if isinstance(layer.mlp, DeepseekMoeSparseBlock)]
+            aux_losses = {}
+            for router, router_logits in zip(routers, outputs.router_logits, strict=True):
+                for kind, value in balance_losses(self.config, router, router_logits, batch_size, token_mask).items():
+                    aux_losses[kind] = aux_losses[kind] + value if kind in aux_losses else value
+            aux_loss = sum(aux_losses.values()) if aux_losses else None
         loss = mtp_loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            if aux_loss is not None and self.config.add_aux_loss_to_loss:
+                weight = 1.0
+                num_items_in_batch = kwargs.get("num_items_in_batch")
+                if num_items_in_batch is not None:
+                    targets = kwargs.get("shift_labels", labels[..., 1:])
+                    weight = targets.ne(-100).sum() / num_items_in_batch
+                loss = loss + weight * aux_loss
             if self.config.num_nextn_predict_layers > 0 and cache is None:
                 embeds = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
                 mtp_loss = self.multi_token_prediction_loss(
@@ -674,6 +835,8 @@ class DeepseekMoeForCausalLM(DeepseekMoePreTrainedModel, GenerationMixin):
         return DeepseekMoeCausalLMOutputWithPast(
             loss=loss,
             mtp_loss=mtp_loss,
+            aux_loss=aux_loss,
+            aux_losses=aux_losses,
             logits=logits,
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
