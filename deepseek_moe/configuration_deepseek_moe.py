@@ -96,6 +96,7 @@ _FAMILY_DEFAULTS["deepseek_moe"] = _V3_DEFAULTS
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 SCORING_FUNCS = ("softmax", "sigmoid")
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
+MLA_ATTENTION_MODES = ("auto", "absorbed", "expanded")
 
 _YARN = {
     "type": "yarn",
@@ -363,6 +364,7 @@ class DeepseekMoeConfig(PreTrainedConfig):
         attention_dropout: float = 0.0,
         output_router_logits: bool = False,
         mtp_loss_weight: float = 0.3,
+        mla_attention_mode: str = "auto",
         seq_aux_alpha: float = 1e-4,
         num_devices: int | None = None,
         device_limit: int | None = None,
@@ -411,6 +413,9 @@ class DeepseekMoeConfig(PreTrainedConfig):
         self.attention_dropout = attention_dropout
         self.output_router_logits = output_router_logits
         self.mtp_loss_weight = mtp_loss_weight  # λ of the V3 paper: 0.3, later 0.1 (see training.mtp)
+        # MLA: "absorbed" attends over the cached latent, "expanded" re-projects it to per-head K/V, "auto" picks
+        # absorbed for decoding and expanded for prefill.
+        self.mla_attention_mode = mla_attention_mode
         self.seq_aux_alpha = seq_aux_alpha
         self.num_devices = num_devices
         self.device_limit = device_limit
@@ -491,6 +496,11 @@ class DeepseekMoeConfig(PreTrainedConfig):
             f"must be >= 0, got {self.num_nextn_predict_layers}",
         )
         check(self.mtp_loss_weight >= 0, "mtp_loss_weight", f"must be >= 0, got {self.mtp_loss_weight}")
+        check(
+            self.mla_attention_mode in MLA_ATTENTION_MODES,
+            "mla_attention_mode",
+            f"must be one of {MLA_ATTENTION_MODES}, got {self.mla_attention_mode!r}",
+        )
         check(
             self.num_nextn_predict_layers == 0 or self.n_routed_experts > 0,
             "num_nextn_predict_layers",

@@ -284,26 +284,83 @@ class DeepseekMoeLatentAttention(nn.Module):
         c_kv, k_pe = self.compress_kv(hidden_states)
         cos, sin = position_embeddings
         q_pe, k_pe = self.rope(q_pe, cos, sin), self.rope(k_pe, cos, sin)
+        past_length = 0
         if cache is not None:
+            past_length = cache.get_seq_length(self.layer_idx)
             c_kv, k_pe = cache.update(c_kv, k_pe, self.layer_idx)
 
-        key, value = self.expand_kv(c_kv, k_pe)
-        query = torch.cat((q_nope, q_pe), dim=-1)
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
-        attn_output, attn_weights = attention_interface(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=0.0 if not self.training else self.attention_dropout,
-            scaling=self.scaling,
-            **kwargs,
-        )
+        dropout = 0.0 if not self.training else self.attention_dropout
+        mode = kwargs.pop("mla_attention_mode", None) or self.config.mla_attention_mode
+        if self.use_absorbed(mode, seq_length, past_length):
+            attn_output, attn_weights = self.absorbed_attention(
+                attention_interface, q_nope, q_pe, c_kv, k_pe, attention_mask, dropout, **kwargs
+            )
+        else:
+            key, value = self.expand_kv(c_kv, k_pe)
+            query = torch.cat((q_nope, q_pe), dim=-1)
+            attn_output, attn_weights = attention_interface(
+                self, query, key, value, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs
+            )
         attn_output = attn_output.reshape(batch_size, seq_length, -1).contiguous()
         return self.o_proj(attn_output), attn_weights
+
+    def use_absorbed(self, mode: str, seq_length: int, past_length: int) -> bool:
+        """`auto` absorbs for decoding (a few new queries after cached ones) and expands for prefill, where per-head
+        keys are the cheaper, compute-friendly form."""
+        plain_weight = type(self.kv_b_proj) is nn.Linear  # an adapter (e.g. LoRA) wraps kv_b_proj
+        if mode == "absorbed" and not plain_weight:
+            raise ValueError("mla_attention_mode='absorbed' needs a plain kv_b_proj; merge adapters first")
+        if mode == "auto":
+            return plain_weight and seq_length <= 8 and past_length > 0
+        return mode == "absorbed"
+
+    def absorbed_attention(
+        self,
+        attention_interface: Callable,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        c_kv: torch.Tensor,
+        k_pe: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        dropout: float,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention straight over the cached latent: W_UK is absorbed into the query (q_nope W_UK lives in latent
+        space), scores are q_latent · c_kv + q_pe · k_pe, the weighted sum is taken over c_kv and mapped by W_UV.
+
+        All heads share the one latent "head", so this is multi-query attention; heads are folded into the query rows
+        so each cached latent row is read once for every head. Returns [B, S, heads, v_head_dim] like the
+        expanded path."""
+        batch_size, num_heads, seq_length, _ = q_nope.shape
+        kv_length = c_kv.shape[2]
+        w_kv = self.kv_b_proj.weight.view(num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        w_uk, w_uv = w_kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
+        q_latent = torch.einsum("bhsd,hdr->bhsr", q_nope, w_uk)
+        query = torch.cat((q_latent, q_pe), dim=-1).reshape(batch_size, 1, num_heads * seq_length, -1)
+        key = torch.cat((c_kv, k_pe), dim=-1)
+        if attention_mask is None and seq_length > 1:
+            # transformers leaves the mask out only for a prefill from position 0, meaning sdpa's (top-left) causal
+            # pattern; spelled out here because the folded rows are no longer in sequence order.
+            visible = torch.ones(seq_length, kv_length, dtype=torch.bool, device=query.device).tril()
+            attention_mask = visible[None, None]
+        if attention_mask is not None:
+            mask = attention_mask[..., :kv_length].expand(batch_size, 1, seq_length, kv_length)
+            attention_mask = mask.unsqueeze(2).expand(-1, -1, num_heads, -1, -1).reshape(batch_size, 1, -1, kv_length)
+            if attention_mask.dtype == torch.bool and self.config._attn_implementation == "eager":
+                attention_mask = torch.zeros_like(attention_mask, dtype=query.dtype).masked_fill(
+                    ~attention_mask, torch.finfo(query.dtype).min
+                )
+        out_latent, weights = attention_interface(
+            self, query, key, c_kv, attention_mask, dropout=dropout, scaling=self.scaling, is_causal=False, **kwargs
+        )
+        out_latent = out_latent.reshape(batch_size, num_heads, seq_length, self.kv_lora_rank)
+        attn_output = torch.einsum("bhsr,hvr->bshv", out_latent, w_uv)
+        if weights is not None:
+            weights = weights.reshape(batch_size, num_heads, seq_length, kv_length)
+        return attn_output, weights
 
 
 # ------------------------------------------------------------------------------------------------- feed-forward
@@ -781,13 +838,17 @@ class DeepseekMoeForCausalLM(DeepseekMoePreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        mla_attention_mode: str | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> DeepseekMoeCausalLMOutputWithPast:
         r"""Balance losses are computed when training or when `output_router_logits` is set, returned as `aux_loss`
         and `aux_losses`, and added to `loss` (if `config.add_aux_loss_to_loss`) with a weight that keeps them one
         mean per optimizer step under gradient accumulation: with Trainer's `num_items_in_batch` the LM loss is a
         sum over the whole accumulation window divided by its label tokens, so the aux term is weighted by this
-        micro-batch's share of those tokens; otherwise both terms are per-micro-batch means (weight 1)."""
+        micro-batch's share of those tokens; otherwise both terms are per-micro-batch means (weight 1).
+
+        `mla_attention_mode` ("absorbed", "expanded" or "auto") overrides the config for this call, also as a
+        `generate` option."""
         want_aux = self.training or kwargs.get("output_router_logits", self.config.output_router_logits)
         if want_aux:
             kwargs["output_router_logits"] = True
@@ -798,6 +859,7 @@ class DeepseekMoeForCausalLM(DeepseekMoePreTrainedModel, GenerationMixin):
             cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            **({"mla_attention_mode": mla_attention_mode} if mla_attention_mode else {}),
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
