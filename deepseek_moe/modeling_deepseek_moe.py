@@ -289,16 +289,14 @@ class DeepseekMoeLatentAttention(nn.Module):
             past_length = cache.get_seq_length(self.layer_idx)
             c_kv, k_pe = cache.update(c_kv, k_pe, self.layer_idx)
 
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
         dropout = 0.0 if not self.training else self.attention_dropout
         mode = kwargs.pop("mla_attention_mode", None) or self.config.mla_attention_mode
         if self.use_absorbed(mode, seq_length, past_length):
-            attn_output, attn_weights = self.absorbed_attention(
-                attention_interface, q_nope, q_pe, c_kv, k_pe, attention_mask, dropout, **kwargs
-            )
+            attn_output, attn_weights = self.absorbed_attention(q_nope, q_pe, c_kv, k_pe, attention_mask, dropout)
         else:
+            attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+                self.config._attn_implementation, eager_attention_forward
+            )
             key, value = self.expand_kv(c_kv, k_pe)
             query = torch.cat((q_nope, q_pe), dim=-1)
             attn_output, attn_weights = attention_interface(
@@ -319,48 +317,43 @@ class DeepseekMoeLatentAttention(nn.Module):
 
     def absorbed_attention(
         self,
-        attention_interface: Callable,
         q_nope: torch.Tensor,
         q_pe: torch.Tensor,
         c_kv: torch.Tensor,
         k_pe: torch.Tensor,
         attention_mask: torch.Tensor | None,
         dropout: float,
-        **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention straight over the cached latent: W_UK is absorbed into the query (q_nope W_UK lives in latent
         space), scores are q_latent · c_kv + q_pe · k_pe, the weighted sum is taken over c_kv and mapped by W_UV.
 
-        All heads share the one latent "head", so this is multi-query attention; heads are folded into the query rows
-        so each cached latent row is read once for every head. Returns [B, S, heads, v_head_dim] like the
-        expanded path."""
+        All heads share the one latent "head" (multi-query attention), so heads are folded into the rows of two
+        matrix products that read each cached row once for every head, without concatenating the cache into keys.
+        On CPU this is about twice as fast as routing the same multi-query problem through sdpa. Returns
+        [B, S, heads, v_head_dim] like the expanded path, and the attention weights [B, heads, S, T]."""
         batch_size, num_heads, seq_length, _ = q_nope.shape
         kv_length = c_kv.shape[2]
         w_kv = self.kv_b_proj.weight.view(num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         w_uk, w_uv = w_kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
-        q_latent = torch.einsum("bhsd,hdr->bhsr", q_nope, w_uk)
-        query = torch.cat((q_latent, q_pe), dim=-1).reshape(batch_size, 1, num_heads * seq_length, -1)
-        key = torch.cat((c_kv, k_pe), dim=-1)
+        q_latent = torch.einsum("bhsd,hdr->bhsr", q_nope, w_uk).reshape(batch_size, -1, self.kv_lora_rank)
+        latent, rotary = c_kv[:, 0], k_pe[:, 0]  # [B, T, r], [B, T, d_r]
+        scores = torch.bmm(q_pe.reshape(batch_size, -1, self.qk_rope_head_dim), rotary.transpose(1, 2))
+        scores = torch.baddbmm(scores, q_latent, latent.transpose(1, 2), alpha=self.scaling, beta=self.scaling)
+        scores = scores.view(batch_size, num_heads, seq_length, kv_length)
         if attention_mask is None and seq_length > 1:
-            # transformers leaves the mask out only for a prefill from position 0, meaning sdpa's (top-left) causal
-            # pattern; spelled out here because the folded rows are no longer in sequence order.
-            visible = torch.ones(seq_length, kv_length, dtype=torch.bool, device=query.device).tril()
-            attention_mask = visible[None, None]
+            # transformers leaves the mask out only for a prefill from position 0 (sdpa's causal shortcut)
+            attention_mask = torch.ones(seq_length, kv_length, dtype=torch.bool, device=scores.device).tril()
         if attention_mask is not None:
-            mask = attention_mask[..., :kv_length].expand(batch_size, 1, seq_length, kv_length)
-            attention_mask = mask.unsqueeze(2).expand(-1, -1, num_heads, -1, -1).reshape(batch_size, 1, -1, kv_length)
-            if attention_mask.dtype == torch.bool and self.config._attn_implementation == "eager":
-                attention_mask = torch.zeros_like(attention_mask, dtype=query.dtype).masked_fill(
-                    ~attention_mask, torch.finfo(query.dtype).min
-                )
-        out_latent, weights = attention_interface(
-            self, query, key, c_kv, attention_mask, dropout=dropout, scaling=self.scaling, is_causal=False, **kwargs
-        )
-        out_latent = out_latent.reshape(batch_size, num_heads, seq_length, self.kv_lora_rank)
-        attn_output = torch.einsum("bhsr,hvr->bshv", out_latent, w_uv)
-        if weights is not None:
-            weights = weights.reshape(batch_size, num_heads, seq_length, kv_length)
-        return attn_output, weights
+            mask = attention_mask[..., :kv_length]
+            if mask.dtype == torch.bool:  # sdpa-style masks say where to attend
+                scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+            else:
+                scores = scores + mask
+        weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(q_nope.dtype)
+        weights = F.dropout(weights, p=dropout, training=self.training)
+        out_latent = torch.bmm(weights.view(batch_size, -1, kv_length), latent)
+        out_latent = out_latent.view(batch_size, num_heads, seq_length, self.kv_lora_rank)
+        return torch.einsum("bhsr,hvr->bshv", out_latent, w_uv), weights
 
 
 # ------------------------------------------------------------------------------------------------- feed-forward
