@@ -35,6 +35,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_deepseek_moe import DeepseekMoeConfig
+from .mla_kernels import mla_decode_triton, triton_decode_available
 
 
 class DeepseekMoeRMSNorm(nn.Module):
@@ -315,6 +316,11 @@ class DeepseekMoeLatentAttention(nn.Module):
             return plain_weight and seq_length <= 8 and past_length > 0
         return mode == "absorbed"
 
+    def can_use_decode_kernel(self, query: torch.Tensor) -> bool:
+        """The Triton decode kernel serves inference (no autograd) when Triton can run and its tiles fit."""
+        dims_fit = all(d >= 16 and d & (d - 1) == 0 for d in (self.kv_lora_rank, self.qk_rope_head_dim))
+        return dims_fit and not torch.is_grad_enabled() and triton_decode_available(query)
+
     def absorbed_attention(
         self,
         q_nope: torch.Tensor,
@@ -337,6 +343,15 @@ class DeepseekMoeLatentAttention(nn.Module):
         w_uk, w_uv = w_kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
         q_latent = torch.einsum("bhsd,hdr->bhsr", q_nope, w_uk).reshape(batch_size, -1, self.kv_lora_rank)
         latent, rotary = c_kv[:, 0], k_pe[:, 0]  # [B, T, r], [B, T, d_r]
+        if seq_length == 1 and self.can_use_decode_kernel(q_nope):
+            bias = torch.zeros(batch_size, kv_length, dtype=torch.float32, device=q_nope.device)
+            if attention_mask is not None:
+                mask = attention_mask[..., :kv_length].reshape(-1, kv_length).expand(batch_size, -1)
+                bias = bias.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else bias + mask
+            q_rope = q_pe.reshape(batch_size, num_heads, self.qk_rope_head_dim)
+            out_latent = mla_decode_triton(q_latent, q_rope, latent, rotary, bias, self.scaling).to(q_nope.dtype)
+            out_latent = out_latent.view(batch_size, num_heads, 1, self.kv_lora_rank)
+            return torch.einsum("bhsr,hvr->bshv", out_latent, w_uv), None
         scores = torch.bmm(q_pe.reshape(batch_size, -1, self.qk_rope_head_dim), rotary.transpose(1, 2))
         scores = torch.baddbmm(scores, q_latent, latent.transpose(1, 2), alpha=self.scaling, beta=self.scaling)
         scores = scores.view(batch_size, num_heads, seq_length, kv_length)
