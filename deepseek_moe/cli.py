@@ -46,11 +46,34 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=_demo)
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from .generate import generate
+
+    prompt_ids = [int(token) for token in args.prompt_ids.split(",")] if args.prompt_ids else None
+    return generate(args.model, args.prompt, prompt_ids, args.max_new_tokens, args.dtype, args.use_mtp, args.revision)
+
+
+def _add_generate(subparsers: argparse._SubParsersAction) -> None:
+    from .generate import DTYPES
+
+    parser = subparsers.add_parser("generate", help="stream a greedy continuation from a local or Hub model")
+    parser.add_argument("model", metavar="DIR_OR_REPO", help="checkpoint directory or Hub repo id")
+    prompt = parser.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="text prompt (needs the checkpoint's tokenizer)")
+    prompt.add_argument("--prompt-ids", help="comma-separated token ids, for checkpoints without a tokenizer")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--dtype", default="auto", choices=sorted(DTYPES))
+    parser.add_argument("--revision", default=None, help="Hub revision")
+    parser.add_argument("--use-mtp", action="store_true", help="self-speculative decoding with the MTP modules")
+    parser.set_defaults(run=_generate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepseek-moe", description="DeepSeek mixture-of-experts models.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_info(subparsers)
     _add_demo(subparsers)
+    _add_generate(subparsers)
     return parser
 
 
