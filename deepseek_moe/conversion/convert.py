@@ -328,16 +328,14 @@ def check_disk_space(output: Path, needed: int) -> None:
 
 def write_conversion(plan: ConversionPlan, directory: Path, progress: bool = True) -> None:
     """Stream every step: read one weight (and scale), write its outputs, drop them."""
-    writer = StreamingWriter(directory, plan.files)
-    try:
-        with tqdm(total=plan.data_bytes, unit="B", unit_scale=True, desc="Converting", disable=not progress) as bar:
-            for step in plan.steps:
-                weight, scale = load_weight(plan.source, step.weight)
-                for output, tensor in zip(step.outputs, step.make(weight, scale), strict=True):
-                    writer.write(output.file, output.name, tensor)
-                    bar.update(tensor.numel() * tensor.element_size())
-    finally:
-        writer.close()
+    bar = tqdm(total=plan.data_bytes, unit="B", unit_scale=True, desc="Converting", disable=not progress)
+    with bar, StreamingWriter(directory, plan.files) as writer:
+        for step in plan.steps:
+            weight, scale = load_weight(plan.source, step.weight)
+            for output, tensor in zip(step.outputs, step.make(weight, scale), strict=True):
+                writer.write(output.file, output.name, tensor)
+                bar.update(tensor.numel() * tensor.element_size())
+        writer.finish()
     if plan.target != "mp" and len(plan.files) > 1:
         (directory / INDEX_FILE).write_text(index_json(plan.files))
     config = json.loads(plan.config.to_json_string())  # only what differs from the defaults, as save_pretrained

@@ -140,14 +140,19 @@ class StreamingWriter:
         if not pending:
             self.open_files.pop(file_name).close()
 
-    def close(self) -> None:
-        """Closes everything; raises if a planned tensor was never written."""
-        for handle in self.open_files.values():
-            handle.close()
-        self.open_files.clear()
+    def finish(self) -> None:
+        """Raises if a planned tensor was never written."""
         missing = {name: names[0] for name, names in self.pending.items() if names}
         if missing:
             raise RuntimeError(f"planned tensors never written: {missing}")
+
+    def __enter__(self) -> StreamingWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for handle in self.open_files.values():
+            handle.close()
+        self.open_files.clear()
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?B)?\s*$", re.IGNORECASE)
