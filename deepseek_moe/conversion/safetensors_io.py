@@ -178,11 +178,14 @@ def plan_shards(groups: list[dict[str, tuple[torch.dtype, tuple[int, ...]]]], ma
     """Fill shards greedily in order with whole groups (a weight and its scale stay together); a group larger than
     the limit gets a shard of its own. One shard is `model.safetensors`, more are `model-0000k-of-0000N`."""
     shards: list[PlannedFile] = []
+    filled = 0
     for group in groups:
         size = sum(nbytes(dtype, shape) for dtype, shape in group.values())
-        if not shards or (shards[-1].tensors and shards[-1].data_bytes + size > max_bytes):
+        if not shards or (shards[-1].tensors and filled + size > max_bytes):
             shards.append(PlannedFile(""))
+            filled = 0
         shards[-1].tensors.update(group)
+        filled += size
     if not shards:
         raise ConversionError("nothing to write: the conversion keeps no tensor")
     for k, shard in enumerate(shards):
