@@ -331,10 +331,7 @@ def write_conversion(plan: ConversionPlan, directory: Path, progress: bool = Tru
     bar = tqdm(total=plan.data_bytes, unit="B", unit_scale=True, desc="Converting", disable=not progress)
     with bar, StreamingWriter(directory, plan.files) as writer:
         for step in plan.steps:
-            weight, scale = load_weight(plan.source, step.weight)
-            for output, tensor in zip(step.outputs, step.make(weight, scale), strict=True):
-                writer.write(output.file, output.name, tensor)
-                bar.update(tensor.numel() * tensor.element_size())
+            bar.update(_write_step(plan.source, step, writer))
         writer.finish()
     if plan.target != "mp" and len(plan.files) > 1:
         (directory / INDEX_FILE).write_text(index_json(plan.files))
@@ -348,6 +345,14 @@ def write_conversion(plan: ConversionPlan, directory: Path, progress: bool = Tru
         modeling = Path(modeling_deepseek_moe.__file__)
         for path in [modeling, *map(Path, get_relative_import_files(str(modeling)))]:
             shutil.copyfile(path, directory / path.name)
+
+
+def _write_step(source: Checkpoint, step: Step, writer: StreamingWriter) -> int:
+    """One step, in its own frame so that its tensors are freed before the next step reads (peak = one step)."""
+    tensors = step.make(*load_weight(source, step.weight))
+    for output, tensor in zip(step.outputs, tensors, strict=True):
+        writer.write(output.file, output.name, tensor)
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
 
 
 def _read_with_safetensors(info: TensorInfo) -> torch.Tensor:
