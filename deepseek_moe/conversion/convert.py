@@ -26,7 +26,7 @@ from transformers.dynamic_module_utils import get_relative_import_files
 
 from .. import modeling_deepseek_moe
 from ..configuration_deepseek_moe import DeepseekMoeConfig
-from ..modeling_deepseek_moe import DeepseekMoeForCausalLM, dequantize_fp8_blockwise
+from ..modeling_deepseek_moe import FP8_BLOCK, DeepseekMoeForCausalLM, dequantize_fp8_blockwise
 from .layouts import (
     INDEX_FILE,
     SCALE_SUFFIX,
@@ -225,7 +225,9 @@ def _hf_steps(source: Checkpoint, names: list[str], target: str, dtype: torch.dt
     return steps
 
 
-def _mp_steps(source: Checkpoint, names: list[str], config: DeepseekMoeConfig, mp: int, dtype: torch.dtype | None):
+def _mp_steps(
+    source: Checkpoint, names: list[str], config: DeepseekMoeConfig, mp: int, dtype: torch.dtype | None
+) -> tuple[list[Step], list[PlannedFile]]:
     """DeepSeek's `convert.py`: routed experts split by rank, other weights sliced along their dimension on every
     rank (scales with them) or replicated. FP8 stays FP8 unless a dtype is asked for."""
     if not config.use_mla:
@@ -247,7 +249,7 @@ def _mp_steps(source: Checkpoint, names: list[str], config: DeepseekMoeConfig, m
         else:
             ranks = list(range(mp))
         if dim is not None:
-            if tensor.shape[dim] % (mp * (128 if keep_fp8 else 1)):
+            if tensor.shape[dim] % (mp * (FP8_BLOCK if keep_fp8 else 1)):
                 raise ConversionError(
                     f"{name}: dimension {dim} of size {tensor.shape[dim]} cannot be split into {mp} ranks"
                     + (" of whole 128-row FP8 blocks" if keep_fp8 else "")
@@ -262,7 +264,11 @@ def _mp_steps(source: Checkpoint, names: list[str], config: DeepseekMoeConfig, m
             return [t.chunk(len(ranks), dim=dim)[rank] for rank in ranks for t in tensors]
 
         steps.append(Step(name, outputs, make))
-    return steps, [PlannedFile(file) for file in files]
+    planned = {file: PlannedFile(file) for file in files}
+    for step in steps:
+        for output in step.outputs:
+            planned[output.file].tensors[output.name] = (output.dtype, output.shape)
+    return steps, list(planned.values())
 
 
 def plan_conversion(
@@ -282,24 +288,22 @@ def plan_conversion(
     max_bytes = parse_size(max_shard_size)
     checkpoint = Checkpoint.open(source)
     source_config = load_config(checkpoint, config)
-    if checkpoint.layout == "mp":  # DeepSeek's convert.py drops MTP layers
+    # The inference format has no MTP layers: DeepSeek's convert.py drops them.
+    if checkpoint.layout == "mp":
         source_config.num_nextn_predict_layers = 0
     check_source(checkpoint, source_config)
 
-    # The inference format has no MTP layers (DeepSeek's convert.py drops them too).
     drop_mtp = drop_mtp or target == "mp"
     weights = [name for name in checkpoint.tensors if not is_scale(name)]
-    dropped = [n for n in weights if drop_mtp and (layer_index(n) or 0) >= source_config.num_hidden_layers]
-    kept = [name for name in weights if name not in set(dropped)]
+    is_mtp = [drop_mtp and (layer_index(name) or 0) >= source_config.num_hidden_layers for name in weights]
+    dropped = [name for name, mtp in zip(weights, is_mtp, strict=True) if mtp]
+    kept = [name for name, mtp in zip(weights, is_mtp, strict=True) if not mtp]
     output_config = copy.deepcopy(source_config)
     if drop_mtp:
         output_config.num_nextn_predict_layers = 0
 
     if target == "mp":
         steps, files = _mp_steps(checkpoint, kept, output_config, mp, dtype)
-        for step in steps:
-            for output in step.outputs:
-                next(f for f in files if f.name == output.file).tensors[output.name] = (output.dtype, output.shape)
     else:
         steps = _hf_steps(checkpoint, kept, target, dtype)
         files = plan_shards([{o.name: (o.dtype, o.shape) for o in step.outputs} for step in steps], max_bytes)

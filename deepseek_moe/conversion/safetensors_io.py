@@ -13,6 +13,7 @@ import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -122,7 +123,7 @@ class StreamingWriter:
         self.directory = directory
         self.files = {planned.name: planned for planned in files}
         self.pending = {planned.name: list(planned.tensors) for planned in files}
-        self.open_files: dict[str, object] = {}
+        self.open_files: dict[str, BinaryIO] = {}
 
     def write(self, file_name: str, name: str, tensor: torch.Tensor) -> None:
         planned, pending = self.files[file_name], self.pending[file_name]
