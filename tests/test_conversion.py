@@ -426,6 +426,31 @@ def test_existing_output_interruptions_and_leftovers(tmp_path, monkeypatch):
     assert not leftover.exists() and not (output / "keep.txt").exists() and (output / "model.safetensors").exists()
 
 
+REMOTE_CODE_CHILD = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True, dtype=torch.float32)
+assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+with torch.no_grad():
+    print(model(torch.tensor([[1, 2, 3]])).logits.sum().item())
+"""
+
+
+def test_converted_checkpoint_loads_as_remote_code(tmp_path):
+    config = DeepseekMoeConfig.from_preset("tiny-v2")
+    save_official(config, tmp_path / "official")
+    convert_checkpoint(tmp_path / "official", tmp_path / "out", progress=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run(
+        [sys.executable, "-c", REMOTE_CODE_CHILD, str(tmp_path / "out")], capture_output=True, text=True, env=env
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    model = DeepseekMoeForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    with torch.no_grad():
+        expected = model(torch.tensor([[1, 2, 3]])).logits.sum().item()
+    assert float(result.stdout.strip().splitlines()[-1]) == pytest.approx(expected, rel=1e-6)
+
+
 def test_verify_catches_a_corrupted_output(tmp_path):
     save_official(DeepseekMoeConfig.from_preset("tiny-v2"), tmp_path / "official")
     plan = plan_conversion(tmp_path / "official", target="fp8")

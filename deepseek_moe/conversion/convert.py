@@ -464,7 +464,11 @@ def convert_checkpoint(
         if output.exists():
             replaced = temporary.with_name(temporary.name + "-replaced")
             output.rename(replaced)
-            temporary.rename(output)
+            try:
+                temporary.rename(output)
+            except BaseException:
+                replaced.rename(output)  # the old output stays where it was
+                raise
             shutil.rmtree(replaced)
         else:
             temporary.rename(output)
