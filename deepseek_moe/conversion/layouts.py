@@ -126,7 +126,6 @@ class Checkpoint:
     directory: Path
     layout: str  # "hf" or "mp"
     tensors: dict[str, LogicalTensor]
-    files: list[Path]
 
     @classmethod
     def open(cls, directory: str | Path) -> Checkpoint:
@@ -137,7 +136,7 @@ class Checkpoint:
             return cls._open_sharded(directory)
         if (directory / SINGLE_FILE).exists():
             infos = read_header(directory / SINGLE_FILE)
-            return cls(directory, "hf", {n: LogicalTensor((i,)) for n, i in infos.items()}, [directory / SINGLE_FILE])
+            return cls(directory, "hf", {name: LogicalTensor((info,)) for name, info in infos.items()})
         if any(_MP_FILE.match(path.name) for path in directory.iterdir()):
             return cls._open_model_parallel(directory)
         raise ConversionError(
@@ -162,7 +161,7 @@ class Checkpoint:
             tensors[name] = LogicalTensor((headers[shard][name],))
         # Read shard by shard, in file order.
         tensors = dict(sorted(tensors.items(), key=lambda item: (item[1].parts[0].file, item[1].parts[0].offset)))
-        return cls(directory, "hf", tensors, [directory / shard for shard in shards])
+        return cls(directory, "hf", tensors)
 
     @classmethod
     def _open_model_parallel(cls, directory: Path) -> Checkpoint:
@@ -189,7 +188,7 @@ class Checkpoint:
             for name, info in header.items():
                 if expert_index(name) is not None:
                     tensors[from_mp_name(name)[0]] = LogicalTensor((info,))
-        return cls(directory, "mp", tensors, files)
+        return cls(directory, "mp", tensors)
 
 
 def load_weight(
