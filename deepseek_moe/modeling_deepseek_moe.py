@@ -285,14 +285,12 @@ class DeepseekMoeLatentAttention(nn.Module):
         c_kv, k_pe = self.compress_kv(hidden_states)
         cos, sin = position_embeddings
         q_pe, k_pe = self.rope(q_pe, cos, sin), self.rope(k_pe, cos, sin)
-        past_length = 0
         if cache is not None:
-            past_length = cache.get_seq_length(self.layer_idx)
             c_kv, k_pe = cache.update(c_kv, k_pe, self.layer_idx)
 
         dropout = 0.0 if not self.training else self.attention_dropout
         mode = kwargs.pop("mla_attention_mode", None) or self.config.mla_attention_mode
-        if self.use_absorbed(mode, seq_length, past_length):
+        if self.use_absorbed(mode, seq_length, c_kv.shape[2]):
             attn_output, attn_weights = self.absorbed_attention(q_nope, q_pe, c_kv, k_pe, attention_mask, dropout)
         else:
             attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
@@ -306,14 +304,15 @@ class DeepseekMoeLatentAttention(nn.Module):
         attn_output = attn_output.reshape(batch_size, seq_length, -1).contiguous()
         return self.o_proj(attn_output), attn_weights
 
-    def use_absorbed(self, mode: str, seq_length: int, past_length: int) -> bool:
-        """`auto` absorbs for decoding (a few new queries after cached ones) and expands for prefill, where per-head
-        keys are the cheaper, compute-friendly form."""
+    def use_absorbed(self, mode: str, seq_length: int, kv_length: int) -> bool:
+        """`auto` absorbs for decoding (a few new queries against a longer cache) and expands for prefill, where
+        per-head keys are the cheaper, compute-friendly form. Shapes only, so compiled decode steps do not branch on
+        data (a static cache is always longer than the queries: short prompts take the absorbed path, also exact)."""
         plain_weight = type(self.kv_b_proj) is nn.Linear  # an adapter (e.g. LoRA) wraps kv_b_proj
         if mode == "absorbed" and not plain_weight:
             raise ValueError("mla_attention_mode='absorbed' needs a plain kv_b_proj; merge adapters first")
         if mode == "auto":
-            return plain_weight and seq_length <= 8 and past_length > 0
+            return plain_weight and seq_length <= 8 and kv_length > seq_length
         return mode == "absorbed"
 
     def can_use_decode_kernel(self, query: torch.Tensor) -> bool:
@@ -734,7 +733,7 @@ class DeepseekMoePreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = False
     _supports_attention_backend = True
-    _can_compile_fullgraph = False
+    _can_compile_fullgraph = True
     _can_record_outputs = {
         "hidden_states": DeepseekMoeDecoderLayer,
         "attentions": [

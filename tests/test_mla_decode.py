@@ -121,3 +121,23 @@ def test_mode_is_validated_and_forced_absorption_refuses_adapters():
     with pytest.raises(ValueError, match="kv_b_proj"):
         model(torch.tensor([[1, 2, 3]]), mla_attention_mode="absorbed")
     model(torch.tensor([[1, 2, 3]]), use_cache=True)  # auto falls back to the expanded path
+
+
+@pytest.mark.slow
+def test_compiled_static_cache_decode_step_equals_generate():
+    """torch.compile(fullgraph=True) of one decode step over a StaticCache (about a minute on two cores)."""
+    from transformers import StaticCache
+
+    model = _model()
+    model.set_experts_implementation("grouped_mm")
+    prompt = torch.randint(0, model.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(5))
+    expected = model.generate(prompt, max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0)
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    with torch.no_grad():
+        token = model(prompt, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        step = torch.compile(lambda t, p: model(t, cache=cache, position_ids=p, use_cache=True).logits, fullgraph=True)
+        tokens = [prompt, token]
+        for i in range(4):
+            token = step(token, torch.tensor([[5 + i]])).argmax(-1)
+            tokens.append(token)
+    assert torch.equal(torch.cat(tokens, dim=1), expected)
