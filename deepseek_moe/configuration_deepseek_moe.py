@@ -45,53 +45,39 @@ _V3_DEFAULTS: dict[str, Any] = {
     "seq_aux": True,
     "rope_interleave": True,
 }
+# DeepSeek-V2 remote code defaults (its own config.json files spell out most values).
+_V2_DEFAULTS: dict[str, Any] = {
+    **_V3_DEFAULTS,
+    "vocab_size": 102400,
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "moe_intermediate_size": 1407,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 32,
+    "n_shared_experts": None,
+    "n_routed_experts": None,
+    "routed_scaling_factor": 1.0,
+    "topk_method": "greedy",
+    "n_group": None,
+    "topk_group": None,
+    "num_experts_per_tok": None,
+    "first_k_dense_replace": 0,
+    "norm_topk_prob": False,
+    "scoring_func": "softmax",
+}
 _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "deepseek_v3": _V3_DEFAULTS,
-    # DeepSeek-V2 remote code defaults (its own config.json files spell out most values).
-    "deepseek_v2": {
-        **_V3_DEFAULTS,
-        "vocab_size": 102400,
-        "hidden_size": 4096,
-        "intermediate_size": 11008,
-        "moe_intermediate_size": 1407,
-        "num_hidden_layers": 30,
-        "num_attention_heads": 32,
-        "n_shared_experts": None,
-        "n_routed_experts": None,
-        "routed_scaling_factor": 1.0,
-        "topk_method": "greedy",
-        "n_group": None,
-        "topk_group": None,
-        "num_experts_per_tok": None,
-        "first_k_dense_replace": 0,
-        "norm_topk_prob": False,
-        "scoring_func": "softmax",
-    },
-    # DeepSeekMoE-16B: Llama-style multi-head attention, plain softmax top-k, no MLA keys at all.
+    "deepseek_v2": _V2_DEFAULTS,
+    # DeepSeekMoE-16B: Llama-style multi-head attention (its config.json has no MLA keys), plain softmax top-k.
     "deepseek": {
-        **_V3_DEFAULTS,
-        "vocab_size": 102400,
-        "hidden_size": 4096,
-        "intermediate_size": 11008,
-        "moe_intermediate_size": 1407,
+        **_V2_DEFAULTS,
         "num_hidden_layers": 32,
-        "num_attention_heads": 32,
-        "n_shared_experts": None,
-        "n_routed_experts": None,
-        "routed_scaling_factor": 1.0,
         "kv_lora_rank": None,
         "q_lora_rank": None,
-        "topk_method": "greedy",
-        "n_group": None,
-        "topk_group": None,
-        "num_experts_per_tok": None,
-        "first_k_dense_replace": 0,
-        "norm_topk_prob": False,
-        "scoring_func": "softmax",
         "rope_interleave": False,
     },
+    "deepseek_moe": _V3_DEFAULTS,
 }
-_FAMILY_DEFAULTS["deepseek_moe"] = _V3_DEFAULTS
 
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 SCORING_FUNCS = ("softmax", "sigmoid")
@@ -397,6 +383,12 @@ class DeepseekMoeConfig(PreTrainedConfig):
             self.topk_method = "greedy"
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
+        # The remote code's None experts mean a dense model.
+        for key in ("n_routed_experts", "n_shared_experts"):
+            if getattr(self, key) is None:
+                setattr(self, key, 0)
+        if self.num_experts_per_tok is None and not self.n_routed_experts:
+            self.num_experts_per_tok = 0
         # Official 16B/V2-Lite configs carry no groups: one group holding every expert.
         if self.n_group is None:
             self.n_group = 1
@@ -548,7 +540,7 @@ class DeepseekMoeConfig(PreTrainedConfig):
                     "noaux_tc scores a group by its top two experts, so each group needs at least 2 experts",
                 )
             check(
-                1 <= self.num_experts_per_tok <= self.num_experts_allowed,
+                isinstance(self.num_experts_per_tok, int) and 1 <= self.num_experts_per_tok <= self.num_experts_allowed,
                 "num_experts_per_tok",
                 f"must be between 1 and the {self.num_experts_allowed} experts that topk_method="
                 f"{self.topk_method!r} with topk_group={self.topk_group} of n_group={self.n_group} allows, "
