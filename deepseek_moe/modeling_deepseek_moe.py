@@ -27,10 +27,11 @@ from transformers.integrations import use_experts_implementation
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs
+from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
@@ -80,6 +81,7 @@ class DeepseekMoeRotaryEmbedding(nn.Module):
         super().__init__()
         self.config = config
         self.rope_type = config.rope_parameters["rope_type"]
+        self.max_seq_len_cached = self.original_max_seq_len = config.max_position_embeddings  # dynamic NTK
         rope_init_fn = ROPE_INIT_FUNCTIONS.get(self.rope_type, self.compute_default_rope_parameters)
         inv_freq, self.attention_scaling = rope_init_fn(config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
@@ -92,6 +94,7 @@ class DeepseekMoeRotaryEmbedding(nn.Module):
         return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
 
     @torch.no_grad()
+    @dynamic_rope_update  # recomputes the frequencies for `dynamic` RoPE past the original length
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dtype = torch.promote_types(x.dtype, torch.float32)
         freqs = position_ids[..., None].to(dtype) * self.inv_freq.to(device=x.device, dtype=dtype)
@@ -171,6 +174,7 @@ class DeepseekMoeAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -272,6 +276,7 @@ class DeepseekMoeLatentAttention(nn.Module):
         key = torch.cat((k_nope, k_pe.expand(-1, self.num_heads, -1, -1)), dim=-1)
         return key, value
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -662,6 +667,7 @@ class DeepseekMoeDecoderLayer(GradientCheckpointingLayer):
         self.input_layernorm = DeepseekMoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = DeepseekMoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -704,6 +710,7 @@ class DeepseekMoeMTPLayer(DeepseekMoeDecoderLayer):
         self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
         self.shared_head = DeepseekMoeSharedHead(config)
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -780,6 +787,7 @@ class DeepseekMoeModel(DeepseekMoePreTrainedModel):
 
     @merge_with_config_defaults
     @capture_outputs
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -835,6 +843,8 @@ class DeepseekMoeForCausalLM(DeepseekMoePreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -1105,32 +1115,38 @@ class SplitExperts(ConversionOps):
         return MergeExperts()
 
 
-def _with_scales(*patterns: str) -> list[str]:
-    return [name for pattern in patterns for name in (pattern, f"{pattern}_scale_inv")]
+def checkpoint_conversions(fp8_scales: bool = True) -> list[WeightConverter]:
+    """On disk: one tensor per expert (`mlp.experts.{e}.{gate,up,down}_proj.weight`), as DeepSeek, transformers'
+    built-ins, vLLM and SGLang expect; in memory: fused 3D tensors. With `fp8_scales`, each weight pattern also
+    collects its `weight_scale_inv` companion so official FP8 checkpoints load dequantized; the companions exist only
+    on the way in (saving writes plain weights)."""
 
+    def sources(*patterns: str) -> list[str]:
+        return [name for p in patterns for name in ((p, f"{p}_scale_inv") if fp8_scales else (p,))]
 
-# On disk: one tensor per expert (`mlp.experts.{e}.{gate,up,down}_proj.weight`), as DeepSeek, transformers' built-ins,
-# vLLM and SGLang expect. In memory: fused 3D tensors. transformers skips conversions for code outside its own package
-# unless they are registered for the model type; `save_pretrained` applies the reverse.
-register_checkpoint_conversion_mapping(
-    DeepseekMoeConfig.model_type,
-    [
+    conversions = [
         WeightConverter(
-            source_patterns=_with_scales("mlp.experts.*.gate_proj.weight", "mlp.experts.*.up_proj.weight"),
+            source_patterns=sources("mlp.experts.*.gate_proj.weight", "mlp.experts.*.up_proj.weight"),
             target_patterns="mlp.experts.gate_up_proj",
             operations=[MergeExperts()],
         ),
         WeightConverter(
-            source_patterns=_with_scales("mlp.experts.*.down_proj.weight"),
+            source_patterns=sources("mlp.experts.*.down_proj.weight"),
             target_patterns="mlp.experts.down_proj",
             operations=[MergeExperts()],
         ),
-        WeightConverter(
-            source_patterns=_with_scales("weight"), target_patterns="weight", operations=[Fp8BlockDequantize()]
-        ),
-    ],
-    overwrite=True,
-)
+    ]
+    if fp8_scales:
+        conversions.append(
+            WeightConverter(
+                source_patterns=sources("weight"), target_patterns="weight", operations=[Fp8BlockDequantize()]
+            )
+        )
+    return conversions
+
+
+# transformers skips conversions for code outside its own package unless they are registered for the model type.
+register_checkpoint_conversion_mapping(DeepseekMoeConfig.model_type, checkpoint_conversions(), overwrite=True)
 
 
 __all__ = [
