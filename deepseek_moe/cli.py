@@ -46,6 +46,86 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=_demo)
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from .generate import generate
+
+    prompt_ids = [int(token) for token in args.prompt_ids.split(",")] if args.prompt_ids else None
+    return generate(args.model, args.prompt, prompt_ids, args.max_new_tokens, args.dtype, args.use_mtp, args.revision)
+
+
+def _add_generate(subparsers: argparse._SubParsersAction) -> None:
+    from .generate import DTYPES
+
+    parser = subparsers.add_parser("generate", help="stream a greedy continuation from a local or Hub model")
+    parser.add_argument("model", metavar="DIR_OR_REPO", help="checkpoint directory or Hub repo id")
+    prompt = parser.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="text prompt (needs the checkpoint's tokenizer)")
+    prompt.add_argument("--prompt-ids", help="comma-separated token ids, for checkpoints without a tokenizer")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--dtype", default="auto", choices=sorted(DTYPES))
+    parser.add_argument("--revision", default=None, help="Hub revision")
+    parser.add_argument("--use-mtp", action="store_true", help="self-speculative decoding with the MTP modules")
+    parser.set_defaults(run=_generate)
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from .conversion import convert_checkpoint, plan_conversion
+
+    options = dict(
+        target=args.to,
+        dtype=args.dtype,
+        drop_mtp=args.drop_mtp,
+        mp=args.mp,
+        max_shard_size=args.max_shard_size,
+        config=args.config,
+    )
+    if args.dry_run:
+        plan = plan_conversion(args.source, **options)
+        for planned in plan.files:
+            print(f"{planned.name}\t{len(planned.tensors)} tensors\t{planned.file_bytes} bytes")
+        print(f"{plan.data_bytes} bytes, {len(plan.dropped)} MTP tensors dropped, {len(plan.copies)} files copied")
+        return 0
+    report = convert_checkpoint(
+        args.source, args.output, verify=args.verify, overwrite=args.overwrite, progress=not args.no_progress, **options
+    )
+    checked = "" if report.logits_error is None else f", logits checked (relative error {report.logits_error:.2g})"
+    print(
+        f"wrote {report.output}: {len(report.files)} files, {report.total_bytes / 1e9:.3f} GB in {report.seconds:.1f} s"
+        f"{', dropped ' + str(len(report.dropped)) + ' MTP tensors' if report.dropped else ''}"
+        f"{', verified' if args.verify else ''}{checked}"
+    )
+    return 0
+
+
+def _add_convert(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "convert",
+        help="convert official DeepSeek checkpoints (bf16/FP8, HF or model-parallel layout) to ours and back",
+        description="Streams one tensor at a time into a temporary directory next to OUTPUT, moved into place when "
+        "complete. Sources: a directory with model.safetensors, a model.safetensors.index.json, or DeepSeek's "
+        "model{i}-mp{n}.safetensors files.",
+    )
+    parser.add_argument("source", help="checkpoint directory")
+    parser.add_argument("output", help="directory to create")
+    parser.add_argument(
+        "--to",
+        choices=("ours", "fp8", "mp"),
+        default="ours",
+        help="ours: plain weights (FP8 dequantized); fp8: DeepSeek's FP8 form with 128x128 block scales; "
+        "mp: DeepSeek's inference-repo model-parallel files (MTP dropped, as its convert.py does)",
+    )
+    parser.add_argument("--dtype", help="bf16, fp16 or fp32 for plain weights (default: keep; FP8 becomes bf16)")
+    parser.add_argument("--drop-mtp", action="store_true", help="leave out the multi-token-prediction layers")
+    parser.add_argument("--mp", type=int, default=1, help="model-parallel ranks for --to mp")
+    parser.add_argument("--max-shard-size", default="5GB", help="decimal units, e.g. 5GB or 100MB (default 5GB)")
+    parser.add_argument("--config", help="config.json, its directory or a preset (default: SOURCE/config.json)")
+    parser.add_argument("--verify", action="store_true", help="re-read the output and check it against the source")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    parser.add_argument("--dry-run", action="store_true", help="print the planned files and write nothing")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(run=_convert)
+
+
 def _upload(args: argparse.Namespace) -> int:
     from .hub import upload  # imports huggingface_hub only when needed
 
@@ -103,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_info(subparsers)
     _add_demo(subparsers)
+    _add_generate(subparsers)
+    _add_convert(subparsers)
     _add_upload(subparsers)
     return parser
 

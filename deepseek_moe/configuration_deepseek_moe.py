@@ -45,57 +45,44 @@ _V3_DEFAULTS: dict[str, Any] = {
     "seq_aux": True,
     "rope_interleave": True,
 }
+# DeepSeek-V2 remote code defaults (its own config.json files spell out most values).
+_V2_DEFAULTS: dict[str, Any] = {
+    **_V3_DEFAULTS,
+    "vocab_size": 102400,
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "moe_intermediate_size": 1407,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 32,
+    "n_shared_experts": None,
+    "n_routed_experts": None,
+    "routed_scaling_factor": 1.0,
+    "topk_method": "greedy",
+    "n_group": None,
+    "topk_group": None,
+    "num_experts_per_tok": None,
+    "first_k_dense_replace": 0,
+    "norm_topk_prob": False,
+    "scoring_func": "softmax",
+}
 _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "deepseek_v3": _V3_DEFAULTS,
-    # DeepSeek-V2 remote code defaults (its own config.json files spell out most values).
-    "deepseek_v2": {
-        **_V3_DEFAULTS,
-        "vocab_size": 102400,
-        "hidden_size": 4096,
-        "intermediate_size": 11008,
-        "moe_intermediate_size": 1407,
-        "num_hidden_layers": 30,
-        "num_attention_heads": 32,
-        "n_shared_experts": None,
-        "n_routed_experts": None,
-        "routed_scaling_factor": 1.0,
-        "topk_method": "greedy",
-        "n_group": None,
-        "topk_group": None,
-        "num_experts_per_tok": None,
-        "first_k_dense_replace": 0,
-        "norm_topk_prob": False,
-        "scoring_func": "softmax",
-    },
-    # DeepSeekMoE-16B: Llama-style multi-head attention, plain softmax top-k, no MLA keys at all.
+    "deepseek_v2": _V2_DEFAULTS,
+    # DeepSeekMoE-16B: Llama-style multi-head attention (its config.json has no MLA keys), plain softmax top-k.
     "deepseek": {
-        **_V3_DEFAULTS,
-        "vocab_size": 102400,
-        "hidden_size": 4096,
-        "intermediate_size": 11008,
-        "moe_intermediate_size": 1407,
+        **_V2_DEFAULTS,
         "num_hidden_layers": 32,
-        "num_attention_heads": 32,
-        "n_shared_experts": None,
-        "n_routed_experts": None,
-        "routed_scaling_factor": 1.0,
         "kv_lora_rank": None,
         "q_lora_rank": None,
-        "topk_method": "greedy",
-        "n_group": None,
-        "topk_group": None,
-        "num_experts_per_tok": None,
-        "first_k_dense_replace": 0,
-        "norm_topk_prob": False,
-        "scoring_func": "softmax",
         "rope_interleave": False,
     },
+    "deepseek_moe": _V3_DEFAULTS,
 }
-_FAMILY_DEFAULTS["deepseek_moe"] = _V3_DEFAULTS
 
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 SCORING_FUNCS = ("softmax", "sigmoid")
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
+MLA_ATTENTION_MODES = ("auto", "absorbed", "expanded")
 
 _YARN = {
     "type": "yarn",
@@ -275,6 +262,21 @@ class DeepseekMoeConfig(PreTrainedConfig):
     (`greedy`, also spelled `gready`; `group_limited_greedy`, group score = max; `noaux_tc`, biased selection and
     group score = sum of the top two). V2-style routers scale by `routed_scaling_factor` only when the weights are
     not normalised; `noaux_tc` (V3) normalises (if `norm_topk_prob`) and then always scales.
+
+    Load balancing (training only; see `deepseek_moe.training.balancing`):
+    - Expert-level balance loss α·Σ f_i P_i per MoE layer, per sequence (`seq_aux`) or over the batch. α is
+      `aux_loss_alpha` (α₁ of DeepSeekMoE/V2) for `greedy`/`group_limited_greedy` and `seq_aux_alpha` for `noaux_tc`
+      (V3's complementary sequence-wise loss, 1e-4; the V3 config's `aux_loss_alpha` is an unused leftover).
+    - V2 device-level (`aux_loss_device_alpha`, α₂) and communication (`aux_loss_comm_alpha`, α₃) balance losses when
+      `num_devices` (D, experts split evenly in order) is set; the communication loss also needs `device_limit` (M).
+    - `router_z_loss_coef`: optional router z-loss (mean squared logsumexp of the logits), 0 = off.
+    - `add_aux_loss_to_loss`: add the auxiliary losses to `loss` when labels are given (they are always returned).
+    - `bias_update_speed` (γ): step of V3's auxiliary-loss-free bias update b_i += γ·sign(mean load − load_i); 0
+      freezes the bias.
+    - `capacity_factor`: V2 device-level token dropping (None = off): each device (of `num_devices`, else each
+      expert) keeps at most capacity_factor·T·K/D routed slots, dropping the lowest affinities first; the first
+      `capacity_protected_fraction` of the sequences of a batch are never dropped. Training only, unless
+      `drop_tokens_at_inference`.
     """
 
     model_type = "deepseek_moe"
@@ -347,6 +349,19 @@ class DeepseekMoeConfig(PreTrainedConfig):
         attention_bias: bool = False,
         attention_dropout: float = 0.0,
         output_router_logits: bool = False,
+        mtp_loss_weight: float = 0.3,
+        mla_attention_mode: str = "auto",
+        seq_aux_alpha: float = 1e-4,
+        num_devices: int | None = None,
+        device_limit: int | None = None,
+        aux_loss_device_alpha: float = 0.05,
+        aux_loss_comm_alpha: float = 0.02,
+        router_z_loss_coef: float = 0.0,
+        add_aux_loss_to_loss: bool = True,
+        bias_update_speed: float = 0.001,
+        capacity_factor: float | None = None,
+        capacity_protected_fraction: float = 0.1,
+        drop_tokens_at_inference: bool = False,
         **kwargs,
     ) -> None:
         explicit = dict(locals())
@@ -368,6 +383,12 @@ class DeepseekMoeConfig(PreTrainedConfig):
             self.topk_method = "greedy"
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
+        # The remote code's None experts mean a dense model.
+        for key in ("n_routed_experts", "n_shared_experts"):
+            if getattr(self, key) is None:
+                setattr(self, key, 0)
+        if self.num_experts_per_tok is None and not self.n_routed_experts:
+            self.num_experts_per_tok = 0
         # Official 16B/V2-Lite configs carry no groups: one group holding every expert.
         if self.n_group is None:
             self.n_group = 1
@@ -383,6 +404,21 @@ class DeepseekMoeConfig(PreTrainedConfig):
         self.attention_bias = attention_bias
         self.attention_dropout = attention_dropout
         self.output_router_logits = output_router_logits
+        self.mtp_loss_weight = mtp_loss_weight  # λ of the V3 paper: 0.3, later 0.1 (see training.mtp)
+        # MLA: "absorbed" attends over the cached latent, "expanded" re-projects it to per-head K/V, "auto" picks
+        # absorbed for decoding and expanded for prefill.
+        self.mla_attention_mode = mla_attention_mode
+        self.seq_aux_alpha = seq_aux_alpha
+        self.num_devices = num_devices
+        self.device_limit = device_limit
+        self.aux_loss_device_alpha = aux_loss_device_alpha
+        self.aux_loss_comm_alpha = aux_loss_comm_alpha
+        self.router_z_loss_coef = router_z_loss_coef
+        self.add_aux_loss_to_loss = add_aux_loss_to_loss
+        self.bias_update_speed = bias_update_speed
+        self.capacity_factor = capacity_factor
+        self.capacity_protected_fraction = capacity_protected_fraction
+        self.drop_tokens_at_inference = drop_tokens_at_inference
         self.rope_parameters = rope_parameters
         # transformers' RoPE helpers read `head_dim`: the rotary width (MLA) or the attention head width (MHA).
         if self.use_mla:
@@ -451,6 +487,12 @@ class DeepseekMoeConfig(PreTrainedConfig):
             "num_nextn_predict_layers",
             f"must be >= 0, got {self.num_nextn_predict_layers}",
         )
+        check(self.mtp_loss_weight >= 0, "mtp_loss_weight", f"must be >= 0, got {self.mtp_loss_weight}")
+        check(
+            self.mla_attention_mode in MLA_ATTENTION_MODES,
+            "mla_attention_mode",
+            f"must be one of {MLA_ATTENTION_MODES}, got {self.mla_attention_mode!r}",
+        )
         check(
             self.num_nextn_predict_layers == 0 or self.n_routed_experts > 0,
             "num_nextn_predict_layers",
@@ -498,7 +540,7 @@ class DeepseekMoeConfig(PreTrainedConfig):
                     "noaux_tc scores a group by its top two experts, so each group needs at least 2 experts",
                 )
             check(
-                1 <= self.num_experts_per_tok <= self.num_experts_allowed,
+                isinstance(self.num_experts_per_tok, int) and 1 <= self.num_experts_per_tok <= self.num_experts_allowed,
                 "num_experts_per_tok",
                 f"must be between 1 and the {self.num_experts_allowed} experts that topk_method="
                 f"{self.topk_method!r} with topk_group={self.topk_group} of n_group={self.n_group} allows, "
@@ -531,7 +573,45 @@ class DeepseekMoeConfig(PreTrainedConfig):
                 "num_attention_heads",
                 f"hidden_size={self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}",
             )
+        self._validate_balancing()
         self._validate_rope(self.rope_parameters or {} if rope is None else rope)
+
+    def _validate_balancing(self) -> None:
+        for field in (
+            "aux_loss_alpha",
+            "seq_aux_alpha",
+            "aux_loss_device_alpha",
+            "aux_loss_comm_alpha",
+            "router_z_loss_coef",
+            "bias_update_speed",
+        ):
+            value = getattr(self, field)
+            if not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"DeepseekMoeConfig.{field}: must be a number >= 0, got {value!r}")
+        devices, limit = self.num_devices, self.device_limit
+        if devices is not None:
+            if not isinstance(devices, int) or devices < 1:
+                raise ValueError(f"DeepseekMoeConfig.num_devices: must be a positive integer or None, got {devices!r}")
+            if self.n_routed_experts % devices != 0:
+                raise ValueError(
+                    f"DeepseekMoeConfig.num_devices: n_routed_experts={self.n_routed_experts} is not divisible by "
+                    f"num_devices={devices}"
+                )
+        if limit is not None:
+            if devices is None:
+                raise ValueError("DeepseekMoeConfig.device_limit: needs num_devices to be set")
+            if not isinstance(limit, int) or not 1 <= limit <= devices:
+                raise ValueError(
+                    f"DeepseekMoeConfig.device_limit: must be between 1 and num_devices={devices}, got {limit!r}"
+                )
+        factor = self.capacity_factor
+        if factor is not None and (not isinstance(factor, (int, float)) or factor <= 0):
+            raise ValueError(f"DeepseekMoeConfig.capacity_factor: must be a positive number or None, got {factor!r}")
+        fraction = self.capacity_protected_fraction
+        if not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
+            raise ValueError(
+                f"DeepseekMoeConfig.capacity_protected_fraction: must be between 0 and 1, got {fraction!r}"
+            )
 
     @staticmethod
     def _validate_rope(rope: dict[str, Any]) -> None:

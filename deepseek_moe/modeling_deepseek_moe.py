@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -26,14 +27,16 @@ from transformers.integrations import use_experts_implementation
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs
+from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_deepseek_moe import DeepseekMoeConfig
+from .mla_kernels import mla_decode_triton, triton_decode_available
 
 
 class DeepseekMoeRMSNorm(nn.Module):
@@ -78,6 +81,7 @@ class DeepseekMoeRotaryEmbedding(nn.Module):
         super().__init__()
         self.config = config
         self.rope_type = config.rope_parameters["rope_type"]
+        self.max_seq_len_cached = self.original_max_seq_len = config.max_position_embeddings  # dynamic NTK
         rope_init_fn = ROPE_INIT_FUNCTIONS.get(self.rope_type, self.compute_default_rope_parameters)
         inv_freq, self.attention_scaling = rope_init_fn(config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
@@ -90,6 +94,7 @@ class DeepseekMoeRotaryEmbedding(nn.Module):
         return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
 
     @torch.no_grad()
+    @dynamic_rope_update  # recomputes the frequencies for `dynamic` RoPE past the original length
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dtype = torch.promote_types(x.dtype, torch.float32)
         freqs = position_ids[..., None].to(dtype) * self.inv_freq.to(device=x.device, dtype=dtype)
@@ -169,6 +174,7 @@ class DeepseekMoeAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -270,6 +276,7 @@ class DeepseekMoeLatentAttention(nn.Module):
         key = torch.cat((k_nope, k_pe.expand(-1, self.num_heads, -1, -1)), dim=-1)
         return key, value
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -286,23 +293,86 @@ class DeepseekMoeLatentAttention(nn.Module):
         if cache is not None:
             c_kv, k_pe = cache.update(c_kv, k_pe, self.layer_idx)
 
-        key, value = self.expand_kv(c_kv, k_pe)
-        query = torch.cat((q_nope, q_pe), dim=-1)
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        attn_output, attn_weights = attention_interface(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=0.0 if not self.training else self.attention_dropout,
-            scaling=self.scaling,
-            **kwargs,
-        )
+        dropout = 0.0 if not self.training else self.attention_dropout
+        mode = kwargs.pop("mla_attention_mode", None) or self.config.mla_attention_mode
+        if self.use_absorbed(mode, seq_length, c_kv.shape[2]):
+            attn_output, attn_weights = self.absorbed_attention(q_nope, q_pe, c_kv, k_pe, attention_mask, dropout)
+        else:
+            attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+                self.config._attn_implementation, eager_attention_forward
+            )
+            key, value = self.expand_kv(c_kv, k_pe)
+            query = torch.cat((q_nope, q_pe), dim=-1)
+            attn_output, attn_weights = attention_interface(
+                self, query, key, value, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs
+            )
         attn_output = attn_output.reshape(batch_size, seq_length, -1).contiguous()
         return self.o_proj(attn_output), attn_weights
+
+    def use_absorbed(self, mode: str, seq_length: int, kv_length: int) -> bool:
+        """`auto` absorbs for decoding (a few new queries against a longer cache) and expands for prefill, where
+        per-head keys are the cheaper, compute-friendly form. Shapes only, so compiled decode steps do not branch on
+        data (a static cache is always longer than the queries: short prompts take the absorbed path, also exact)."""
+        plain_weight = type(self.kv_b_proj) is nn.Linear  # an adapter (e.g. LoRA) wraps kv_b_proj
+        if mode == "absorbed" and not plain_weight:
+            raise ValueError("mla_attention_mode='absorbed' needs a plain kv_b_proj; merge adapters first")
+        if mode == "auto":
+            return plain_weight and seq_length <= 8 and kv_length > seq_length
+        return mode == "absorbed"
+
+    def can_use_decode_kernel(self, query: torch.Tensor) -> bool:
+        """The Triton decode kernel serves inference (no autograd) when Triton can run and its tiles fit."""
+        dims_fit = all(d >= 16 and d & (d - 1) == 0 for d in (self.kv_lora_rank, self.qk_rope_head_dim))
+        return dims_fit and not torch.is_grad_enabled() and triton_decode_available(query)
+
+    def absorbed_attention(
+        self,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        c_kv: torch.Tensor,
+        k_pe: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        dropout: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention straight over the cached latent: W_UK is absorbed into the query (q_nope W_UK lives in latent
+        space), scores are q_latent · c_kv + q_pe · k_pe, the weighted sum is taken over c_kv and mapped by W_UV.
+
+        All heads share the one latent "head" (multi-query attention), so heads are folded into the rows of two
+        matrix products that read each cached row once for every head, without concatenating the cache into keys.
+        On CPU this is about twice as fast as routing the same multi-query problem through sdpa. Returns
+        [B, S, heads, v_head_dim] like the expanded path, and the attention weights [B, heads, S, T]."""
+        batch_size, num_heads, seq_length, _ = q_nope.shape
+        kv_length = c_kv.shape[2]
+        w_kv = self.kv_b_proj.weight.view(num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        w_uk, w_uv = w_kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
+        q_latent = torch.einsum("bhsd,hdr->bhsr", q_nope, w_uk).reshape(batch_size, -1, self.kv_lora_rank)
+        latent, rotary = c_kv[:, 0], k_pe[:, 0]  # [B, T, r], [B, T, d_r]
+        if seq_length == 1 and self.can_use_decode_kernel(q_nope):
+            bias = torch.zeros(batch_size, kv_length, dtype=torch.float32, device=q_nope.device)
+            if attention_mask is not None:
+                mask = attention_mask[..., :kv_length].reshape(-1, kv_length).expand(batch_size, -1)
+                bias = bias.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else bias + mask
+            q_rope = q_pe.reshape(batch_size, num_heads, self.qk_rope_head_dim)
+            out_latent = mla_decode_triton(q_latent, q_rope, latent, rotary, bias, self.scaling).to(q_nope.dtype)
+            out_latent = out_latent.view(batch_size, num_heads, 1, self.kv_lora_rank)
+            return torch.einsum("bhsr,hvr->bshv", out_latent, w_uv), None
+        scores = torch.bmm(q_pe.reshape(batch_size, -1, self.qk_rope_head_dim), rotary.transpose(1, 2))
+        scores = torch.baddbmm(scores, q_latent, latent.transpose(1, 2), alpha=self.scaling, beta=self.scaling)
+        scores = scores.view(batch_size, num_heads, seq_length, kv_length)
+        if attention_mask is None and seq_length > 1:
+            # transformers leaves the mask out only for a prefill from position 0 (sdpa's causal shortcut)
+            attention_mask = torch.ones(seq_length, kv_length, dtype=torch.bool, device=scores.device).tril()
+        if attention_mask is not None:
+            mask = attention_mask[..., :kv_length]
+            if mask.dtype == torch.bool:  # sdpa-style masks say where to attend
+                scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+            else:
+                scores = scores + mask
+        weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(q_nope.dtype)
+        weights = F.dropout(weights, p=dropout, training=self.training)
+        out_latent = torch.bmm(weights.view(batch_size, -1, kv_length), latent)
+        out_latent = out_latent.view(batch_size, num_heads, seq_length, self.kv_lora_rank)
+        return torch.einsum("bhsr,hvr->bshv", out_latent, w_uv), weights
 
 
 # ------------------------------------------------------------------------------------------------- feed-forward
@@ -323,6 +393,20 @@ class DeepseekMoeMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
+def counts_this_forward(module: nn.Module) -> bool:
+    """Whether a router forward is a training forward whose routing must be counted, exactly once per micro-batch.
+
+    No-grad and eval forwards do not count. Activation checkpointing re-runs the forward inside backward: the
+    non-reentrant kind (transformers' default) counted in its first forward and recomputes under saved-tensor hooks,
+    so that re-run is skipped; the reentrant kind ran its first forward without grad, so its re-run is counted.
+    """
+    if not (module.training and torch.is_grad_enabled()):
+        return False
+    if torch._C._current_graph_task_id() == -1:  # not inside a backward pass
+        return True
+    return torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+
+
 class DeepseekMoeTopkRouter(nn.Module):
     """The gate: affinities s = softmax|sigmoid(W x) in fp32, then a top-k choice of routed experts.
 
@@ -332,9 +416,15 @@ class DeepseekMoeTopkRouter(nn.Module):
       the sum of their top two; the bias never enters the weights.
     Excluded groups are masked with -inf. Weights are the unbiased affinities of the chosen experts; V3 normalises
     then scales by `routed_scaling_factor`, V2/16B scale only when they do not normalise.
+
+    Training state (not saved, not gradients): `tokens_per_expert` counts routed (token, expert) pairs and
+    `dropped_tokens` the pairs dropped by the optional capacity limit, once per training forward, until
+    `deepseek_moe.training.update_expert_bias` reads them, moves the bias and resets them.
     """
 
     e_score_correction_bias: torch.Tensor
+    tokens_per_expert: torch.Tensor
+    dropped_tokens: torch.Tensor
 
     def __init__(self, config: DeepseekMoeConfig) -> None:
         super().__init__()
@@ -346,9 +436,16 @@ class DeepseekMoeTopkRouter(nn.Module):
         self.topk_group = config.topk_group
         self.norm_topk_prob = config.norm_topk_prob
         self.routed_scaling_factor = config.routed_scaling_factor
+        self.num_devices = config.num_devices
+        self.capacity_factor = config.capacity_factor
+        self.capacity_protected_fraction = config.capacity_protected_fraction
+        self.drop_tokens_at_inference = config.drop_tokens_at_inference
         self.weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size, dtype=torch.float32))
         if self.topk_method == "noaux_tc":
             self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts, dtype=torch.float32))
+        # int64 so that casting the model to bf16 cannot round the counts.
+        self.register_buffer("tokens_per_expert", torch.zeros(self.num_experts, dtype=torch.int64), persistent=False)
+        self.register_buffer("dropped_tokens", torch.zeros((), dtype=torch.int64), persistent=False)
 
     def affinities(self, router_logits: torch.Tensor) -> torch.Tensor:
         if self.scoring_func == "sigmoid":
@@ -367,10 +464,28 @@ class DeepseekMoeTopkRouter(nn.Module):
         return grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view_as(scores_for_choice)
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns router logits [T, E], routing weights [T, k] (both at least fp32) and expert indices [T, k]."""
+        """Returns router logits [T, E], routing weights [T, k] (both at least fp32) and expert indices [T, k].
+
+        `hidden_states` is [B, S, H] (or [T, H], one sequence); dropped (token, expert) pairs get weight 0.
+        """
+        batch_size = hidden_states.shape[0] if hidden_states.dim() == 3 else 1
         hidden_states = hidden_states.reshape(-1, hidden_states.shape[-1])
         dtype = torch.promote_types(hidden_states.dtype, torch.float32)  # never below fp32
         router_logits = F.linear(hidden_states.to(dtype), self.weight.to(dtype))
+        scores, topk_weights, topk_indices = self.route(router_logits)
+        keep = None
+        if self.capacity_factor is not None and (self.training or self.drop_tokens_at_inference):
+            keep = self.capacity_mask(scores.gather(1, topk_indices), topk_indices, batch_size)
+            topk_weights = topk_weights * keep
+        if counts_this_forward(self):
+            with torch.no_grad():
+                self.tokens_per_expert += torch.bincount(topk_indices.reshape(-1), minlength=self.num_experts)
+                if keep is not None:
+                    self.dropped_tokens += (~keep).sum()
+        return router_logits, topk_weights, topk_indices
+
+    def route(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Affinities s [T, E], routing weights [T, k] and expert indices [T, k] from the logits (no dropping)."""
         scores = self.affinities(router_logits)
         scores_for_choice = scores
         if self.topk_method == "noaux_tc":
@@ -383,7 +498,30 @@ class DeepseekMoeTopkRouter(nn.Module):
             topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20)
         if self.topk_method == "noaux_tc" or not self.norm_topk_prob:
             topk_weights = topk_weights * self.routed_scaling_factor
-        return router_logits, topk_weights, topk_indices
+        return scores, topk_weights, topk_indices
+
+    def capacity_mask(self, affinity: torch.Tensor, topk_indices: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """Which (token, expert) pairs [T, k] fit the device capacity (DeepSeek-V2 §2.2.4 token dropping).
+
+        Each of D devices (`num_devices`, else one per expert) keeps capacity_factor·T·k/D pairs, highest affinity
+        first. Pairs of the first `capacity_protected_fraction` of the batch's sequences always stay (and count).
+        """
+        num_devices = self.num_devices or self.num_experts
+        num_pairs = topk_indices.numel()
+        capacity = math.ceil(self.capacity_factor * num_pairs / num_devices)
+        device = (topk_indices // (self.num_experts // num_devices)).reshape(-1)
+        protected = torch.zeros_like(topk_indices, dtype=torch.bool)
+        protected_sequences = int(self.capacity_protected_fraction * batch_size + 0.5)
+        protected[: protected_sequences * (topk_indices.shape[0] // batch_size)] = True
+        protected = protected.reshape(-1)
+        # Affinities are in [0, 1]: protected pairs rank first, then by affinity, within each device.
+        priority = affinity.reshape(-1).double() + 2.0 * protected
+        order = torch.argsort(device.double() * 4.0 - priority, stable=True)
+        per_device = torch.bincount(device, minlength=num_devices)
+        first_of_device = torch.cumsum(per_device, 0) - per_device
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(num_pairs, device=order.device) - first_of_device[device[order]]
+        return ((rank < capacity) | protected).view_as(topk_indices)
 
 
 @use_experts_implementation
@@ -443,6 +581,77 @@ class DeepseekMoeSparseBlock(nn.Module):
         return routed
 
 
+# ------------------------------------------------------------------------------------------------ balance losses
+
+
+def balance_losses(
+    config: DeepseekMoeConfig,
+    router: DeepseekMoeTopkRouter,
+    router_logits: torch.Tensor,
+    batch_size: int,
+    token_mask: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """One MoE layer's auxiliary losses, each already multiplied by its coefficient (reference §3a, §3b).
+
+    Routing is recomputed from the recorded logits (deterministic, before any dropping). With N' experts, K' chosen
+    per token and T tokens per unit (a sequence when `seq_aux`, else the whole batch), averaged over units:
+    - `expert`: α Σ_i f_i P_i, f_i = N'/(K'T)·#{t: t selects i}, P_i = mean_t s_i,t; sigmoid affinities are
+      normalised per token (s'/Σs', V3). α is `seq_aux_alpha` for `noaux_tc`, else `aux_loss_alpha`.
+    - `device` (with `num_devices` D): α₂ Σ_d f'_d P'_d, f'_d = mean of f over the device's experts, P'_d = their sum.
+    - `comm` (with D and `device_limit` M): α₃ Σ_d f''_d P'_d, f''_d = D/(MT)·#{t: t is sent to device d}.
+    - `z`: router z-loss, coefficient · mean_t logsumexp(logits_t)².
+    Tokens where `token_mask` [B, S] is False (padding) are left out of every count, mean and T.
+    """
+    scores, _, topk_indices = router.route(router_logits)
+    if router.scoring_func == "sigmoid":
+        scores = scores / scores.sum(dim=-1, keepdim=True)
+    num_experts, top_k = scores.shape[-1], topk_indices.shape[-1]
+    units = batch_size if config.seq_aux else 1
+    scores = scores.view(units, -1, num_experts)
+    topk_indices = topk_indices.view(units, -1, top_k)
+    mask = torch.ones_like(scores[..., :1]) if token_mask is None else token_mask.reshape(units, -1, 1).to(scores)
+    tokens = mask.sum(dim=1)  # [U, 1]
+    has_tokens = tokens.squeeze(-1) > 0
+    tokens = tokens.clamp(min=1)
+
+    def mean_over_units(per_unit: torch.Tensor) -> torch.Tensor:
+        return per_unit.sum() / has_tokens.sum().clamp(min=1)
+
+    selected = torch.zeros_like(scores).scatter_(2, topk_indices, 1.0) * mask  # [U, T, N'], no gradient
+    f = selected.sum(dim=1) * num_experts / (top_k * tokens)
+    P = (scores * mask).sum(dim=1) / tokens
+    alpha = config.seq_aux_alpha if router.topk_method == "noaux_tc" else config.aux_loss_alpha
+    losses = {}
+    if alpha > 0:
+        losses["expert"] = alpha * mean_over_units((f * P).sum(dim=-1))
+    if config.num_devices is not None:
+        D = config.num_devices
+        P_device = P.view(units, D, -1).sum(dim=-1)
+        if config.aux_loss_device_alpha > 0:
+            f_device = f.view(units, D, -1).mean(dim=-1)
+            losses["device"] = config.aux_loss_device_alpha * mean_over_units((f_device * P_device).sum(dim=-1))
+        if config.device_limit is not None and config.aux_loss_comm_alpha > 0:
+            sent = selected.view(units, selected.shape[1], D, -1).amax(dim=-1)
+            f_comm = sent.sum(dim=1) * D / (config.device_limit * tokens)
+            losses["comm"] = config.aux_loss_comm_alpha * mean_over_units((f_comm * P_device).sum(dim=-1))
+    if config.router_z_loss_coef > 0:
+        flat_mask = mask.reshape(-1)
+        z = (router_logits.logsumexp(dim=-1).square() * flat_mask).sum() / flat_mask.sum().clamp(min=1)
+        losses["z"] = config.router_z_loss_coef * z
+    return losses
+
+
+@dataclass
+class DeepseekMoeCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
+    """`aux_loss` is the sum of `aux_losses`: each kind of balance loss (`expert`, `device`, `comm`, `z`) with its
+    coefficient, summed over MoE layers. Computed when training or when router logits are asked for.
+    `mtp_loss` is the multi-token prediction loss averaged over depths (weighted by `mtp_loss_weight` inside `loss`,
+    reported here unweighted)."""
+
+    aux_losses: dict[str, torch.Tensor] | None = None
+    mtp_loss: torch.FloatTensor | None = None
+
+
 # ------------------------------------------------------------------------------------------------- decoder layer
 
 
@@ -458,6 +667,7 @@ class DeepseekMoeDecoderLayer(GradientCheckpointingLayer):
         self.input_layernorm = DeepseekMoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = DeepseekMoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -500,6 +710,22 @@ class DeepseekMoeMTPLayer(DeepseekMoeDecoderLayer):
         self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
         self.shared_head = DeepseekMoeSharedHead(config)
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        next_embeds: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        """h^k from h^{k-1} (positions i) and the embeddings of the tokens k steps ahead (t_{i+k})."""
+        combined = self.eh_proj(torch.cat((self.enorm(next_embeds), self.hnorm(hidden_states)), dim=-1))
+        return super().forward(
+            combined, attention_mask=attention_mask, position_embeddings=position_embeddings, cache=cache, **kwargs
+        )
+
 
 # ------------------------------------------------------------------------------------------------------- models
 
@@ -514,7 +740,7 @@ class DeepseekMoePreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = False
     _supports_attention_backend = True
-    _can_compile_fullgraph = False
+    _can_compile_fullgraph = True
     _can_record_outputs = {
         "hidden_states": DeepseekMoeDecoderLayer,
         "attentions": [
@@ -532,6 +758,8 @@ class DeepseekMoePreTrainedModel(PreTrainedModel):
         std = self.config.initializer_range
         if isinstance(module, DeepseekMoeTopkRouter):
             init.normal_(module.weight, mean=0.0, std=std)
+            init.zeros_(module.tokens_per_expert)
+            init.zeros_(module.dropped_tokens)
             if module.topk_method == "noaux_tc":
                 init.zeros_(module.e_score_correction_bias)
         elif isinstance(module, DeepseekMoeExperts):
@@ -559,6 +787,7 @@ class DeepseekMoeModel(DeepseekMoePreTrainedModel):
 
     @merge_with_config_defaults
     @capture_outputs
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -614,6 +843,8 @@ class DeepseekMoeForCausalLM(DeepseekMoePreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -624,8 +855,20 @@ class DeepseekMoeForCausalLM(DeepseekMoePreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        mla_attention_mode: str | None = None,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> MoeCausalLMOutputWithPast:
+    ) -> DeepseekMoeCausalLMOutputWithPast:
+        r"""Balance losses are computed when training or when `output_router_logits` is set, returned as `aux_loss`
+        and `aux_losses`, and added to `loss` (if `config.add_aux_loss_to_loss`) with a weight that keeps them one
+        mean per optimizer step under gradient accumulation: with Trainer's `num_items_in_batch` the LM loss is a
+        sum over the whole accumulation window divided by its label tokens, so the aux term is weighted by this
+        micro-batch's share of those tokens; otherwise both terms are per-micro-batch means (weight 1).
+
+        `mla_attention_mode` ("absorbed", "expanded" or "auto") overrides the config for this call, also as a
+        `generate` option."""
+        want_aux = self.training or kwargs.get("output_router_logits", self.config.output_router_logits)
+        if want_aux:
+            kwargs["output_router_logits"] = True
         outputs: MoeModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -633,22 +876,155 @@ class DeepseekMoeForCausalLM(DeepseekMoePreTrainedModel, GenerationMixin):
             cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            **({"mla_attention_mode": mla_attention_mode} if mla_attention_mode else {}),
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, keep, :])
-        loss = None
+        aux_losses, aux_loss = None, None
+        if want_aux and outputs.router_logits:
+            batch_size, seq_length = hidden_states.shape[:2]
+            token_mask = None
+            if attention_mask is not None and attention_mask.dim() == 2:
+                token_mask = attention_mask[:, -seq_length:].bool()
+            layers = self.model.layers[: self.config.num_hidden_layers]
+            routers = [layer.mlp.gate for layer in layers if isinstance(layer.mlp, DeepseekMoeSparseBlock)]
+            aux_losses = {}
+            for router, router_logits in zip(routers, outputs.router_logits, strict=True):
+                for kind, value in balance_losses(self.config, router, router_logits, batch_size, token_mask).items():
+                    aux_losses[kind] = aux_losses[kind] + value if kind in aux_losses else value
+            aux_loss = sum(aux_losses.values()) if aux_losses else None
+        loss = mtp_loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return MoeCausalLMOutputWithPast(
+            if aux_loss is not None and self.config.add_aux_loss_to_loss:
+                weight = 1.0
+                num_items_in_batch = kwargs.get("num_items_in_batch")
+                if num_items_in_batch is not None:
+                    targets = kwargs.get("shift_labels", labels[..., 1:])
+                    weight = targets.ne(-100).sum() / num_items_in_batch
+                loss = loss + weight * aux_loss
+            if self.config.num_nextn_predict_layers > 0 and cache is None:
+                embeds = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+                mtp_loss = self.multi_token_prediction_loss(
+                    hidden_states, embeds, labels, attention_mask, position_ids, **kwargs
+                )
+                loss = loss + self.config.mtp_loss_weight * mtp_loss
+        return DeepseekMoeCausalLMOutputWithPast(
             loss=loss,
+            mtp_loss=mtp_loss,
+            aux_loss=aux_loss,
+            aux_losses=aux_losses,
             logits=logits,
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=outputs.router_logits,
         )
+
+    def save_pretrained(
+        self, save_directory: str, is_main_process: bool = True, state_dict: dict | None = None, **kwargs
+    ) -> None:
+        """Saves the official MTP layout too: DeepSeek's checkpoints (and vLLM/SGLang loaders) expect every MTP layer
+        to carry its own `embed_tokens` and `shared_head.head`; in memory ours share the model's."""
+        if state_dict is None and self.config.num_nextn_predict_layers > 0:
+            state_dict = self.state_dict()
+            for k in range(self.config.num_nextn_predict_layers):
+                prefix = f"model.layers.{self.config.num_hidden_layers + k}."
+                state_dict[prefix + "embed_tokens.weight"] = state_dict["model.embed_tokens.weight"].clone()
+                state_dict[prefix + "shared_head.head.weight"] = state_dict["lm_head.weight"].clone()
+        super().save_pretrained(save_directory, is_main_process=is_main_process, state_dict=state_dict, **kwargs)
+
+    def generate(self, inputs: torch.Tensor | None = None, *args, use_mtp: bool = False, **kwargs):
+        """`generate(..., use_mtp=True)` decodes greedily with the MTP modules drafting tokens (self-speculative
+        decoding; same tokens as plain greedy). Returns the sequences, or with `return_dict_in_generate=True` an
+        `MtpGenerateOutput` that also carries the draft acceptance rate. Other calls are transformers' `generate`."""
+        if not use_mtp:
+            return super().generate(inputs, *args, **kwargs)
+        from .speculative import mtp_greedy_generate
+
+        if args:
+            raise ValueError("generate(use_mtp=True) takes keyword arguments only")
+        generation_config = kwargs.pop("generation_config", None) or self.generation_config
+        options = {
+            "max_new_tokens": kwargs.pop("max_new_tokens", generation_config.max_new_tokens) or 20,
+            "eos_token_id": kwargs.pop("eos_token_id", generation_config.eos_token_id),
+            "pad_token_id": kwargs.pop("pad_token_id", generation_config.pad_token_id),
+            "num_draft_tokens": kwargs.pop("num_draft_tokens", None),
+        }
+        input_ids = kwargs.pop("input_ids", inputs)
+        attention_mask = kwargs.pop("attention_mask", None)
+        return_dict = kwargs.pop("return_dict_in_generate", False)
+        if kwargs.pop("do_sample", False) or generation_config.do_sample:
+            raise ValueError("generate(use_mtp=True) supports greedy decoding only (do_sample=False)")
+        if kwargs:
+            raise ValueError(f"generate(use_mtp=True) does not support {sorted(kwargs)}")
+        output = mtp_greedy_generate(self, input_ids, attention_mask, **options)
+        return output if return_dict else output.sequences
+
+    def mtp_hidden_states(
+        self,
+        depth: int,
+        previous: torch.Tensor,
+        next_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        cache: Cache | None = None,
+    ) -> torch.Tensor:
+        """h^depth over the positions of `previous` (= h^{depth-1}), given the embeddings `depth` tokens ahead.
+
+        `attention_mask` is the 2D padding mask over cached + new positions; `cache` holds this depth's keys."""
+        layer = self.model.layers[self.config.num_hidden_layers + depth - 1]
+        mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=next_embeds,
+            attention_mask=attention_mask,
+            cache=cache,
+            position_ids=position_ids,
+            layer_idx=layer.self_attn.layer_idx,
+        )
+        position_embeddings = self.model.rotary_emb(previous, position_ids)
+        return layer(previous, next_embeds, attention_mask=mask, position_embeddings=position_embeddings, cache=cache)
+
+    def mtp_logits(self, depth: int, mtp_hidden: torch.Tensor) -> torch.Tensor:
+        """The shared output head on `shared_head.norm(h^depth)`: predicts the token depth + 1 steps ahead."""
+        layer = self.model.layers[self.config.num_hidden_layers + depth - 1]
+        return self.lm_head(layer.shared_head.norm(mtp_hidden))
+
+    def multi_token_prediction_loss(
+        self,
+        hidden_states: torch.Tensor,
+        embeds: torch.Tensor,
+        labels: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """(1/D) Σ_k CE(depth k predicting t_{i+k+1} at position i), chaining h^k from the main model's output.
+
+        Depth k sees positions i < T - k (its token t_{i+k} must exist); `ignore_index` labels and padding are
+        skipped by the loss function, which also honours `num_items_in_batch`."""
+        seq_length = hidden_states.shape[1]
+        if position_ids is None:
+            position_ids = torch.arange(seq_length, device=hidden_states.device)[None]
+        previous, losses = hidden_states, []
+        for depth in range(1, self.config.num_nextn_predict_layers + 1):
+            length = seq_length - depth
+            if length < 1:
+                break
+            mask = attention_mask[:, :length] if attention_mask is not None and attention_mask.dim() == 2 else None
+            previous = self.mtp_hidden_states(
+                depth, previous[:, :length], embeds[:, depth:], mask, position_ids[..., :length]
+            )
+            shift_labels = F.pad(labels[:, depth + 1 :], (0, 1), value=-100)
+            logits = self.mtp_logits(depth, previous)
+            losses.append(
+                self.loss_function(
+                    logits=logits, labels=None, vocab_size=self.config.vocab_size, shift_labels=shift_labels, **kwargs
+                )
+            )
+        return torch.stack(losses).mean() if losses else hidden_states.new_zeros(())
 
 
 class DeepseekMoeForSequenceClassification(GenericForSequenceClassification, DeepseekMoePreTrainedModel):
@@ -739,32 +1115,38 @@ class SplitExperts(ConversionOps):
         return MergeExperts()
 
 
-def _with_scales(*patterns: str) -> list[str]:
-    return [name for pattern in patterns for name in (pattern, f"{pattern}_scale_inv")]
+def checkpoint_conversions(fp8_scales: bool = True) -> list[WeightConverter]:
+    """On disk: one tensor per expert (`mlp.experts.{e}.{gate,up,down}_proj.weight`), as DeepSeek, transformers'
+    built-ins, vLLM and SGLang expect; in memory: fused 3D tensors. With `fp8_scales`, each weight pattern also
+    collects its `weight_scale_inv` companion so official FP8 checkpoints load dequantized; the companions exist only
+    on the way in (saving writes plain weights)."""
 
+    def sources(*patterns: str) -> list[str]:
+        return [name for p in patterns for name in ((p, f"{p}_scale_inv") if fp8_scales else (p,))]
 
-# On disk: one tensor per expert (`mlp.experts.{e}.{gate,up,down}_proj.weight`), as DeepSeek, transformers' built-ins,
-# vLLM and SGLang expect. In memory: fused 3D tensors. transformers skips conversions for code outside its own package
-# unless they are registered for the model type; `save_pretrained` applies the reverse.
-register_checkpoint_conversion_mapping(
-    DeepseekMoeConfig.model_type,
-    [
+    conversions = [
         WeightConverter(
-            source_patterns=_with_scales("mlp.experts.*.gate_proj.weight", "mlp.experts.*.up_proj.weight"),
+            source_patterns=sources("mlp.experts.*.gate_proj.weight", "mlp.experts.*.up_proj.weight"),
             target_patterns="mlp.experts.gate_up_proj",
             operations=[MergeExperts()],
         ),
         WeightConverter(
-            source_patterns=_with_scales("mlp.experts.*.down_proj.weight"),
+            source_patterns=sources("mlp.experts.*.down_proj.weight"),
             target_patterns="mlp.experts.down_proj",
             operations=[MergeExperts()],
         ),
-        WeightConverter(
-            source_patterns=_with_scales("weight"), target_patterns="weight", operations=[Fp8BlockDequantize()]
-        ),
-    ],
-    overwrite=True,
-)
+    ]
+    if fp8_scales:
+        conversions.append(
+            WeightConverter(
+                source_patterns=sources("weight"), target_patterns="weight", operations=[Fp8BlockDequantize()]
+            )
+        )
+    return conversions
+
+
+# transformers skips conversions for code outside its own package unless they are registered for the model type.
+register_checkpoint_conversion_mapping(DeepseekMoeConfig.model_type, checkpoint_conversions(), overwrite=True)
 
 
 __all__ = [

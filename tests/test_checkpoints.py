@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import math
 import warnings
 
 import torch
+from checkpoint_utils import QUANTIZATION_CONFIG, official_v3_config, to_official_fp8, write_sharded
 from conftest import builtin_config, randomize_
 from safetensors.torch import load_file, save_file
 from transformers import DeepseekV3ForCausalLM
@@ -14,69 +14,6 @@ from transformers.testing_utils import CaptureLogger
 from transformers.utils import logging
 
 from deepseek_moe import DeepseekMoeConfig, DeepseekMoeForCausalLM
-
-BLOCK = 128
-# Weights an official FP8 checkpoint keeps in bf16.
-NOT_QUANTIZED = ("embed_tokens", "lm_head", "norm", "mlp.gate.weight", "shared_head.head")
-
-
-def official_v3_config(config: DeepseekMoeConfig, **extra) -> dict:
-    """A config.json as DeepSeek ships it (model_type deepseek_v3, rope_scaling, auto_map, ...)."""
-    keys = [
-        "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
-        "num_nextn_predict_layers", "num_attention_heads", "num_key_value_heads", "n_shared_experts",
-        "n_routed_experts", "routed_scaling_factor", "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "v_head_dim",
-        "qk_nope_head_dim", "topk_method", "n_group", "topk_group", "num_experts_per_tok", "moe_layer_freq",
-        "first_k_dense_replace", "norm_topk_prob", "scoring_func", "aux_loss_alpha", "seq_aux",
-        "max_position_embeddings", "rms_norm_eps",
-    ]  # fmt: skip
-    rope = {k: v for k, v in config.rope_parameters.items() if k not in ("rope_type", "rope_theta")}
-    return {
-        "architectures": ["DeepseekV3ForCausalLM"],
-        "model_type": "deepseek_v3",
-        "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV3Config"},
-        "ep_size": 1,
-        "hidden_act": "silu",
-        "initializer_range": 0.02,
-        "rope_theta": 10000,
-        "rope_scaling": rope,
-        "tie_word_embeddings": False,
-        "torch_dtype": "bfloat16",
-        "transformers_version": "4.46.3",
-        "use_cache": True,
-        "bos_token_id": 0,
-        "eos_token_id": 1,
-        **{k: getattr(config, k) for k in keys},
-        **extra,
-    }
-
-
-def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """128×128 block FP8 (e4m3) with amax/448 scales; edge blocks are partial."""
-    rows, cols = weight.shape
-    scale = torch.empty(math.ceil(rows / BLOCK), math.ceil(cols / BLOCK))
-    quantized = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
-    for i in range(scale.shape[0]):
-        for j in range(scale.shape[1]):
-            block = weight[i * BLOCK : (i + 1) * BLOCK, j * BLOCK : (j + 1) * BLOCK].float()
-            scale[i, j] = block.abs().max().clamp(min=1e-4) / 448.0
-            quantized[i * BLOCK : (i + 1) * BLOCK, j * BLOCK : (j + 1) * BLOCK] = (block / scale[i, j]).to(
-                torch.float8_e4m3fn
-            )
-    return quantized, scale
-
-
-def write_sharded(state: dict[str, torch.Tensor], directory, config: dict, shards: int = 3) -> None:
-    names = sorted(state)
-    weight_map = {}
-    for i in range(shards):
-        file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        part = {name: state[name].contiguous() for name in names[i::shards]}
-        save_file(part, directory / file, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(part, file))
-    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())}}
-    (directory / "model.safetensors.index.json").write_text(json.dumps({**index, "weight_map": weight_map}))
-    (directory / "config.json").write_text(json.dumps(config))
 
 
 def test_fp8_checkpoint_with_partial_blocks_loads_dequantized(tmp_path):
@@ -88,26 +25,10 @@ def test_fp8_checkpoint_with_partial_blocks_loads_dequantized(tmp_path):
     source.save_pretrained(tmp_path / "source")
     state = load_file(tmp_path / "source" / "model.safetensors")
 
-    fp8_state, dequantized = {}, {}
-    for name, tensor in state.items():
-        if tensor.dim() == 2 and not any(key in name for key in NOT_QUANTIZED):
-            quantized, scale = quantize_fp8(tensor)
-            fp8_state[name], fp8_state[name + "_scale_inv"] = quantized, scale
-            dequantized[name] = (
-                quantized.float()
-                * scale.repeat_interleave(BLOCK, 0)[: tensor.shape[0]].repeat_interleave(BLOCK, 1)[:, : tensor.shape[1]]
-            )
-        else:
-            fp8_state[name] = dequantized[name] = tensor.to(torch.bfloat16) if tensor.dim() == 2 else tensor
+    fp8_state, dequantized = to_official_fp8(state)
     assert fp8_state["model.layers.0.self_attn.kv_a_proj_with_mqa.weight_scale_inv"].shape == (2, 2)
-    quantization = {
-        "activation_scheme": "dynamic",
-        "fmt": "e4m3",
-        "quant_method": "fp8",
-        "weight_block_size": [128, 128],
-    }
     (tmp_path / "fp8").mkdir()
-    write_sharded(fp8_state, tmp_path / "fp8", official_v3_config(config, quantization_config=quantization))
+    write_sharded(fp8_state, tmp_path / "fp8", official_v3_config(config, quantization_config=QUANTIZATION_CONFIG))
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # e.g. unexpected MTP keys or leftover scales would warn

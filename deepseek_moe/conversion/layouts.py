@@ -1,0 +1,233 @@
+"""Checkpoint layouts seen as one set of logical tensors under the official Hugging Face names.
+
+- `hf`: `model.safetensors` or shards listed by `model.safetensors.index.json` (official DeepSeek repos and ours;
+  FP8 weights carry a `<name>_scale_inv` companion).
+- `mp`: DeepSeek's inference-repo model-parallel files `model{i}-mp{n}.safetensors` written by its `convert.py`:
+  short names (`embed`, `layers.N.attn.wq_a`, `ffn.experts.E.w1`, `.scale`, `gate.bias`), routed experts split by
+  rank, other weights sliced along a fixed dimension, MTP layers absent.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers.core_model_loading import revert_weight_conversion
+
+from ..configuration_deepseek_moe import DeepseekMoeConfig
+from ..modeling_deepseek_moe import FP8_BLOCK, DeepseekMoeForCausalLM
+from .safetensors_io import ConversionError, TensorInfo, read_header, read_tensor
+
+SCALE_SUFFIX = "_scale_inv"
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+_MP_FILE = re.compile(r"^model(\d+)-mp(\d+)\.safetensors$")
+
+# DeepSeek-V3 `inference/convert.py`: official module name → (inference name, dimension sliced across ranks).
+MP_NAMES: dict[str, tuple[str, int | None]] = {
+    "embed_tokens": ("embed", 0),
+    "input_layernorm": ("attn_norm", None),
+    "post_attention_layernorm": ("ffn_norm", None),
+    "q_proj": ("wq", 0),
+    "q_a_proj": ("wq_a", None),
+    "q_a_layernorm": ("q_norm", None),
+    "q_b_proj": ("wq_b", 0),
+    "kv_a_proj_with_mqa": ("wkv_a", None),
+    "kv_a_layernorm": ("kv_norm", None),
+    "kv_b_proj": ("wkv_b", 0),
+    "o_proj": ("wo", 1),
+    "gate": ("gate", None),
+    "gate_proj": ("w1", 0),
+    "down_proj": ("w2", 1),
+    "up_proj": ("w3", 0),
+    "norm": ("norm", None),
+    "lm_head": ("head", 0),
+}
+_MP_MODULES = {short: official for official, (short, _) in MP_NAMES.items()}
+_MP_RENAMES = {"self_attn": "attn", "mlp": "ffn"}
+_MP_LEAVES = {"weight_scale_inv": "scale", "e_score_correction_bias": "bias"}
+
+
+def is_scale(name: str) -> bool:
+    return name.endswith(SCALE_SUFFIX)
+
+
+def expert_index(name: str) -> int | None:
+    """E in `...mlp.experts.E.*` (routed experts only)."""
+    match = re.search(r"\.(?:mlp|ffn)\.experts\.(\d+)\.", name)
+    return int(match.group(1)) if match else None
+
+
+def layer_index(name: str) -> int | None:
+    match = re.match(r"(?:model\.)?layers\.(\d+)\.", name)
+    return int(match.group(1)) if match else None
+
+
+def to_mp_name(name: str) -> tuple[str, int | None]:
+    """Official name → (inference-repo name, slicing dimension or None), renamed as DeepSeek's `convert.py` does."""
+    parts = name.removeprefix("model.").split(".")
+    if len(parts) < 2 or parts[-2] not in MP_NAMES:
+        raise ConversionError(f"{name}: has no counterpart in DeepSeek's inference (model-parallel) format")
+    short, dim = MP_NAMES[parts[-2]]
+    parts = [_MP_RENAMES.get(part, part) for part in parts[:-2]] + [short, _MP_LEAVES.get(parts[-1], parts[-1])]
+    return ".".join(parts), dim
+
+
+def from_mp_name(name: str) -> tuple[str, int | None]:
+    """Inverse of `to_mp_name`."""
+    parts = name.split(".")
+    if len(parts) < 2 or parts[-2] not in _MP_MODULES:
+        raise ConversionError(f"{name}: not a tensor name of DeepSeek's inference (model-parallel) format")
+    official = _MP_MODULES[parts[-2]]
+    leaves = {short: leaf for leaf, short in _MP_LEAVES.items()}
+    modules = {short: module for module, short in _MP_RENAMES.items()}
+    parts = [modules.get(part, part) for part in parts[:-2]] + [official, leaves.get(parts[-1], parts[-1])]
+    prefix = "" if official == "lm_head" else "model."
+    return prefix + ".".join(parts), MP_NAMES[official][1]
+
+
+@dataclass(frozen=True)
+class LogicalTensor:
+    """A tensor under its official name: one stored tensor, or rank slices concatenated along `dim`."""
+
+    parts: tuple[TensorInfo, ...]
+    dim: int | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.parts[0].dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        shape = list(self.parts[0].shape)
+        if self.dim is not None:
+            shape[self.dim] = sum(part.shape[self.dim] for part in self.parts)
+        return tuple(shape)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(part.nbytes for part in self.parts)
+
+    def load(self, reader: Callable[[TensorInfo], torch.Tensor] = read_tensor) -> torch.Tensor:
+        if self.dim is None:
+            return reader(self.parts[0])
+        return torch.cat([reader(part) for part in self.parts], dim=self.dim)
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint directory's tensors, planned from headers only."""
+
+    directory: Path
+    layout: str  # "hf" or "mp"
+    tensors: dict[str, LogicalTensor]
+
+    @classmethod
+    def open(cls, directory: str | Path) -> Checkpoint:
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise ConversionError(f"{directory}: no such checkpoint directory")
+        if (directory / INDEX_FILE).exists():
+            return cls._open_sharded(directory)
+        if (directory / SINGLE_FILE).exists():
+            infos = read_header(directory / SINGLE_FILE)
+            return cls(directory, "hf", {name: LogicalTensor((info,)) for name, info in infos.items()})
+        if any(_MP_FILE.match(path.name) for path in directory.iterdir()):
+            return cls._open_model_parallel(directory)
+        raise ConversionError(
+            f"{directory}: no checkpoint found (expected {SINGLE_FILE}, {INDEX_FILE} or model{{i}}-mp{{n}}.safetensors)"
+        )
+
+    @classmethod
+    def _open_sharded(cls, directory: Path) -> Checkpoint:
+        try:
+            weight_map: dict[str, str] = json.loads((directory / INDEX_FILE).read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise ConversionError(f"{directory / INDEX_FILE}: not a safetensors index ({error})") from error
+        shards = sorted(set(weight_map.values()))
+        missing = [shard for shard in shards if not (directory / shard).is_file()]
+        if missing:
+            raise ConversionError(f"{directory}: shard {missing[0]} named in {INDEX_FILE} is missing")
+        headers = {shard: read_header(directory / shard) for shard in shards}
+        tensors = {}
+        for name, shard in weight_map.items():
+            if name not in headers[shard]:
+                raise ConversionError(f"{directory / shard}: tensor {name} named in {INDEX_FILE} is not in this shard")
+            tensors[name] = LogicalTensor((headers[shard][name],))
+        # Read shard by shard, in file order.
+        tensors = dict(sorted(tensors.items(), key=lambda item: (item[1].parts[0].file, item[1].parts[0].offset)))
+        return cls(directory, "hf", tensors)
+
+    @classmethod
+    def _open_model_parallel(cls, directory: Path) -> Checkpoint:
+        ranks = {int(m.group(1)): int(m.group(2)) for p in directory.iterdir() if (m := _MP_FILE.match(p.name))}
+        world = set(ranks.values())
+        if len(world) != 1:
+            raise ConversionError(f"{directory}: model-parallel files of different sizes mp{sorted(world)}")
+        (mp,) = world
+        missing = [f"model{i}-mp{mp}.safetensors" for i in range(mp) if i not in ranks]
+        if missing:
+            raise ConversionError(f"{directory}: model-parallel file {missing[0]} is missing")
+        files = [directory / f"model{i}-mp{mp}.safetensors" for i in range(mp)]
+        headers = [read_header(path) for path in files]
+        tensors: dict[str, LogicalTensor] = {}
+        for name, info in headers[0].items():
+            if expert_index(name) is None:
+                official, dim = from_mp_name(name)
+                absent = [i for i, header in enumerate(headers) if name not in header]
+                if absent:
+                    raise ConversionError(f"{files[absent[0]]}: tensor {name} of rank 0 is missing")
+                parts = tuple(header[name] for header in headers) if dim is not None else (info,)
+                tensors[official] = LogicalTensor(parts, dim)
+        for header in headers:
+            for name, info in header.items():
+                if expert_index(name) is not None:
+                    tensors[from_mp_name(name)[0]] = LogicalTensor((info,))
+        return cls(directory, "mp", tensors)
+
+
+def load_weight(
+    checkpoint: Checkpoint, name: str, reader: Callable[[TensorInfo], torch.Tensor] = read_tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A weight and its FP8 scale (None for plain weights)."""
+    scale = checkpoint.tensors.get(name + SCALE_SUFFIX)
+    return checkpoint.tensors[name].load(reader), scale.load(reader) if scale is not None else None
+
+
+def scale_grid(shape: tuple[int, ...]) -> tuple[int, int]:
+    """Shape of a 128×128-block `weight_scale_inv`: partial edge blocks count as whole ones."""
+    return math.ceil(shape[0] / FP8_BLOCK), math.ceil(shape[1] / FP8_BLOCK)
+
+
+def quantize_fp8_blockwise(weight: torch.Tensor, block: int = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Official FP8 form: e4m3 values and one fp32 `weight_scale_inv` = amax/448 per 128×128 block (the
+    dequantization multiplier). Edge blocks are zero-padded when their amax is taken, as in DeepSeek's release."""
+    rows, cols = weight.shape
+    grid = scale_grid(weight.shape)
+    padded = torch.nn.functional.pad(weight.float(), (0, grid[1] * block - cols, 0, grid[0] * block - rows))
+    blocks = padded.view(grid[0], block, grid[1], block)
+    scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-4) / torch.finfo(torch.float8_e4m3fn).max
+    quantized = (blocks / scale[:, None, :, None]).to(torch.float8_e4m3fn)
+    return quantized.view(padded.shape)[:rows, :cols].contiguous(), scale
+
+
+def expected_shapes(config: DeepseekMoeConfig) -> tuple[dict[str, tuple[int, ...]], set[str]]:
+    """Shapes of every tensor the config's checkpoint must hold, in the official per-expert layout (derived from the
+    model on the meta device and transformers' own save-time conversion, so they cannot drift from the model), and
+    the names it may hold besides: the copies of the embedding and head in official MTP layers."""
+    with torch.device("meta"):
+        model = DeepseekMoeForCausalLM(config)
+    state = revert_weight_conversion(model, model.state_dict())
+    shapes = {name: tuple(tensor.shape) for name, tensor in state.items()}
+    optional = set()
+    for k in range(config.num_nextn_predict_layers):
+        layer = f"model.layers.{config.num_hidden_layers + k}."
+        shapes[layer + "embed_tokens.weight"] = shapes["model.embed_tokens.weight"]
+        shapes[layer + "shared_head.head.weight"] = shapes["lm_head.weight"]
+        optional |= {layer + "embed_tokens.weight", layer + "shared_head.head.weight"}
+    return shapes, optional

@@ -1,0 +1,201 @@
+"""safetensors read and written one tensor at a time.
+
+The safetensors library reads through mmap (touched pages stay resident while the file is open) and writes whole
+state dicts, so peak memory would grow with shard size. The format is simple (8-byte header length, a JSON header
+of dtypes, shapes and byte ranges, then the raw bytes), so reading a tensor is one `readinto` into a fresh buffer and
+writing streams bytes after a header planned in advance: peak memory is about one tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+
+class ConversionError(ValueError):
+    """A checkpoint cannot be converted as asked; the message names the file, tensor or setting at fault."""
+
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+SHARD_METADATA = {"format": "pt"}
+
+
+def nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    return torch.Size(shape).numel() * dtype.itemsize
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor's bytes lie in a safetensors file."""
+
+    file: Path
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int  # from the start of the file
+
+    @property
+    def nbytes(self) -> int:
+        return nbytes(self.dtype, self.shape)
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Tensor name → `TensorInfo`, from the header alone (no tensor data is read)."""
+    try:
+        with open(path, "rb") as file:
+            (length,) = struct.unpack("<Q", file.read(8))
+            header = json.loads(file.read(length))
+    except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConversionError(f"{path}: not a safetensors file ({error})") from error
+    header.pop("__metadata__", None)
+    infos = {}
+    for name, entry in header.items():
+        if entry["dtype"] not in SAFETENSORS_DTYPES:
+            raise ConversionError(f"{path}: tensor {name!r} has unsupported dtype {entry['dtype']}")
+        offset = 8 + length + entry["data_offsets"][0]
+        infos[name] = TensorInfo(path, name, SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"]), offset)
+    return infos
+
+
+def read_tensor(info: TensorInfo) -> torch.Tensor:
+    """One tensor read into its own buffer (no mmap, so nothing stays resident after it is dropped)."""
+    buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+    with open(info.file, "rb") as file:
+        file.seek(info.offset)
+        read = file.readinto(buffer.numpy())
+    if read != info.nbytes:
+        raise ConversionError(f"{info.file}: truncated, a tensor needs {info.nbytes} bytes and {read} are there")
+    return buffer.view(info.dtype).reshape(info.shape)
+
+
+@dataclass
+class PlannedFile:
+    """An output file whose header is fixed before any tensor is written: names in writing order."""
+
+    name: str
+    tensors: dict[str, tuple[torch.dtype, tuple[int, ...]]] = field(default_factory=dict)
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(nbytes(dtype, shape) for dtype, shape in self.tensors.values())
+
+    def header(self) -> bytes:
+        entries, offset = {}, 0
+        for name, (dtype, shape) in self.tensors.items():
+            size = nbytes(dtype, shape)
+            span = [offset, offset + size]
+            entries[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": span}
+            offset += size
+        text = json.dumps({"__metadata__": SHARD_METADATA, **entries}, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # the data section starts 8-byte aligned
+        return struct.pack("<Q", len(text)) + text
+
+    @property
+    def file_bytes(self) -> int:
+        return len(self.header()) + self.data_bytes
+
+
+class StreamingWriter:
+    """Writes planned files tensor by tensor, in planned order; a file is opened at its first tensor and closed at
+    its last, so several can be filled at once (model-parallel ranks) or one after the other (size shards)."""
+
+    def __init__(self, directory: Path, files: list[PlannedFile]) -> None:
+        self.directory = directory
+        self.files = {planned.name: planned for planned in files}
+        self.pending = {planned.name: list(planned.tensors) for planned in files}
+        self.open_files: dict[str, BinaryIO] = {}
+
+    def write(self, file_name: str, name: str, tensor: torch.Tensor) -> None:
+        planned, pending = self.files[file_name], self.pending[file_name]
+        expected = planned.tensors.get(name)
+        if not pending or pending[0] != name or expected != (tensor.dtype, tuple(tensor.shape)):
+            raise RuntimeError(
+                f"{file_name}: wrote {name} {tensor.dtype} {tuple(tensor.shape)}, planned "
+                f"{pending[0] if pending else None} {expected}"
+            )
+        if file_name not in self.open_files:
+            self.open_files[file_name] = open(self.directory / file_name, "wb")  # noqa: SIM115 (closed below)
+            self.open_files[file_name].write(planned.header())
+        self.open_files[file_name].write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+        pending.pop(0)
+        if not pending:
+            self.open_files.pop(file_name).close()
+
+    def finish(self) -> None:
+        """Raises if a planned tensor was never written."""
+        missing = {name: names[0] for name, names in self.pending.items() if names}
+        if missing:
+            raise RuntimeError(f"planned tensors never written: {missing}")
+
+    def __enter__(self) -> StreamingWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for handle in self.open_files.values():
+            handle.close()
+        self.open_files.clear()
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?B)?\s*$", re.IGNORECASE)
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string with decimal units ("5GB" = 5·10⁹), as `huggingface_hub` and `save_pretrained`
+    read `max_shard_size`."""
+    if isinstance(size, int):
+        value = size
+    else:
+        match = _SIZE.match(size)
+        if not match:
+            raise ConversionError(f"max_shard_size: cannot read {size!r}; use decimal units like '5GB' or '100MB'")
+        value = int(float(match.group(1)) * _UNITS[(match.group(2) or "B").upper()])
+    if value <= 0:
+        raise ConversionError(f"max_shard_size: must be positive, got {size!r}")
+    return value
+
+
+def plan_shards(groups: list[dict[str, tuple[torch.dtype, tuple[int, ...]]]], max_bytes: int) -> list[PlannedFile]:
+    """Fill shards greedily in order with whole groups (a weight and its scale stay together); a group larger than
+    the limit gets a shard of its own. One shard is `model.safetensors`, more are `model-0000k-of-0000N`."""
+    shards: list[PlannedFile] = []
+    filled = 0
+    for group in groups:
+        size = sum(nbytes(dtype, shape) for dtype, shape in group.values())
+        if not shards or (shards[-1].tensors and filled + size > max_bytes):
+            shards.append(PlannedFile(""))
+            filled = 0
+        shards[-1].tensors.update(group)
+        filled += size
+    if not shards:
+        raise ConversionError("nothing to write: the conversion keeps no tensor")
+    for k, shard in enumerate(shards):
+        shard.name = "model.safetensors" if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+    return shards
+
+
+def index_json(shards: list[PlannedFile]) -> str:
+    """`model.safetensors.index.json` as transformers writes it (sorted keys, indent 2)."""
+    weight_map = {name: shard.name for shard in shards for name in shard.tensors}
+    index = {"metadata": {"total_size": sum(shard.data_bytes for shard in shards)}, "weight_map": weight_map}
+    return json.dumps(index, indent=2, sort_keys=True) + "\n"

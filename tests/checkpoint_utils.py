@@ -1,0 +1,119 @@
+"""Writers of official-looking DeepSeek checkpoints (configs as DeepSeek ships them, FP8 block quantization, index
+shards), shared by the loading and conversion tests. The quantizer is a deliberately naive loop: it is the
+independent reference the package's vectorized one is checked against."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+from safetensors.torch import save_file
+
+from deepseek_moe import DeepseekMoeConfig
+
+BLOCK = 128
+# Weights an official FP8 checkpoint keeps in bf16.
+NOT_QUANTIZED = ("embed_tokens", "lm_head", "norm", "mlp.gate.weight", "shared_head.head")
+QUANTIZATION_CONFIG = {
+    "activation_scheme": "dynamic",
+    "fmt": "e4m3",
+    "quant_method": "fp8",
+    "weight_block_size": [128, 128],
+}
+
+
+def official_v3_config(config: DeepseekMoeConfig, **extra) -> dict:
+    """A config.json as DeepSeek ships it (model_type deepseek_v3, rope_scaling, auto_map, ...)."""
+    keys = [
+        "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+        "num_nextn_predict_layers", "num_attention_heads", "num_key_value_heads", "n_shared_experts",
+        "n_routed_experts", "routed_scaling_factor", "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "v_head_dim",
+        "qk_nope_head_dim", "topk_method", "n_group", "topk_group", "num_experts_per_tok", "moe_layer_freq",
+        "first_k_dense_replace", "norm_topk_prob", "scoring_func", "aux_loss_alpha", "seq_aux",
+        "max_position_embeddings", "rms_norm_eps",
+    ]  # fmt: skip
+    rope = {k: v for k, v in config.rope_parameters.items() if k not in ("rope_type", "rope_theta")}
+    return {
+        "architectures": ["DeepseekV3ForCausalLM"],
+        "model_type": "deepseek_v3",
+        "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV3Config"},
+        "ep_size": 1,
+        "hidden_act": "silu",
+        "initializer_range": 0.02,
+        "rope_theta": 10000,
+        "rope_scaling": rope,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.46.3",
+        "use_cache": True,
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        **{k: getattr(config, k) for k in keys},
+        **extra,
+    }
+
+
+def official_config(config: DeepseekMoeConfig) -> dict:
+    """config.json in the official family's form: `model_type` deepseek / deepseek_v2 / deepseek_v3, the RoPE
+    settings as `rope_theta` + `rope_scaling`, none of our derived keys."""
+    values = json.loads(config.to_json_string())
+    rope = values.pop("rope_parameters")
+    for key in ("head_dim", "rope_interleave", "architectures"):
+        values.pop(key, None)
+    values["rope_theta"] = rope.pop("rope_theta")
+    rope.pop("rope_type", None)
+    values["rope_scaling"] = rope if rope.get("type", "default") != "default" else None
+    if not config.use_mla:
+        family, architecture = "deepseek", "DeepseekForCausalLM"
+    elif config.topk_method == "noaux_tc":
+        family, architecture = "deepseek_v3", "DeepseekV3ForCausalLM"
+    else:
+        family, architecture = "deepseek_v2", "DeepseekV2ForCausalLM"
+    return {**values, "model_type": family, "architectures": [architecture]}
+
+
+def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """128×128 block FP8 (e4m3) with amax/448 scales; edge blocks are partial."""
+    rows, cols = weight.shape
+    scale = torch.empty(math.ceil(rows / BLOCK), math.ceil(cols / BLOCK))
+    quantized = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
+    for i in range(scale.shape[0]):
+        for j in range(scale.shape[1]):
+            block = weight[i * BLOCK : (i + 1) * BLOCK, j * BLOCK : (j + 1) * BLOCK].float()
+            scale[i, j] = block.abs().max().clamp(min=1e-4) / 448.0
+            quantized[i * BLOCK : (i + 1) * BLOCK, j * BLOCK : (j + 1) * BLOCK] = (block / scale[i, j]).to(
+                torch.float8_e4m3fn
+            )
+    return quantized, scale
+
+
+def dequantize(quantized: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    rows, cols = quantized.shape
+    return quantized.float() * scale.repeat_interleave(BLOCK, 0)[:rows].repeat_interleave(BLOCK, 1)[:, :cols]
+
+
+def to_official_fp8(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(FP8 checkpoint as DeepSeek ships it, the dequantized weights it stands for)."""
+    fp8_state, dequantized = {}, {}
+    for name, tensor in state.items():
+        if tensor.dim() == 2 and not any(key in name for key in NOT_QUANTIZED):
+            quantized, scale = quantize_fp8(tensor)
+            fp8_state[name], fp8_state[name + "_scale_inv"] = quantized, scale
+            dequantized[name] = dequantize(quantized, scale)
+        else:
+            fp8_state[name] = dequantized[name] = tensor.to(torch.bfloat16) if tensor.dim() == 2 else tensor
+    return fp8_state, dequantized
+
+
+def write_sharded(state: dict[str, torch.Tensor], directory, config: dict, shards: int = 3) -> None:
+    names = sorted(state)
+    weight_map = {}
+    for i in range(shards):
+        file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {name: state[name].contiguous() for name in names[i::shards]}
+        save_file(part, directory / file, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, file))
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())}}
+    (directory / "model.safetensors.index.json").write_text(json.dumps({**index, "weight_map": weight_map}))
+    (directory / "config.json").write_text(json.dumps(config))

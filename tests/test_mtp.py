@@ -1,0 +1,177 @@
+"""Multi-token prediction: the loss against a hand computation, gradients, official layout, speculative decoding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import randomize_
+from safetensors.torch import load_file
+
+from deepseek_moe import DeepseekMoeConfig, DeepseekMoeForCausalLM
+
+
+def _model(depth: int, seed: int = 0, **overrides) -> DeepseekMoeForCausalLM:
+    config = DeepseekMoeConfig.from_preset("tiny-v3", num_nextn_predict_layers=depth, **overrides)
+    return randomize_(DeepseekMoeForCausalLM(config), seed=seed)
+
+
+def _block(layer, x: torch.Tensor, model: DeepseekMoeForCausalLM) -> torch.Tensor:
+    """One decoder block by hand (pre-norm attention and MoE with residuals), causal over the whole sequence."""
+    seq = x.shape[1]
+    cos_sin = model.model.rotary_emb(x, torch.arange(seq)[None])
+    causal = torch.full((seq, seq), float("-inf")).triu(1)[None, None]
+    h = x + layer.self_attn(layer.input_layernorm(x), position_embeddings=cos_sin, attention_mask=causal)[0]
+    return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
+def test_mtp_loss_equals_hand_computation_for_two_depths():
+    model = _model(depth=2).eval()
+    config = model.config
+    input_ids = torch.randint(0, config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    labels = input_ids.clone()
+    labels[1, 5] = -100  # ignored target
+    out = model(input_ids, labels=labels)
+
+    hidden = model.model(input_ids).last_hidden_state
+    embeds = model.model.embed_tokens(input_ids)
+    seq, losses = input_ids.shape[1], []
+    for k in (1, 2):
+        layer = model.model.layers[config.num_hidden_layers + k - 1]
+        # h'_i = eh_proj([enorm(Emb(t_{i+k})); hnorm(h_i)]) for i < T - k
+        combined = layer.eh_proj(torch.cat([layer.enorm(embeds[:, k:]), layer.hnorm(hidden[:, : seq - k])], -1))
+        hidden = _block(layer, combined, model)
+        logits = model.lm_head(layer.shared_head.norm(hidden))  # position i predicts t_{i+k+1}
+        targets = labels[:, k + 1 :]
+        losses.append(F.cross_entropy(logits[:, : seq - k - 1].reshape(-1, config.vocab_size), targets.reshape(-1)))
+    expected_mtp = torch.stack(losses).mean()
+    main = F.cross_entropy(out.logits[:, :-1].reshape(-1, config.vocab_size), labels[:, 1:].reshape(-1))
+    assert torch.allclose(out.mtp_loss, expected_mtp, rtol=1e-5)
+    assert torch.allclose(out.loss, main + config.mtp_loss_weight * expected_mtp, rtol=1e-5)
+
+
+def test_gradients_reach_every_mtp_parameter():
+    model = _model(depth=2).train()
+    input_ids = torch.randint(0, model.config.vocab_size, (4, 12), generator=torch.Generator().manual_seed(1))
+    model(input_ids, labels=input_ids).loss.backward()
+    for k in range(2):
+        prefix = f"model.layers.{model.config.num_hidden_layers + k}."
+        for name, parameter in model.named_parameters():
+            if name.startswith(prefix) and parameter.requires_grad:
+                assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
+def test_no_mtp_work_without_labels_or_depth():
+    model = _model(depth=1).eval()
+    out = model(torch.tensor([[1, 2, 3, 4]]))
+    assert out.loss is None and out.mtp_loss is None
+    plain = _model(depth=0).eval()
+    assert plain(torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2, 3]])).mtp_loss is None
+
+
+def test_save_and_load_keep_mtp_weights_under_official_names(tmp_path):
+    model = _model(depth=1)
+    model.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    prefix = f"model.layers.{model.config.num_hidden_layers}."
+    for name in ("enorm", "hnorm", "eh_proj", "shared_head.norm", "shared_head.head", "embed_tokens"):
+        assert prefix + name + ".weight" in state, name
+    assert torch.equal(state[prefix + "shared_head.head.weight"], model.lm_head.weight)
+    reloaded, info = DeepseekMoeForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], tensor), name
+
+
+def _arithmetic_batch(rows: int, length: int, vocab: int, generator: torch.Generator) -> torch.Tensor:
+    """Sequences t_i = (a + s·i) mod vocab: the next tokens are predictable, so a trained draft gets accepted."""
+    start = torch.randint(0, vocab, (rows, 1), generator=generator)
+    step = torch.randint(1, 4, (rows, 1), generator=generator)
+    return (start + step * torch.arange(length)) % vocab
+
+
+@pytest.fixture(scope="module")
+def trained_model() -> DeepseekMoeForCausalLM:
+    """A tiny D=2 model trained briefly with the MTP loss, so drafts are partly accepted (a random model's drafts
+    are all rejected and would leave the acceptance paths untested)."""
+    torch.manual_seed(0)
+    config = DeepseekMoeConfig.from_preset("tiny-v3", num_nextn_predict_layers=2, vocab_size=64, pad_token_id=0)
+    model = DeepseekMoeForCausalLM(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        input_ids = _arithmetic_batch(16, 16, config.vocab_size, generator)
+        model(input_ids, labels=input_ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval()
+
+
+@pytest.mark.parametrize("num_draft_tokens", [1, 2])
+def test_speculative_greedy_equals_plain_greedy(trained_model, num_draft_tokens):
+    prompt = _arithmetic_batch(3, 5, 64, torch.Generator().manual_seed(3))
+    prompt[2, 2:] = torch.tensor([7, 50, 9])  # an irregular row, so some drafts are rejected
+    plain = trained_model.generate(prompt, max_new_tokens=15, do_sample=False, eos_token_id=None)
+    out = trained_model.generate(
+        prompt,
+        max_new_tokens=15,
+        use_mtp=True,
+        num_draft_tokens=num_draft_tokens,
+        eos_token_id=None,
+        return_dict_in_generate=True,
+    )
+    assert torch.equal(out.sequences, plain)
+    assert out.acceptance_rate > 0.0
+    assert out.tokens_per_step > 1.0  # the drafts saved main-model passes
+
+
+def test_speculative_greedy_with_left_padding_equals_plain(trained_model):
+    rows = [_arithmetic_batch(1, n, 64, torch.Generator().manual_seed(n))[0] + 1 for n in (6, 3)]
+    input_ids = torch.zeros(2, 6, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for i, row in enumerate(rows):
+        input_ids[i, 6 - len(row) :], attention_mask[i, 6 - len(row) :] = row % 64, 1
+    kwargs = {"attention_mask": attention_mask, "max_new_tokens": 10, "eos_token_id": None}
+    plain = trained_model.generate(input_ids, do_sample=False, **kwargs)
+    speculative = trained_model.generate(input_ids, use_mtp=True, **kwargs)
+    assert torch.equal(speculative, plain)
+
+
+def test_speculative_stops_like_generate_at_eos(trained_model):
+    prompt = torch.tensor([[10, 11, 12, 13]])
+    plain = trained_model.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=20, pad_token_id=0)
+    speculative = trained_model.generate(prompt, max_new_tokens=12, use_mtp=True, eos_token_id=20, pad_token_id=0)
+    assert 20 in plain[0, 4:].tolist() and plain.shape[1] < 4 + 12  # it did stop early
+    assert torch.equal(speculative, plain)
+
+
+def test_use_mtp_rejects_sampling_and_missing_modules():
+    with pytest.raises(ValueError, match="greedy"):
+        _model(depth=1).generate(torch.tensor([[1, 2]]), use_mtp=True, do_sample=True)
+    with pytest.raises(ValueError, match="num_nextn_predict_layers"):
+        _model(depth=0).generate(torch.tensor([[1, 2]]), use_mtp=True)
+
+
+def test_mtp_loss_weight_schedule_follows_the_paper(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from deepseek_moe.training import MtpLossWeightCallback, mtp_loss_weight
+
+    assert mtp_loss_weight(0.0) == 0.3 and mtp_loss_weight(0.6) == 0.3 and mtp_loss_weight(0.7) == 0.1
+    with pytest.raises(ValueError, match="progress"):
+        mtp_loss_weight(1.5)
+
+    model = _model(depth=1)
+    seen = []
+
+    class Record(MtpLossWeightCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            seen.append(model.config.mtp_loss_weight)
+
+    data = [{"input_ids": torch.arange(8), "labels": torch.arange(8)} for _ in range(8)]
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=2, use_cpu=True, report_to=[],
+        save_strategy="no", logging_strategy="no",
+    )  # fmt: skip
+    Trainer(model=model, args=args, train_dataset=data, callbacks=[Record(switch_at=0.5)]).train()
+    assert seen == [0.3, 0.3, 0.1, 0.1]
