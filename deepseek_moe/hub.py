@@ -27,35 +27,22 @@ from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils.sha import git_hash, sha_fileobj
 from safetensors import SafetensorError, safe_open
 from transformers.core_model_loading import revert_weight_conversion
-from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.modeling_utils import remove_tied_weights_from_state_dict
 from transformers.utils.hub import convert_file_size_to_int
 
-from . import configuration_deepseek_moe, modeling_deepseek_moe
 from .configuration_deepseek_moe import DeepseekMoeConfig
 from .info import family, summary
-from .modeling_deepseek_moe import (
-    DeepseekMoeForCausalLM,
-    DeepseekMoeForSequenceClassification,
-    DeepseekMoeModel,
-)
+from .modeling_deepseek_moe import DeepseekMoeForCausalLM
+from .remote_code import AUTO_MAP, remote_code_files
 
 WEIGHTS_INDEX = "model.safetensors.index.json"
 TRAINER_STATE = "trainer_state.json"
-# Written by the converter next to the weights; its "source" names the checkpoint it came from.
+# How the folder was made (JSON; "source" names the original checkpoint), shown on the card when present. Proposed
+# here: `deepseek-moe convert` does not write one yet.
 CONVERSION_RECORD = "conversion.json"
 # Not part of a published model: hidden files and caches, training-resume state, and Python files (the model code is
 # exported fresh from this package, so stale copies must not shadow it).
 SKIPPED = (".*", "__pycache__", "*.pyc", "*.py", "checkpoint-*", "optimizer.pt", "scheduler.pt", "rng_state*.pth")
-AUTO_MAP = {
-    auto: f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}"
-    for auto, cls in (
-        ("AutoConfig", DeepseekMoeConfig),
-        ("AutoModel", DeepseekMoeModel),
-        ("AutoModelForCausalLM", DeepseekMoeForCausalLM),
-        ("AutoModelForSequenceClassification", DeepseekMoeForSequenceClassification),
-    )
-}
 TAGS = ["deepseek", "moe", "custom_code"]
 # The files that make a repository loadable and carded; committed last so it only looks complete once it is.
 FINAL_FILES = ("config.json", WEIGHTS_INDEX, "adapter_config.json", "README.md")
@@ -143,15 +130,6 @@ def check_weights(model_dir: Path, config: DeepseekMoeConfig) -> None:
     missing = sorted(expected_weights(config) - stored_weights(model_dir).keys())
     if missing:
         raise UploadError(f"{len(missing)} weights are missing from {model_dir}, e.g. {', '.join(missing[:3])}")
-
-
-def remote_code_files() -> list[Path]:
-    """The model code and every sibling it imports with single-dot imports, as transformers' `custom_object_save`
-    would copy them (flat into the repository root)."""
-    files = {Path(module.__file__) for module in (configuration_deepseek_moe, modeling_deepseek_moe)}
-    for module_file in list(files):
-        files.update(Path(file) for file in get_relative_import_files(str(module_file)))
-    return sorted(files)
 
 
 # Python source that makes `import deepseek_moe` fail even where the package is installed; run with `python -I` (no
@@ -578,13 +556,11 @@ def upload(
 
 
 __all__ = [
-    "AUTO_MAP",
     "HIDE_PACKAGE",
     "Plan",
     "UploadError",
     "commit_batches",
     "expected_weights",
-    "remote_code_files",
     "stage",
     "upload",
 ]

@@ -24,7 +24,8 @@ from huggingface_hub import constants
 from deepseek_moe import DeepseekMoeConfig, DeepseekMoeForCausalLM
 from deepseek_moe import hub as hub_module
 from deepseek_moe.cli import main
-from deepseek_moe.hub import AUTO_MAP, HIDE_PACKAGE, remote_code_files
+from deepseek_moe.hub import HIDE_PACKAGE
+from deepseek_moe.remote_code import AUTO_MAP, remote_code_files
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = [[3, 14, 15, 92, 65, 35, 89, 79]]

@@ -22,11 +22,10 @@ from pathlib import Path
 import torch
 from huggingface_hub.utils import tqdm
 from safetensors import safe_open
-from transformers.dynamic_module_utils import get_relative_import_files
 
-from .. import modeling_deepseek_moe
 from ..configuration_deepseek_moe import DeepseekMoeConfig
 from ..modeling_deepseek_moe import FP8_BLOCK, DeepseekMoeForCausalLM, dequantize_fp8_blockwise
+from ..remote_code import AUTO_MAP, remote_code_files
 from .layouts import (
     INDEX_FILE,
     SCALE_SUFFIX,
@@ -51,11 +50,6 @@ DTYPES = {
     "float16": torch.float16,
     "fp32": torch.float32,
     "float32": torch.float32,
-}
-AUTO_MAP = {
-    "AutoConfig": "configuration_deepseek_moe.DeepseekMoeConfig",
-    "AutoModel": "modeling_deepseek_moe.DeepseekMoeModel",
-    "AutoModelForCausalLM": "modeling_deepseek_moe.DeepseekMoeForCausalLM",
 }
 FP8_QUANTIZATION_CONFIG = {
     "activation_scheme": "dynamic",
@@ -346,8 +340,7 @@ def write_conversion(plan: ConversionPlan, directory: Path, progress: bool = Tru
     for path in plan.copies:
         shutil.copyfile(path, directory / path.name)
     if plan.target != "mp":  # the auto_map's remote code, so trust_remote_code works without this package
-        modeling = Path(modeling_deepseek_moe.__file__)
-        for path in [modeling, *map(Path, get_relative_import_files(str(modeling)))]:
+        for path in remote_code_files():
             shutil.copyfile(path, directory / path.name)
 
 
