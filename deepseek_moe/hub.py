@@ -33,13 +33,10 @@ from transformers.utils.hub import convert_file_size_to_int
 from .configuration_deepseek_moe import DeepseekMoeConfig
 from .info import family, summary
 from .modeling_deepseek_moe import DeepseekMoeForCausalLM
-from .remote_code import AUTO_MAP, remote_code_files
+from .remote_code import AUTO_MAP, CONVERSION_RECORD, remote_code_files
 
 WEIGHTS_INDEX = "model.safetensors.index.json"
 TRAINER_STATE = "trainer_state.json"
-# How the folder was made (JSON; "source" names the original checkpoint), shown on the card when present. Proposed
-# here: `deepseek-moe convert` does not write one yet.
-CONVERSION_RECORD = "conversion.json"
 # Not part of a published model: hidden files and caches, training-resume state, and Python files (the model code is
 # exported fresh from this package, so stale copies must not shadow it).
 SKIPPED = (".*", "__pycache__", "*.pyc", "*.py", "checkpoint-*", "optimizer.pt", "scheduler.pt", "rng_state*.pth")

@@ -22,6 +22,10 @@ AUTO_MAP = {
     )
 }
 
+# How a folder was made (JSON; "source" names the original checkpoint): written by `deepseek-moe convert`, shown on
+# the Hub model card.
+CONVERSION_RECORD = "conversion.json"
+
 
 def remote_code_files() -> list[Path]:
     """The model code and every sibling it imports with single-dot imports, as transformers' `custom_object_save`
@@ -32,4 +36,4 @@ def remote_code_files() -> list[Path]:
     return sorted(files)
 
 
-__all__ = ["AUTO_MAP", "remote_code_files"]
+__all__ = ["AUTO_MAP", "CONVERSION_RECORD", "remote_code_files"]

@@ -476,3 +476,15 @@ def test_cli_convert_and_dry_run(tmp_path, capsys):
     assert (tmp_path / "out" / "model.safetensors.index.json").exists()
     assert main([*args, "--no-progress"]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_conversion_writes_a_record_for_the_model_card(tmp_path):
+    from deepseek_moe.conversion.convert import convert_checkpoint
+    from deepseek_moe.remote_code import CONVERSION_RECORD
+
+    config = DeepseekMoeConfig.from_preset("tiny-v2-lite")
+    randomize_(DeepseekMoeForCausalLM(config)).save_pretrained(tmp_path / "source")
+    convert_checkpoint(tmp_path / "source", tmp_path / "out", dtype="bf16", progress=False)
+    record = json.loads((tmp_path / "out" / CONVERSION_RECORD).read_text())
+    assert record["source"] == str(tmp_path / "source") and record["dtype"] == "bfloat16"
+    assert record["target"] == "deepseek_moe" and record["mtp"] == "kept"

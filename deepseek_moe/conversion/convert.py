@@ -10,6 +10,7 @@ so a failed or interrupted run leaves no partial output; the next run removes le
 from __future__ import annotations
 
 import copy
+import importlib.metadata
 import json
 import os
 import shutil
@@ -25,7 +26,7 @@ from safetensors import safe_open
 
 from ..configuration_deepseek_moe import DeepseekMoeConfig
 from ..modeling_deepseek_moe import FP8_BLOCK, DeepseekMoeForCausalLM, dequantize_fp8_blockwise
-from ..remote_code import AUTO_MAP, remote_code_files
+from ..remote_code import AUTO_MAP, CONVERSION_RECORD, remote_code_files
 from .layouts import (
     INDEX_FILE,
     SCALE_SUFFIX,
@@ -339,9 +340,28 @@ def write_conversion(plan: ConversionPlan, directory: Path, progress: bool = Tru
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     for path in plan.copies:
         shutil.copyfile(path, directory / path.name)
+    (directory / CONVERSION_RECORD).write_text(json.dumps(conversion_record(plan), indent=2) + "\n")
     if plan.target != "mp":  # the auto_map's remote code, so trust_remote_code works without this package
         for path in remote_code_files():
             shutil.copyfile(path, directory / path.name)
+
+
+def conversion_record(plan: ConversionPlan) -> dict[str, str]:
+    """How the output was made, kept beside it (`conversion.json`; the Hub model card shows it)."""
+    source = plan.source
+    scaled = any(is_scale(name) for name in source.tensors)
+    try:
+        tool = f"deepseek-moe {importlib.metadata.version('deepseek-moe')}"
+    except importlib.metadata.PackageNotFoundError:
+        tool = "deepseek-moe"
+    return {
+        "source": str(source.directory),
+        "source_format": f"{'model-parallel' if source.layout == 'mp' else 'Hugging Face'}{' FP8' if scaled else ''}",
+        "target": {"ours": "deepseek_moe", "fp8": "official FP8 (128x128 blocks)", "mp": "model-parallel"}[plan.target],
+        "dtype": str(plan.config.dtype).removeprefix("torch."),
+        "mtp": f"dropped ({len(plan.dropped)} tensors)" if plan.dropped else "kept",
+        "converted_with": tool,
+    }
 
 
 def _write_step(source: Checkpoint, step: Step, writer: StreamingWriter) -> int:
