@@ -35,6 +35,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_deepseek_moe import DeepseekMoeConfig
+from .moe_kernels import IMPLEMENTATION_NAME, kernels_default
 
 
 class DeepseekMoeRMSNorm(nn.Module):
@@ -681,6 +682,13 @@ class DeepseekMoePreTrainedModel(PreTrainedModel):
     _keep_in_fp32_modules_strict = ["e_score_correction_bias", "gate.weight"]
     # Official MTP layers carry copies of the shared embedding and head; ours share the model's own.
     _keys_to_ignore_on_load_unexpected = [r"model\.layers\.\d+\.(embed_tokens|shared_head\.head)\.weight"]
+
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        """Unless the user chose one, run the experts with our Triton kernels (`"deepseek_triton"`, registered by
+        `moe_kernels`) where CUDA and triton are present, and keep transformers' default everywhere else."""
+        if requested_experts is None and kernels_default():
+            requested_experts = IMPLEMENTATION_NAME
+        return super().get_correct_experts_implementation(requested_experts)
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)

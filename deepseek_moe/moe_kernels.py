@@ -541,13 +541,14 @@ def fused_experts(
     return _forward(*tensors, meta, keep_gate_up=False)[0]
 
 
-def kernels_available(device: torch.device | None = None) -> bool:
+def kernels_default() -> bool:
+    """Whether `"deepseek_triton"` should be the default experts implementation: triton and a CUDA device."""
+    return triton is not None and torch.cuda.is_available()
+
+
+def kernels_run_on(device: torch.device) -> bool:
     """Triton kernels run on CUDA tensors, or anywhere under `TRITON_INTERPRET=1` (slow; for tests)."""
-    if triton is None:
-        return False
-    if device is None:
-        return _INTERPRET or torch.cuda.is_available()
-    return _INTERPRET or device.type == "cuda"
+    return triton is not None and (device.type == "cuda" or _INTERPRET)
 
 
 def deepseek_triton_experts_forward(
@@ -555,7 +556,7 @@ def deepseek_triton_experts_forward(
 ) -> torch.Tensor:
     """`ExpertsInterface` entry: the kernels where they can run, the module's own PyTorch forward elsewhere."""
     supported = self.config.hidden_act == "silu" and not self._is_expert_parallel and not self.has_bias
-    if not (supported and kernels_available(hidden_states.device)):
+    if not (supported and kernels_run_on(hidden_states.device)):
         return inspect.unwrap(type(self).forward)(self, hidden_states, top_k_index, top_k_weights)
     return fused_experts(hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj)
 
