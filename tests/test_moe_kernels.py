@@ -100,7 +100,7 @@ def test_routing_metadata_tiles_cover_each_expert_group():
     assert meta.tokens_per_expert[-1] == 0
     assert torch.equal(flat[meta.sorted_slots.long()], flat.sort(stable=True).values)
     covered = torch.zeros(flat.numel(), dtype=torch.long)
-    for expert, start in zip(meta.tile_expert.tolist(), meta.tile_row_start.tolist()):
+    for expert, start in zip(meta.tile_expert.tolist(), meta.tile_row_start.tolist(), strict=True):
         if expert == num_experts:
             continue
         end = min(start + block_m, int(meta.expert_offsets[expert + 1]))
