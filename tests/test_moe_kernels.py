@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import ast
 import inspect
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -210,3 +214,19 @@ def test_peft_lora_on_expert_weights_reaches_the_kernels(tmp_path):
     torch.testing.assert_close(results[moe_kernels.IMPLEMENTATION_NAME][0], results["eager"][0], rtol=1e-4, atol=1e-5)
     for name, grad in results["eager"][1].items():
         torch.testing.assert_close(results[moe_kernels.IMPLEMENTATION_NAME][1][name], grad, rtol=1e-4, atol=1e-6)
+
+
+def test_importable_without_triton_and_as_remote_code():
+    """Hub remote code: triton is imported only inside `try:` (transformers' `check_imports` skips those), and
+    without it the module imports, does not become the default and runs the PyTorch forward."""
+    from transformers.dynamic_module_utils import get_imports
+
+    assert "triton" not in get_imports(moe_kernels.__file__)
+    script = (
+        "import sys; sys.modules['triton'] = None\n"
+        "from deepseek_moe import moe_kernels\n"
+        "assert moe_kernels.triton is None and not moe_kernels.kernels_default()\n"
+        "assert not moe_kernels.kernels_run_on(__import__('torch').device('cuda'))\n"
+    )
+    repo_root = str(Path(moe_kernels.__file__).resolve().parents[1])
+    subprocess.run([sys.executable, "-c", script], check=True, env={**os.environ, "PYTHONPATH": repo_root})
