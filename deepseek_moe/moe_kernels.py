@@ -457,8 +457,7 @@ def _forward(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     num_tokens, top_k = top_k_weights.shape
     h, gate_up = _gate_up(hidden_states, gate_up_proj, meta, top_k, keep_gate_up)
-    down_strides = (down_proj.stride(0), down_proj.stride(1), down_proj.stride(2))
-    weighted = _grouped_gemm_scatter(h, down_proj, down_proj.shape[1], down_strides, meta, top_k_weights)
+    weighted = _grouped_gemm_scatter(h, down_proj, down_proj.shape[1], down_proj.stride(), meta, top_k_weights)
     return _combine(weighted, num_tokens, top_k, hidden_states.dtype), gate_up
 
 
