@@ -48,24 +48,26 @@ def _synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _time(fn: Callable[[], object], device: str, reps: int) -> float:
-    """Fastest of `reps` calls after one warm-up: the least disturbed by other work on a shared machine."""
-    fn()
-    times = []
-    for _ in range(reps):
-        _synchronize(device)
-        start = time.perf_counter()
-        fn()
-        _synchronize(device)
-        times.append(time.perf_counter() - start)
-    return min(times)
+def _time_each(fns: dict[str, Callable[[], object]], device: str, reps: int) -> dict[str, float]:
+    """Fastest of `reps` calls of each function after one warm-up. The functions take turns within each round, so
+    that load from other work on a shared machine falls on all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for round_ in range(reps + 1):
+        for name, fn in fns.items():
+            _synchronize(device)
+            start = time.perf_counter()
+            fn()
+            _synchronize(device)
+            if round_:
+                times[name].append(time.perf_counter() - start)
+    return {name: min(values) for name, values in times.items()}
 
 
 def _copy_bandwidth(device: str) -> float:
     """Bytes/s of a large copy (read + write), the floor's memory speed."""
     source = torch.empty(64 * 2**20, dtype=torch.float32, device=device)
     target = torch.empty_like(source)
-    seconds = _time(lambda: target.copy_(source), device, reps=5)
+    seconds = _time_each({"copy": lambda: target.copy_(source)}, device, reps=5)["copy"]
     return 2 * source.numel() * source.element_size() / seconds
 
 
@@ -83,34 +85,31 @@ def bench_training(experts, top_k: int, num_tokens: int, device: str, reps: int)
     weights = weights.to(x.dtype).requires_grad_()
     grad_out = torch.randn_like(x)
     forward_flop = 6 * num_tokens * top_k * hidden * inter
+    names = _implementations(device, training=True)
+    steps = {}
+    for name in names:
+        steps[name, "fwd"] = partial(_step, experts, name, x, index, weights, None)
+        steps[name, "fwd+bwd"] = partial(_step, experts, name, x, index, weights, grad_out)
+    times = _time_each(steps, device, reps)
     rows = []
-    for name in _implementations(device, training=True):
-        experts.config._experts_implementation = name
-
-        def forward():
-            return experts(x, index, weights)
-
-        def forward_backward():
-            experts(x, index, weights).backward(grad_out)
-
-        def backward_only():
-            out = forward()
-            _synchronize(device)
-            start = time.perf_counter()
-            out.backward(grad_out)
-            _synchronize(device)
-            return time.perf_counter() - start
-
-        t_forward = _time(forward, device, reps)
-        backward_only()
-        t_backward = min(backward_only() for _ in range(reps))
-        t_total = _time(forward_backward, device, reps)
+    for name in names:
+        t_forward, t_total = times[name, "fwd"], times[name, "fwd+bwd"]
+        t_backward = t_total - t_forward
         rows.append(
             f"| {name} | {t_forward * 1e3:.1f} | {t_backward * 1e3:.1f} | {t_total * 1e3:.1f} | "
             f"{forward_flop / t_forward / 1e12:.3f} | {2 * forward_flop / t_backward / 1e12:.3f} | "
             f"{3 * forward_flop / t_total / 1e12:.3f} |"
         )
     return rows
+
+
+def _step(experts, name: str, x, index, weights, grad_out: torch.Tensor | None) -> None:
+    """One forward (with autograd, as in training) and, given an output gradient, its backward."""
+    experts.config._experts_implementation = name
+    experts.zero_grad(set_to_none=True)  # as a training step would, instead of accumulating
+    out = experts(x, index, weights)
+    if grad_out is not None:
+        out.backward(grad_out)
 
 
 @torch.no_grad()
@@ -125,14 +124,18 @@ def bench_decode(experts, top_k: int, batches: list[int], device: str, reps: int
         weights = weights.to(x.dtype)
         touched = index.unique().numel()
         floor_bytes = touched * 3 * hidden * inter * element + 2 * batch * hidden * element
-        times = {}
-        for name in names:
-            experts.config._experts_implementation = name
-            times[name] = _time(partial(experts, x, index, weights), device, reps)
+        times = _time_each(
+            {name: partial(_decode_step, experts, name, x, index, weights) for name in names}, device, reps
+        )
         cells = " | ".join(f"{times[n] * 1e3:.2f} ({floor_bytes / times[n] / 1e9:.1f})" for n in names)
         rows.append(f"| {batch} | {touched} | {floor_bytes / bandwidth * 1e3:.2f} | {cells} |")
     header = " | ".join(f"{n} ms (GB/s)" for n in names)
     return [f"| batch | experts touched | floor ms | {header} |", "|" + "---|" * (3 + len(names)), *rows]
+
+
+def _decode_step(experts, name: str, x, index, weights) -> torch.Tensor:
+    experts.config._experts_implementation = name
+    return experts(x, index, weights)
 
 
 def main() -> None:
@@ -159,7 +162,7 @@ def main() -> None:
         hidden, inter, num_experts = hidden // args.scale, inter // args.scale, num_experts // args.expert_scale
         experts = _experts(hidden, inter, num_experts, args.device, dtype)
         print(f"\n### {shape} scaled: hidden {hidden}, intermediate {inter}, {num_experts} experts, top-{top_k}")
-        print(f"\nTraining, {args.tokens} tokens (ms; TFLOP/s of the routed GEMMs):\n")
+        print(f"\nTraining, {args.tokens} tokens (ms; bwd = fwd+bwd − fwd; TFLOP/s of the routed GEMMs):\n")
         print("| implementation | fwd ms | bwd ms | fwd+bwd ms | fwd TFLOP/s | bwd TFLOP/s | fwd+bwd TFLOP/s |")
         print("|---|---|---|---|---|---|---|")
         print("\n".join(bench_training(experts, top_k, args.tokens, args.device, args.reps)))
