@@ -528,16 +528,20 @@ def fused_experts(
 
     Differentiable in hidden_states, top_k_weights and both weights. Without autograd (decode, eval) nothing is
     saved, and small batches use BLOCK_M = 16 tiles. `block_m` overrides the tile height (a power of two ≥ 16).
+    A GEMM takes one dtype, so the hidden states are cast to the weights' (autocast), and the result back.
     """
     num_tokens = hidden_states.shape[0]
+    if num_tokens == 0:
+        return torch.zeros_like(hidden_states)
     if block_m is None:
         block_m = BLOCK_M_DECODE if num_tokens <= DECODE_MAX_TOKENS or _INTERPRET else BLOCK_M_TRAIN
     meta = routing_metadata(top_k_index, gate_up_proj.shape[0], block_m)
-    hidden_states, top_k_weights = hidden_states.contiguous(), top_k_weights.contiguous()
-    tensors = (hidden_states, top_k_weights, gate_up_proj, down_proj)
+    tensors = (hidden_states.to(gate_up_proj.dtype).contiguous(), top_k_weights.contiguous(), gate_up_proj, down_proj)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return _FusedExperts.apply(*tensors, meta)
-    return _forward(*tensors, meta, keep_gate_up=False)[0]
+        out = _FusedExperts.apply(*tensors, meta)
+    else:
+        out = _forward(*tensors, meta, keep_gate_up=False)[0]
+    return out.to(hidden_states.dtype)
 
 
 def kernels_default() -> bool:

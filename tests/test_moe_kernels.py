@@ -95,6 +95,17 @@ def test_inference_path_matches_training_path():
     torch.testing.assert_close(inference, training.detach(), rtol=0, atol=0)
 
 
+def test_mixed_dtypes_and_empty_batch():
+    """fp32 activations with bf16 weights (autocast) run in the weights' dtype; zero tokens give an empty output."""
+    (x, weights, gate_up, down), index = _inputs(5, 32, 32, 4, 2, torch.float32)
+    out = moe_kernels.fused_experts(x, index, weights, gate_up.bfloat16(), down.bfloat16())
+    assert out.dtype == torch.float32
+    reference = _reference(x.double(), index, weights.double(), gate_up.bfloat16().double(), down.bfloat16().double())
+    _assert_close(out, reference, torch.bfloat16, "output")
+    empty = moe_kernels.fused_experts(x[:0], index[:0], weights[:0], gate_up, down)
+    assert empty.shape == (0, 32)
+
+
 def test_routing_metadata_tiles_cover_each_expert_group():
     num_experts, block_m = 6, 16
     index, _ = _routing(29, num_experts, 3, seed=2)
