@@ -208,8 +208,9 @@ def test_model_logits_and_gradients_match_eager():
         model.zero_grad()
         logits = model(input_ids).logits
         logits.square().mean().backward()
-        experts = model.model.layers[1].mlp.experts
-        results[implementation] = (logits.detach(), experts.gate_up_proj.grad.clone(), experts.down_proj.grad.clone())
+        moe = model.model.layers[1].mlp  # the router's gradient comes through the routing-weight gradient
+        grads = (moe.experts.gate_up_proj.grad, moe.experts.down_proj.grad, moe.gate.weight.grad)
+        results[implementation] = (logits.detach(), *(grad.clone() for grad in grads))
     for ours, eager in zip(results[moe_kernels.IMPLEMENTATION_NAME], results["eager"], strict=True):
         torch.testing.assert_close(ours, eager, rtol=1e-4, atol=1e-5)
 
