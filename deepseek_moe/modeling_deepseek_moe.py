@@ -37,6 +37,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_deepseek_moe import DeepseekMoeConfig
 from .mla_kernels import mla_decode_triton, triton_decode_available
+from .moe_kernels import IMPLEMENTATION_NAME, kernels_default
 
 
 class DeepseekMoeRMSNorm(nn.Module):
@@ -529,7 +530,8 @@ class DeepseekMoeExperts(nn.Module):
     """Routed experts as fused 3D weights: `gate_up_proj` [E, 2I, H] (gate rows first) and `down_proj` [E, H, I].
 
     This eager path sorts the (token, slot) pairs by expert once and runs each expert on one contiguous slice;
-    transformers' `grouped_mm`/`batched_mm` implementations plug in through `@use_experts_implementation`.
+    transformers' `grouped_mm`/`batched_mm` and our Triton kernels (`"deepseek_triton"`, `moe_kernels`) plug in
+    through `@use_experts_implementation`.
     """
 
     def __init__(self, config: DeepseekMoeConfig) -> None:
@@ -549,13 +551,15 @@ class DeepseekMoeExperts(nn.Module):
         order = flat_experts.argsort(stable=True)
         token_of_slot = order // top_k
         counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
-        routed_inputs = hidden_states[token_of_slot]
+        routed_inputs = hidden_states[token_of_slot].split(counts)
+        # One unbind, not `proj[expert]` per expert: autograd would build a full [E, ...] gradient for each index.
+        per_expert = zip(routed_inputs, self.gate_up_proj.unbind(0), self.down_proj.unbind(0), strict=True)
         outputs = []
-        for expert, rows in enumerate(routed_inputs.split(counts)):
+        for rows, gate_up_proj, down_proj in per_expert:
             if rows.shape[0] == 0:
                 continue
-            gate, up = F.linear(rows, self.gate_up_proj[expert]).chunk(2, dim=-1)
-            outputs.append(F.linear(self.act_fn(gate) * up, self.down_proj[expert]))
+            gate, up = F.linear(rows, gate_up_proj).chunk(2, dim=-1)
+            outputs.append(F.linear(self.act_fn(gate) * up, down_proj))
         routed_outputs = torch.cat(outputs) * top_k_weights.reshape(-1)[order, None]
         final = torch.zeros_like(hidden_states)
         return final.index_add_(0, token_of_slot, routed_outputs.to(final.dtype))
@@ -752,6 +756,13 @@ class DeepseekMoePreTrainedModel(PreTrainedModel):
     _keep_in_fp32_modules_strict = ["e_score_correction_bias", "gate.weight"]
     # Official MTP layers carry copies of the shared embedding and head; ours share the model's own.
     _keys_to_ignore_on_load_unexpected = [r"model\.layers\.\d+\.(embed_tokens|shared_head\.head)\.weight"]
+
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        """Unless the user chose one, run the experts with our Triton kernels (`"deepseek_triton"`, registered by
+        `moe_kernels`) where CUDA and triton are present, and keep transformers' default everywhere else."""
+        if requested_experts is None and kernels_default():
+            requested_experts = IMPLEMENTATION_NAME
+        return super().get_correct_experts_implementation(requested_experts)
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
