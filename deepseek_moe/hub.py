@@ -20,19 +20,16 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCardData, get_token
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils.sha import git_hash, sha_fileobj
 from safetensors import SafetensorError, safe_open
-from transformers.core_model_loading import revert_weight_conversion
-from transformers.modeling_utils import remove_tied_weights_from_state_dict
 from transformers.utils.hub import convert_file_size_to_int
 
 from .configuration_deepseek_moe import DeepseekMoeConfig
+from .conversion.layouts import expected_shapes
 from .info import family, summary
-from .modeling_deepseek_moe import DeepseekMoeForCausalLM
 from .remote_code import AUTO_MAP, CONVERSION_RECORD, remote_code_files
 
 WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -114,17 +111,9 @@ def stored_weights(model_dir: Path) -> dict[str, str]:
     return weight_map
 
 
-def expected_weights(config: DeepseekMoeConfig) -> set[str]:
-    """The tensor names a complete checkpoint stores, exactly as `save_pretrained` writes them: the state dict of the
-    model built on the meta device, tied copies dropped, fused experts reverted to the official per-expert names."""
-    with torch.device("meta"):
-        model = DeepseekMoeForCausalLM(config)
-    state = remove_tied_weights_from_state_dict(model.state_dict(), model)
-    return set(revert_weight_conversion(model, state))
-
-
 def check_weights(model_dir: Path, config: DeepseekMoeConfig) -> None:
-    missing = sorted(expected_weights(config) - stored_weights(model_dir).keys())
+    required, optional = expected_shapes(config)
+    missing = sorted(required.keys() - optional - stored_weights(model_dir).keys())
     if missing:
         raise UploadError(f"{len(missing)} weights are missing from {model_dir}, e.g. {', '.join(missing[:3])}")
 
@@ -557,7 +546,6 @@ __all__ = [
     "Plan",
     "UploadError",
     "commit_batches",
-    "expected_weights",
     "stage",
     "upload",
 ]

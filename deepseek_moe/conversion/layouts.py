@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from transformers.core_model_loading import revert_weight_conversion
+from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
 from ..configuration_deepseek_moe import DeepseekMoeConfig
 from ..modeling_deepseek_moe import FP8_BLOCK, DeepseekMoeForCausalLM
@@ -217,12 +218,13 @@ def quantize_fp8_blockwise(weight: torch.Tensor, block: int = FP8_BLOCK) -> tupl
 
 
 def expected_shapes(config: DeepseekMoeConfig) -> tuple[dict[str, tuple[int, ...]], set[str]]:
-    """Shapes of every tensor the config's checkpoint must hold, in the official per-expert layout (derived from the
-    model on the meta device and transformers' own save-time conversion, so they cannot drift from the model), and
-    the names it may hold besides: the copies of the embedding and head in official MTP layers."""
+    """Shapes of every tensor the config's checkpoint must hold, exactly as `save_pretrained` writes them (the model on
+    the meta device, tied copies dropped, fused experts reverted to the official per-expert names by transformers'
+    own save-time conversion, so they cannot drift from the model), and the names it may hold besides: the copies of
+    the embedding and head in official MTP layers."""
     with torch.device("meta"):
         model = DeepseekMoeForCausalLM(config)
-    state = revert_weight_conversion(model, model.state_dict())
+    state = revert_weight_conversion(model, remove_tied_weights_from_state_dict(model.state_dict(), model))
     shapes = {name: tuple(tensor.shape) for name, tensor in state.items()}
     optional = set()
     for k in range(config.num_nextn_predict_layers):
