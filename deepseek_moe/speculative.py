@@ -32,13 +32,12 @@ class MtpGenerateOutput(ModelOutput):
     accepted_tokens: int | None = None
 
 
-def _crop(cache: Cache, length: int, layer_indices: range) -> None:
-    """Keep the first `length` positions of the given cache layers."""
-    for index in layer_indices:
-        if index < len(cache.layers):
-            extra = cache.layers[index].get_seq_length() - length
-            if extra > 0:
-                cache.layers[index].crop(-extra)
+def _crop_layer(cache: Cache, index: int, length: int) -> None:
+    """Keep the first `length` positions of one cache layer (MTP depths each keep a different length)."""
+    if index < len(cache.layers):
+        extra = cache.layers[index].get_seq_length() - length
+        if extra > 0:
+            cache.layers[index].crop(-extra)
 
 
 def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -84,7 +83,7 @@ def mtp_greedy_generate(
         previous, known = main_hidden, tokens
         for k in range(1, depths + 1):
             start = processed[k - 1]
-            _crop(mtp_cache, start, range(first_mtp + k - 1, first_mtp + k))
+            _crop_layer(mtp_cache, first_mtp + k - 1, start)
             hidden_k = model.mtp_hidden_states(
                 k,
                 previous[:, start:n],
@@ -114,7 +113,8 @@ def mtp_greedy_generate(
         steps += 1
         step_accepted = int(agree.min())
         new_tokens = torch.cat([drafts[:, :step_accepted], greedy[:, step_accepted : step_accepted + 1]], 1)
-        _crop(cache, n + 1 + step_accepted, range(len(cache.layers)))
+        if step_accepted < depths:
+            cache.crop(step_accepted - depths)  # forget the rejected drafts
         main_hidden = torch.cat([main_hidden, verify.last_hidden_state[:, : step_accepted + 1]], 1)
         tokens = torch.cat([tokens, new_tokens], 1)
         mask = torch.cat([mask, torch.ones_like(new_tokens)], 1)
