@@ -11,5 +11,3 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
     .venv/bin/python -m pip install -q "torch==2.13.0"
 fi
 .venv/bin/python -m pip install -q -e ".[dev]"
-# transformers' own common model tests for the installed version (run by tests/test_transformers_common.py).
-.venv/bin/python scripts/fetch_transformers_tests.py

@@ -3,6 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# transformers' own common model tests for the installed version (run by tests/test_transformers_common.py).
+.venv/bin/python scripts/fetch_transformers_tests.py
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 set +e
 .venv/bin/python -m pytest -q "$@"
