@@ -1,7 +1,7 @@
 """transformers' own common model tests (ModelTesterMixin, TrainingTesterMixin, ConfigTester) on our classes.
 
 The mixins come from the transformers sdist of the installed version (`scripts/fetch_transformers_tests.py`, run by
-`scripts/setup.sh`); generation tests are not in the sdist and are covered by our own generation tests.
+`scripts/test.sh`); generation tests are not in the sdist and are covered by our own generation tests.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import transformers
 
 CACHE = Path(__file__).resolve().parent.parent / ".cache" / "transformers-tests" / transformers.__version__
 if not (CACHE / "hftests" / "test_modeling_common.py").exists():
-    pytest.skip("transformers' test mixins are missing: run scripts/setup.sh", allow_module_level=True)
+    pytest.skip("transformers' test mixins are missing: run scripts/test.sh", allow_module_level=True)
 sys.path.insert(0, str(CACHE))
 
 from hftests.test_configuration_common import ConfigTester  # noqa: E402
