@@ -29,7 +29,9 @@ import torch
 
 from deepseek_moe import DeepseekMoeConfig
 from deepseek_moe.conversion import Checkpoint
-from deepseek_moe.conversion.synthetic import write_random_checkpoint
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from synthetic import write_random_checkpoint  # noqa: E402  (a test helper)
 
 CHILD = """
 import json, sys, time

@@ -19,8 +19,9 @@ from functools import partial
 
 import torch
 
-from deepseek_moe import DeepseekMoeConfig, moe_kernels
-from deepseek_moe.modeling_deepseek_moe import DeepseekMoeExperts
+from deepseek_moe import DeepseekMoeConfig
+from deepseek_moe.model import moe_kernels
+from deepseek_moe.model.modeling_deepseek_moe import DeepseekMoeExperts
 
 # name: (hidden, moe_intermediate, routed experts, top-k)
 SHAPES = {"v3": (7168, 2048, 256, 8), "v2-lite": (2048, 1408, 64, 6)}

@@ -1,47 +1,43 @@
 """DeepSeek mixture-of-experts models (DeepSeekMoE-16B, V2, V2-Lite, V3) for Hugging Face transformers.
 
-Importing the package registers the config and models with transformers' Auto classes (idempotently); the
-checkpoint conversion mapping is registered by the modeling module itself, so remote code gets it too.
+`import deepseek_moe` registers the config and models with transformers' Auto classes (idempotently; the checkpoint
+conversion mapping is registered by the modeling module itself, so remote code gets it too). The one exception is the
+`deepseek-moe` command line, which starts without the model so that `--help` and light commands stay fast: its
+commands import `deepseek_moe.model` (and so register) when they need it.
 """
 
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
-)
-from transformers.models.auto import modeling_auto
-
-from .configuration_deepseek_moe import PRESETS, DeepseekMoeConfig
-from .modeling_deepseek_moe import (
-    DeepseekMoeForCausalLM,
-    DeepseekMoeForSequenceClassification,
-    DeepseekMoeModel,
-    DeepseekMoePreTrainedModel,
-)
+import os
+import sys
 
 
-def _register() -> None:
-    model_type = DeepseekMoeConfig.model_type
-    AutoConfig.register(model_type, DeepseekMoeConfig, exist_ok=True)
-    AutoModel.register(DeepseekMoeConfig, DeepseekMoeModel, exist_ok=True)
-    AutoModelForCausalLM.register(DeepseekMoeConfig, DeepseekMoeForCausalLM, exist_ok=True)
-    AutoModelForSequenceClassification.register(DeepseekMoeConfig, DeepseekMoeForSequenceClassification, exist_ok=True)
-    # Trainer and the label smoother recognise causal LMs by class name in these static tables.
-    modeling_auto.MODEL_MAPPING_NAMES.setdefault(model_type, DeepseekMoeModel.__name__)
-    modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.setdefault(model_type, DeepseekMoeForCausalLM.__name__)
-    modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.setdefault(
-        model_type, DeepseekMoeForSequenceClassification.__name__
-    )
+def _started_as_command_line() -> bool:
+    """True while the console script (or `python -m deepseek_moe.cli`, `hub_upload.py`) imports the package."""
+    program = os.path.basename(sys.argv[0]) if sys.argv else ""
+    return program in ("deepseek-moe", "hub_upload.py", "-m") or program.startswith("deepseek-moe")
 
 
-_register()
+if not _started_as_command_line():
+    from . import model  # noqa: F401  (registers the Auto classes)
 
-__all__ = [
-    "PRESETS",
+_EXPORTS = {
     "DeepseekMoeConfig",
     "DeepseekMoeForCausalLM",
     "DeepseekMoeForSequenceClassification",
     "DeepseekMoeModel",
     "DeepseekMoePreTrainedModel",
-]
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        from . import model
+
+        return getattr(model, name)
+    if name == "PRESETS":
+        from .presets import PRESETS
+
+        return PRESETS
+    raise AttributeError(f"module 'deepseek_moe' has no attribute {name!r}")
+
+
+__all__ = sorted(_EXPORTS | {"PRESETS"})

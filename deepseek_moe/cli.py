@@ -8,11 +8,13 @@ import json
 import sys
 from collections.abc import Sequence
 
-from .configuration_deepseek_moe import PRESETS
-from .info import count_parameters, describe, kv_cache_bytes_per_token, load_config
+from .dtypes import DTYPE_NAMES
+from .presets import SMALL_PRESETS
 
 
 def _info(args: argparse.Namespace) -> int:
+    from .info import count_parameters, describe, kv_cache_bytes_per_token, load_config
+
     config = load_config(args.model)
     if args.json:
         report = {"parameters": count_parameters(config), "kv_cache_bytes_per_token": kv_cache_bytes_per_token(config)}
@@ -39,7 +41,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _add_demo(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("demo", help="build a small preset model and generate from it")
-    parser.add_argument("--preset", default="tiny-v3", choices=sorted(PRESETS), help="architecture (default tiny-v3)")
+    parser.add_argument("--preset", default="tiny-v3", choices=SMALL_PRESETS, help="architecture (default tiny-v3)")
     parser.add_argument("--new-tokens", type=int, default=24, help="tokens to generate")
     parser.add_argument("--prompt-length", type=int, default=8, help="length of the random prompt")
     parser.add_argument("--seed", type=int, default=0, help="seed for weights and prompt")
@@ -54,15 +56,13 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _add_generate(subparsers: argparse._SubParsersAction) -> None:
-    from .generate import DTYPES
-
     parser = subparsers.add_parser("generate", help="stream a greedy continuation from a local or Hub model")
     parser.add_argument("model", metavar="DIR_OR_REPO", help="checkpoint directory or Hub repo id")
     prompt = parser.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="text prompt (needs the checkpoint's tokenizer)")
     prompt.add_argument("--prompt-ids", help="comma-separated token ids, for checkpoints without a tokenizer")
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--dtype", default="auto", choices=sorted(DTYPES))
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_NAMES)
     parser.add_argument("--revision", default=None, help="Hub revision")
     parser.add_argument("--use-mtp", action="store_true", help="self-speculative decoding with the MTP modules")
     parser.set_defaults(run=_generate)

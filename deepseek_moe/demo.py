@@ -10,8 +10,8 @@ import time
 
 import torch
 
-from .configuration_deepseek_moe import DeepseekMoeConfig
-from .modeling_deepseek_moe import DeepseekMoeForCausalLM
+from .model.configuration_deepseek_moe import DeepseekMoeConfig
+from .model.modeling_deepseek_moe import DeepseekMoeForCausalLM
 
 
 def build_model(preset: str, seed: int) -> DeepseekMoeForCausalLM:

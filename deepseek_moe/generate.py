@@ -8,9 +8,8 @@ import torch
 from transformers import AutoTokenizer, TextStreamer
 from transformers.generation.streamers import BaseStreamer
 
-from .modeling_deepseek_moe import DeepseekMoeForCausalLM
-
-DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from .dtypes import load_dtype
+from .model.modeling_deepseek_moe import DeepseekMoeForCausalLM
 
 
 class TokenIdStreamer(BaseStreamer):
@@ -31,7 +30,7 @@ class TokenIdStreamer(BaseStreamer):
 
 def load(model: str, dtype: str = "auto", revision: str | None = None):
     """The model and, when the checkpoint has one, its tokenizer."""
-    loaded = DeepseekMoeForCausalLM.from_pretrained(model, dtype=DTYPES[dtype], revision=revision).eval()
+    loaded = DeepseekMoeForCausalLM.from_pretrained(model, dtype=load_dtype(dtype), revision=revision).eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(model, revision=revision)
     except (OSError, ValueError):

@@ -27,9 +27,9 @@ from huggingface_hub.utils.sha import git_hash, sha_fileobj
 from safetensors import SafetensorError, safe_open
 from transformers.utils.hub import convert_file_size_to_int
 
-from .configuration_deepseek_moe import DeepseekMoeConfig
 from .conversion.layouts import expected_shapes
 from .info import family, summary
+from .model.configuration_deepseek_moe import DeepseekMoeConfig
 from .remote_code import AUTO_MAP, CONVERSION_RECORD, remote_code_files
 
 WEIGHTS_INDEX = "model.safetensors.index.json"

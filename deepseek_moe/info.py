@@ -11,8 +11,9 @@ import os
 import torch
 from torch import nn
 
-from .configuration_deepseek_moe import PRESETS, DeepseekMoeConfig
-from .modeling_deepseek_moe import DeepseekMoeExperts, DeepseekMoeForCausalLM
+from .model.configuration_deepseek_moe import DeepseekMoeConfig
+from .model.modeling_deepseek_moe import DeepseekMoeExperts, DeepseekMoeForCausalLM
+from .presets import PRESETS
 
 
 def _layer_counts(layer: nn.Module, config: DeepseekMoeConfig) -> tuple[int, int]:

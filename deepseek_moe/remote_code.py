@@ -6,20 +6,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transformers.dynamic_module_utils import get_relative_import_files
-
-from . import configuration_deepseek_moe, modeling_deepseek_moe
-from .configuration_deepseek_moe import DeepseekMoeConfig
-from .modeling_deepseek_moe import DeepseekMoeForCausalLM, DeepseekMoeForSequenceClassification, DeepseekMoeModel
+MODEL_DIR = Path(__file__).resolve().parent / "model"
 
 AUTO_MAP = {
-    auto: f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}"
-    for auto, cls in (
-        ("AutoConfig", DeepseekMoeConfig),
-        ("AutoModel", DeepseekMoeModel),
-        ("AutoModelForCausalLM", DeepseekMoeForCausalLM),
-        ("AutoModelForSequenceClassification", DeepseekMoeForSequenceClassification),
-    )
+    "AutoConfig": "configuration_deepseek_moe.DeepseekMoeConfig",
+    "AutoModel": "modeling_deepseek_moe.DeepseekMoeModel",
+    "AutoModelForCausalLM": "modeling_deepseek_moe.DeepseekMoeForCausalLM",
+    "AutoModelForSequenceClassification": "modeling_deepseek_moe.DeepseekMoeForSequenceClassification",
 }
 
 # How a folder was made (JSON; "source" names the original checkpoint): written by `deepseek-moe convert`, shown on
@@ -28,12 +21,9 @@ CONVERSION_RECORD = "conversion.json"
 
 
 def remote_code_files() -> list[Path]:
-    """The model code and every sibling it imports with single-dot imports, as transformers' `custom_object_save`
-    would copy them (flat into the folder's root)."""
-    files = {Path(module.__file__) for module in (configuration_deepseek_moe, modeling_deepseek_moe)}
-    for module_file in list(files):
-        files.update(Path(file) for file in get_relative_import_files(str(module_file)))
-    return sorted(files)
+    """Every module of the model folder (its `__init__`, which registers the package's classes, excepted), copied
+    flat into a saved folder's root."""
+    return sorted(path for path in MODEL_DIR.glob("*.py") if path.name != "__init__.py")
 
 
 __all__ = ["AUTO_MAP", "CONVERSION_RECORD", "remote_code_files"]

@@ -1,4 +1,4 @@
-"""Compile every Triton kernel of `deepseek_moe.moe_kernels` to a cubin for NVIDIA GPUs, ahead of time, without a GPU.
+"""Compile every Triton kernel of `deepseek_moe.model.moe_kernels` to a cubin for NVIDIA GPUs ahead of time, no GPU.
 
 The interpreter accepts programs the GPU compiler rejects (tiny or odd `tl.dot` shapes, mixed dot dtypes, …); this
 runs triton's real pipeline, down to its bundled ptxas, for every kernel variant, every GPU autotune config and both
@@ -20,7 +20,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from deepseek_moe import moe_kernels  # noqa: E402
+from deepseek_moe.model import moe_kernels  # noqa: E402
 
 INDEX_POINTERS = ("sorted_slots_ptr", "tile_expert_ptr", "tile_row_start_ptr", "expert_offsets_ptr")
 FP32_POINTERS = ("scale_ptr", "weights_ptr", "d_weights_partial_ptr")

@@ -13,7 +13,7 @@ import torch
 from deepseek_moe import PRESETS, DeepseekMoeConfig
 from deepseek_moe.cli import main
 from deepseek_moe.info import count_parameters, describe, kv_cache_bytes_per_token, load_config
-from deepseek_moe.modeling_deepseek_moe import DeepseekMoeTopkRouter
+from deepseek_moe.model.modeling_deepseek_moe import DeepseekMoeTopkRouter
 
 # ----------------------------------------------------------------------------------------------------- validation
 

@@ -26,6 +26,7 @@ from checkpoint_utils import (
 from conftest import builtin_config, randomize_
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from synthetic import write_random_checkpoint
 from transformers import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 
 from deepseek_moe import DeepseekMoeConfig, DeepseekMoeForCausalLM
@@ -40,7 +41,6 @@ from deepseek_moe.conversion import (
     quantize_fp8_blockwise,
     verify_conversion,
 )
-from deepseek_moe.conversion.synthetic import write_random_checkpoint
 
 TOKENIZER_FILES = {"tokenizer.json": "{}", "tokenizer_config.json": '{"model_max_length": 16}'}
 # Partial 128-blocks everywhere: kv_a_proj_with_mqa has 136 + 8 rows, the dense MLP 200.

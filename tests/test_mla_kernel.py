@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from deepseek_moe.mla_kernels import mla_decode_triton, triton
+from deepseek_moe.model.mla_kernels import mla_decode_triton, triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(triton is None, reason="triton is not installed (it is in the dev extra)")
@@ -62,10 +62,10 @@ sys.path.insert(0, "tests")
 from conftest import randomize_
 from transformers import DynamicCache
 from deepseek_moe import DeepseekMoeConfig, DeepseekMoeForCausalLM
-import deepseek_moe.mla_kernels as kernels
+import deepseek_moe.model.mla_kernels as kernels
 calls = []
 original = kernels.mla_decode_triton
-import deepseek_moe.modeling_deepseek_moe as modeling
+import deepseek_moe.model.modeling_deepseek_moe as modeling
 modeling.mla_decode_triton = lambda *a, **k: calls.append(1) or original(*a, **k)
 config = DeepseekMoeConfig.from_preset("tiny-v3", num_nextn_predict_layers=0, qk_rope_head_dim=16)
 device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -18,7 +18,8 @@ from conftest import randomize_
 
 pytest.importorskip("triton")
 
-from deepseek_moe import DeepseekMoeConfig, DeepseekMoeForCausalLM, moe_kernels  # noqa: E402
+from deepseek_moe import DeepseekMoeConfig, DeepseekMoeForCausalLM  # noqa: E402
+from deepseek_moe.model import moe_kernels  # noqa: E402
 
 # fp64 reference; tolerance relative to the output's largest entry. bf16 allows a few ulps (2⁻⁸ each): the kernels
 # round h and the per-slot outputs once, the interpreter stores bf16 by truncation. On a GPU, fp32 `tl.dot` runs
@@ -202,7 +203,7 @@ def test_kernels_compile_for_gpus(arguments, tmp_path):
     and the autotune configs; no GPU needed. Runs outside the interpreter, in a subprocess."""
     script = Path(__file__).with_name("kernels_aot_compile.py")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(PYTHONPATH=str(Path(moe_kernels.__file__).resolve().parents[1]), TRITON_CACHE_DIR=str(tmp_path))
+    env.update(PYTHONPATH=str(Path(moe_kernels.__file__).resolve().parents[2]), TRITON_CACHE_DIR=str(tmp_path))
     result = subprocess.run([sys.executable, str(script), *arguments], env=env, capture_output=True)
     assert result.returncode == 0, result.stderr.decode()[-3000:]
 
@@ -288,9 +289,9 @@ def test_importable_without_triton_and_as_remote_code():
     assert "triton" not in get_imports(moe_kernels.__file__)
     script = (
         "import sys; sys.modules['triton'] = None\n"
-        "from deepseek_moe import moe_kernels\n"
+        "from deepseek_moe.model import moe_kernels\n"
         "assert moe_kernels.triton is None and not moe_kernels.kernels_default()\n"
         "assert not moe_kernels.kernels_run_on(__import__('torch').device('cuda'))\n"
     )
-    repo_root = str(Path(moe_kernels.__file__).resolve().parents[1])
+    repo_root = str(Path(moe_kernels.__file__).resolve().parents[2])
     subprocess.run([sys.executable, "-c", script], check=True, env={**os.environ, "PYTHONPATH": repo_root})

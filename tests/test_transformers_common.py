@@ -30,7 +30,7 @@ from deepseek_moe import (  # noqa: E402
     DeepseekMoeForSequenceClassification,
     DeepseekMoeModel,
 )
-from deepseek_moe.modeling_deepseek_moe import checkpoint_conversions  # noqa: E402
+from deepseek_moe.model.modeling_deepseek_moe import checkpoint_conversions  # noqa: E402
 
 
 class DeepseekMoeModelTester:

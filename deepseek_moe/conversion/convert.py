@@ -24,8 +24,9 @@ import torch
 from huggingface_hub.utils import tqdm
 from safetensors import safe_open
 
-from ..configuration_deepseek_moe import DeepseekMoeConfig
-from ..modeling_deepseek_moe import FP8_BLOCK, DeepseekMoeForCausalLM, dequantize_fp8_blockwise
+from ..dtypes import torch_dtype
+from ..model.configuration_deepseek_moe import DeepseekMoeConfig
+from ..model.modeling_deepseek_moe import FP8_BLOCK, DeepseekMoeForCausalLM, dequantize_fp8_blockwise
 from ..remote_code import AUTO_MAP, CONVERSION_RECORD, remote_code_files
 from .layouts import (
     INDEX_FILE,
@@ -44,14 +45,6 @@ from .layouts import (
 from .safetensors_io import ConversionError, PlannedFile, StreamingWriter, index_json, parse_size, plan_shards
 
 TARGETS = ("ours", "fp8", "mp")
-DTYPES = {
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "fp32": torch.float32,
-    "float32": torch.float32,
-}
 FP8_QUANTIZATION_CONFIG = {
     "activation_scheme": "dynamic",
     "fmt": "e4m3",
@@ -121,11 +114,10 @@ class ConversionReport:
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype
-    if isinstance(dtype, str) and dtype.lower() in DTYPES:
-        return DTYPES[dtype.lower()]
-    raise ConversionError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+    try:
+        return None if dtype is None else torch_dtype(dtype)
+    except ValueError as error:
+        raise ConversionError(str(error)) from None
 
 
 def load_config(source: Checkpoint, config: str | Path | None) -> DeepseekMoeConfig:

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from transformers import PreTrainedModel, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.utils import logging
 
-from ..modeling_deepseek_moe import DeepseekMoeTopkRouter
+from ..model.modeling_deepseek_moe import DeepseekMoeTopkRouter
 
 logger = logging.get_logger(__name__)
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from ..configuration_deepseek_moe import DeepseekMoeConfig
-from .layouts import INDEX_FILE, expected_shapes
-from .safetensors_io import StreamingWriter, index_json, parse_size, plan_shards
+from deepseek_moe import DeepseekMoeConfig
+from deepseek_moe.conversion.layouts import INDEX_FILE, expected_shapes
+from deepseek_moe.conversion.safetensors_io import StreamingWriter, index_json, parse_size, plan_shards
 
 
 def write_random_checkpoint(

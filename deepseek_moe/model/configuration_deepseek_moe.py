@@ -7,7 +7,6 @@ One config class reads the official `config.json` of every family member (`model
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 from transformers import PreTrainedConfig
@@ -83,175 +82,6 @@ TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 SCORING_FUNCS = ("softmax", "sigmoid")
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
 MLA_ATTENTION_MODES = ("auto", "absorbed", "expanded")
-
-_YARN = {
-    "type": "yarn",
-    "factor": 40,
-    "beta_fast": 32,
-    "beta_slow": 1,
-    "original_max_position_embeddings": 4096,
-}
-
-# Official values (reference §2.1). The small presets keep every structural feature of their family.
-PRESETS: dict[str, dict[str, Any]] = {
-    "deepseek-moe-16b": {
-        "_family": "deepseek",
-        "vocab_size": 102400,
-        "hidden_size": 2048,
-        "intermediate_size": 10944,
-        "moe_intermediate_size": 1408,
-        "num_hidden_layers": 28,
-        "num_attention_heads": 16,
-        "num_key_value_heads": 16,
-        "n_routed_experts": 64,
-        "n_shared_experts": 2,
-        "num_experts_per_tok": 6,
-        "first_k_dense_replace": 1,
-        "moe_layer_freq": 1,
-        "max_position_embeddings": 4096,
-        "rope_theta": 10000.0,
-        "bos_token_id": 100000,
-        "eos_token_id": 100001,
-    },
-    "deepseek-v2-lite": {
-        "_family": "deepseek_v2",
-        "vocab_size": 102400,
-        "hidden_size": 2048,
-        "intermediate_size": 10944,
-        "moe_intermediate_size": 1408,
-        "num_hidden_layers": 27,
-        "num_attention_heads": 16,
-        "num_key_value_heads": 16,
-        "q_lora_rank": None,
-        "n_routed_experts": 64,
-        "n_shared_experts": 2,
-        "num_experts_per_tok": 6,
-        "n_group": 1,
-        "topk_group": 1,
-        "topk_method": "greedy",
-        "routed_scaling_factor": 1.0,
-        "first_k_dense_replace": 1,
-        "max_position_embeddings": 163840,
-        "rope_scaling": {**_YARN, "mscale": 0.707, "mscale_all_dim": 0.707},
-        "bos_token_id": 100000,
-        "eos_token_id": 100001,
-    },
-    "deepseek-v2": {
-        "_family": "deepseek_v2",
-        "vocab_size": 102400,
-        "hidden_size": 5120,
-        "intermediate_size": 12288,
-        "moe_intermediate_size": 1536,
-        "num_hidden_layers": 60,
-        "num_attention_heads": 128,
-        "num_key_value_heads": 128,
-        "q_lora_rank": 1536,
-        "n_routed_experts": 160,
-        "n_shared_experts": 2,
-        "num_experts_per_tok": 6,
-        "n_group": 8,
-        "topk_group": 3,
-        "topk_method": "group_limited_greedy",
-        "routed_scaling_factor": 16.0,
-        "first_k_dense_replace": 1,
-        "max_position_embeddings": 163840,
-        "rope_scaling": {**_YARN, "mscale": 0.707, "mscale_all_dim": 0.707},
-        "bos_token_id": 100000,
-        "eos_token_id": 100001,
-    },
-    "deepseek-v3": {
-        "_family": "deepseek_v3",
-        "num_nextn_predict_layers": 1,
-        "max_position_embeddings": 163840,
-        "rope_scaling": {**_YARN, "mscale": 1.0, "mscale_all_dim": 1.0},
-        "bos_token_id": 0,
-        "eos_token_id": 1,
-    },
-    "tiny-16b": {
-        "_family": "deepseek",
-        "vocab_size": 512,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "moe_intermediate_size": 32,
-        "num_hidden_layers": 3,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 4,
-        "n_routed_experts": 8,
-        "n_shared_experts": 2,
-        "num_experts_per_tok": 3,
-        "first_k_dense_replace": 1,
-        "max_position_embeddings": 512,
-    },
-    "tiny-v2-lite": {
-        "_family": "deepseek_v2",
-        "vocab_size": 512,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "moe_intermediate_size": 32,
-        "num_hidden_layers": 3,
-        "num_attention_heads": 4,
-        "q_lora_rank": None,
-        "kv_lora_rank": 32,
-        "qk_nope_head_dim": 16,
-        "qk_rope_head_dim": 8,
-        "v_head_dim": 16,
-        "n_routed_experts": 8,
-        "n_shared_experts": 2,
-        "num_experts_per_tok": 3,
-        "n_group": 1,
-        "topk_group": 1,
-        "first_k_dense_replace": 1,
-        "max_position_embeddings": 163840,
-        "rope_scaling": {**_YARN, "mscale": 0.707, "mscale_all_dim": 0.707},
-    },
-    "tiny-v2": {
-        "_family": "deepseek_v2",
-        "vocab_size": 512,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "moe_intermediate_size": 32,
-        "num_hidden_layers": 3,
-        "num_attention_heads": 4,
-        "q_lora_rank": 48,
-        "kv_lora_rank": 32,
-        "qk_nope_head_dim": 16,
-        "qk_rope_head_dim": 8,
-        "v_head_dim": 16,
-        "n_routed_experts": 16,
-        "n_shared_experts": 2,
-        "num_experts_per_tok": 4,
-        "n_group": 4,
-        "topk_group": 2,
-        "topk_method": "group_limited_greedy",
-        "routed_scaling_factor": 16.0,
-        "first_k_dense_replace": 1,
-        "max_position_embeddings": 163840,
-        "rope_scaling": {**_YARN, "mscale": 0.707, "mscale_all_dim": 0.707},
-    },
-    "tiny-v3": {
-        "_family": "deepseek_v3",
-        "vocab_size": 512,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "moe_intermediate_size": 32,
-        "num_hidden_layers": 3,
-        "num_nextn_predict_layers": 1,
-        "num_attention_heads": 4,
-        "q_lora_rank": 48,
-        "kv_lora_rank": 32,
-        "qk_nope_head_dim": 16,
-        "qk_rope_head_dim": 8,
-        "v_head_dim": 16,
-        "n_routed_experts": 16,
-        "n_shared_experts": 1,
-        "num_experts_per_tok": 4,
-        "n_group": 4,
-        "topk_group": 2,
-        "first_k_dense_replace": 1,
-        "max_position_embeddings": 163840,
-        "rope_scaling": {**_YARN, "mscale": 1.0, "mscale_all_dim": 1.0},
-    },
-}
 
 
 class DeepseekMoeConfig(PreTrainedConfig):
@@ -648,22 +478,10 @@ class DeepseekMoeConfig(PreTrainedConfig):
             config_dict = {**config_dict, "_family": config_dict["model_type"], "model_type": cls.model_type}
         return config_dict, kwargs
 
-    @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> DeepseekMoeConfig:
-        """An official configuration (`deepseek-moe-16b`, `deepseek-v2-lite`, `deepseek-v2`, `deepseek-v3`) or a
-        small one for tests and demos (`tiny-16b`, `tiny-v2-lite`, `tiny-v2`, `tiny-v3`)."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
-        values = copy.deepcopy(PRESETS[name])
-        if "rope_parameters" in overrides:  # replaces the preset's official-style `rope_scaling`
-            values.pop("rope_scaling", None)
-        values.update(overrides)
-        return cls(**values)
-
     def to_dict(self) -> dict[str, Any]:
         output = super().to_dict()
         output.pop("qk_head_dim", None)  # derived
         return output
 
 
-__all__ = ["DeepseekMoeConfig", "PRESETS"]
+__all__ = ["DeepseekMoeConfig"]
