@@ -2,8 +2,8 @@
 packed into fixed-length rows.
 
 A packed row is `input_ids` [S] and `position_ids` [S] where the positions restart at 0 at every document start. With
-no 2D attention mask, transformers' `create_causal_mask` reads those resets as packed sequences and lets each token
-attend only to its own document; the model's MTP loss uses the same resets so no prediction crosses a boundary, and
+no 2D attention mask and no cache (`use_cache=False`, as in training), transformers' `create_causal_mask` reads those
+resets as packed sequences and lets each token attend only to its own document; the model's MTP loss uses the same resets so no prediction crosses a boundary, and
 `collate_packed` masks the label of every document's first token, so the LM loss never predicts across one either.
 Rows are filled completely (documents longer than a row continue in the next row as a new segment; the tokens left
 after the last full row are dropped), so packed rows carry no padding.
@@ -95,8 +95,13 @@ def load_documents(
             loaded = loaded[split]
         return loaded.to_iterable_dataset() if streaming else loaded
     builder, files = resolve_data_files(paths)
-    options: dict[str, Any] = {"sample_by": text_sample_by} if builder == "text" else {}
-    return datasets.load_dataset(builder, data_files={split: files}, split=split, streaming=streaming, **options)
+    if builder != "text":
+        return datasets.load_dataset(builder, data_files={split: files}, split=split, streaming=streaming)
+    documents = datasets.load_dataset(
+        "text", data_files={split: files}, split=split, streaming=streaming, sample_by=text_sample_by
+    )
+    # Paragraphs and files keep their trailing newlines; a document ends at its text (EOS follows).
+    return documents.map(lambda row: {"text": row["text"].strip()})
 
 
 def tokenize_documents(
@@ -158,12 +163,12 @@ def pack_dataset(documents, tokenizer, seq_length: int, text_field: str = "text"
     features = datasets.Features({"input_ids": column, "position_ids": column})
     if _is_iterable(tokenized):
         return datasets.IterableDataset.from_generator(rows, features=features)
+    total = sum(len(ids) for ids in tokenized["input_ids"])
+    if total < seq_length:
+        raise ValueError(f"the data has {total} tokens, fewer than one row of --seq-length {seq_length}")
     packed = datasets.Dataset.from_generator(
         rows, features=features, gen_kwargs={"shards": None}, fingerprint=f"{tokenized._fingerprint}-pack{seq_length}"
     )
-    if len(packed) == 0:
-        total = sum(len(ids) for ids in tokenized["input_ids"])
-        raise ValueError(f"the data has {total} tokens, fewer than one row of --seq-length {seq_length}")
     return packed.with_format("torch")
 
 

@@ -696,7 +696,8 @@ def _record_eval(accelerator, model, eval_rows, args: TrainArguments, state: Tra
             first = (index * world + accelerator.process_index) * micro
             batch = collate_packed([eval_rows[i] for i in range(first, first + micro)])
             batch = {key: value.to(accelerator.device) for key, value in batch.items()}
-            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits.float()
+            inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+            logits = model(**inputs).logits.float()
             targets = batch["labels"][:, 1:]
             sums[0] += F.cross_entropy(
                 logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum"
