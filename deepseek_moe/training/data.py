@@ -3,8 +3,9 @@ packed into fixed-length rows.
 
 A packed row is `input_ids` [S] and `position_ids` [S] where the positions restart at 0 at every document start. With
 no 2D attention mask and no cache (`use_cache=False`, as in training), transformers' `create_causal_mask` reads those
-resets as packed sequences and lets each token attend only to its own document; the model's MTP loss uses the same resets so no prediction crosses a boundary, and
-`collate_packed` masks the label of every document's first token, so the LM loss never predicts across one either.
+resets as packed sequences and lets each token attend only to its own document; the model's MTP loss uses the same
+resets so no prediction crosses a boundary, and `collate_packed` masks the label of every document's first token, so
+the LM loss never predicts across one either.
 Rows are filled completely (documents longer than a row continue in the next row as a new segment; the tokens left
 after the last full row are dropped), so packed rows carry no padding.
 
