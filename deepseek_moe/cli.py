@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -183,6 +184,8 @@ def _train(args: argparse.Namespace) -> int:
 
     settings = {key: value for key, value in vars(args).items() if key not in ("command", "run", "config")}
     result = train(load_train_arguments(args.config, **settings))
+    if os.environ.get("RANK", "0") != "0":
+        return 0
     print(f"trained {result.steps} steps ({result.tokens} tokens); model saved to {result.model_path}")
     if result.eval_perplexities:
         step, perplexity = max(result.eval_perplexities.items())
@@ -218,6 +221,7 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
     flag("--global-batch-size", type=int, help="rows per optimizer step over all processes")
     flag("--micro-batch-size", type=int, help="rows per forward per process (default 1)")
     flag("--gradient-accumulation-steps", type=int, help="micro-batches per process per step (default: derived)")
+    flag("--sync-each-batch", action="store_true", default=None, help="sync gradients on every micro-batch")
     flag("--max-steps", type=int, help="optimizer steps (default 1000)")
     flag("--learning-rate", type=float, help="peak learning rate (default 2.2e-4)")
     flag("--min-lr-ratio", type=float, help="cosine floor relative to the peak (default 0.1)")

@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +73,8 @@ class TrainArguments:
     micro_batch_size: int = 1
     gradient_accumulation_steps: int | None = None
     """Micro-batches per process per step (None = derived from the global batch; if both are given they must agree)."""
+    sync_each_batch: bool = False
+    """Synchronise gradients after every micro-batch instead of the last one only (less memory, more traffic)."""
     max_steps: int = 1000
     # optimizer and schedule
     learning_rate: float = 2.2e-4
@@ -203,6 +206,7 @@ class TrainResult:
     eval_losses: dict[int, float]
     eval_perplexities: dict[int, float]
     resumed_from: str | None = None
+    num_processes: int = 1
 
 
 # ------------------------------------------------------------------------------------------------- validation
@@ -560,7 +564,10 @@ def _train(accelerator, args: TrainArguments, model, tokenizer, on_step) -> Trai
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(args.lr_schedule, args.warmup_steps, args.max_steps, args.min_lr_ratio)
     )
-    model, optimizer = accelerator.prepare(model, optimizer)
+    with warnings.catch_warnings():
+        # DDP calls broadcast_buffers deprecated; Accelerate has no other way to keep rank-local counts unsynced.
+        warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+        model, optimizer = accelerator.prepare(model, optimizer)
     state = TrainState()
     accelerator.register_for_checkpointing(scheduler, state)
 
@@ -605,7 +612,7 @@ def _train(accelerator, args: TrainArguments, model, tokenizer, on_step) -> Trai
         for index, batch in enumerate(micro_batches):
             batch = {key: value.to(accelerator.device) for key, value in batch.items()}
             last = index == len(micro_batches) - 1
-            with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            with contextlib.nullcontext() if last or args.sync_each_batch else accelerator.no_sync(model):
                 outputs = model(**batch, num_items_in_batch=num_items)
                 # Gradients are averaged over processes; the loss is already a share of the global token mean.
                 accelerator.backward(outputs.loss * world)
@@ -654,7 +661,7 @@ def _train(accelerator, args: TrainArguments, model, tokenizer, on_step) -> Trai
     if eval_rows is not None and state.step not in state.eval_losses:
         _record_eval(accelerator, model, eval_rows, args, state)
     model_path = save_final_model(accelerator, model, tokenizer, output_dir)
-    return TrainResult(
+    result = TrainResult(
         model_path=str(model_path),
         output_dir=str(output_dir),
         steps=state.step,
@@ -663,7 +670,11 @@ def _train(accelerator, args: TrainArguments, model, tokenizer, on_step) -> Trai
         eval_losses=dict(state.eval_losses),
         eval_perplexities={step: math.exp(loss) for step, loss in state.eval_losses.items()},
         resumed_from=resumed_from,
+        num_processes=world,
     )
+    if accelerator.is_main_process:
+        (output_dir / "train_result.json").write_text(json.dumps(dataclasses.asdict(result), indent=2))
+    return result
 
 
 def _loss_parts(outputs, labels: torch.Tensor, num_items: torch.Tensor, mtp_weight: float, config) -> torch.Tensor:
