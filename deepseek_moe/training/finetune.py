@@ -94,11 +94,13 @@ class FinetuneArguments:
 
 @dataclass
 class FinetuneResult:
-    """`model_path`: the adapter directory (LoRA) or the full model directory; `log_history`: the Trainer's logs."""
+    """`model_path`: the adapter directory (LoRA) or the full model directory; `log_history`: the Trainer's logs;
+    `model`: the trained model (a `PeftModel` with LoRA)."""
 
     model_path: str
     train_loss: float
     log_history: list[dict[str, Any]]
+    model: Any = None
 
 
 # --------------------------------------------------------------------------------------------------------- data
@@ -266,8 +268,8 @@ def finetune(args: FinetuneArguments, *, model=None, tokenizer=None, callbacks: 
         adam_beta2=args.adam_beta2,
         max_grad_norm=args.max_grad_norm,
         bf16=args.bf16,
-        gradient_checkpointing=args.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None,
+        activation_checkpointing=args.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None,
         seed=args.seed,
         logging_steps=args.logging_steps,
         save_steps=args.save_steps,
@@ -305,7 +307,12 @@ def finetune(args: FinetuneArguments, *, model=None, tokenizer=None, callbacks: 
             shutil.rmtree(final)
         os.replace(temp, final)
     trainer.accelerator.wait_for_everyone()
-    return FinetuneResult(model_path=str(final), train_loss=output.training_loss, log_history=trainer.state.log_history)
+    return FinetuneResult(
+        model_path=str(final),
+        train_loss=output.training_loss,
+        log_history=trainer.state.log_history,
+        model=trainer.accelerator.unwrap_model(trainer.model),
+    )
 
 
 def _load_model(name: str, config, seed: int):

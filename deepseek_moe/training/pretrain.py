@@ -534,7 +534,7 @@ def _train(accelerator, args: TrainArguments, model, tokenizer, on_step) -> Trai
     if model is None:
         model = build_model(args, config)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     if fp8_training is not None:
         fp8_training(model, recipe="blockwise")
@@ -582,7 +582,7 @@ def _train(accelerator, args: TrainArguments, model, tokenizer, on_step) -> Trai
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "train_args.json").write_text(json.dumps(args.to_dict(), indent=2))
     if accelerator.trackers == [] and accelerator.log_with:
-        accelerator.init_trackers("train", config=_scalar_settings(args))
+        accelerator.init_trackers("logs", config=_scalar_settings(args))
 
     unwrapped = accelerator.unwrap_model(model)
     gamma_base = config.bias_update_speed if args.bias_update_speed is None else args.bias_update_speed
