@@ -1015,7 +1015,8 @@ class DeepseekMoeForCausalLM(DeepseekMoePreTrainedModel, GenerationMixin):
         """(1/D) Σ_k CE(depth k predicting t_{i+k+1} at position i), chaining h^k from the main model's output.
 
         Depth k sees positions i < T - k (its token t_{i+k} must exist); `ignore_index` labels and padding are
-        skipped by the loss function, which also honours `num_items_in_batch`."""
+        skipped by the loss function, which also honours `num_items_in_batch`. In packed rows (position ids restarting
+        at each document) no target lies in another document than its position."""
         seq_length = hidden_states.shape[1]
         if position_ids is None:
             position_ids = torch.arange(seq_length, device=hidden_states.device)[None]
@@ -1029,6 +1030,7 @@ class DeepseekMoeForCausalLM(DeepseekMoePreTrainedModel, GenerationMixin):
                 depth, previous[:, :length], embeds[:, depth:], mask, position_ids[..., :length]
             )
             shift_labels = F.pad(labels[:, depth + 1 :], (0, 1), value=-100)
+            shift_labels = shift_labels.masked_fill(~same_document_ahead(position_ids, depth + 1)[..., :length], -100)
             logits = self.mtp_logits(depth, previous)
             losses.append(
                 self.loss_function(
@@ -1036,6 +1038,13 @@ class DeepseekMoeForCausalLM(DeepseekMoePreTrainedModel, GenerationMixin):
                 )
             )
         return torch.stack(losses).mean() if losses else hidden_states.new_zeros(())
+
+
+def same_document_ahead(position_ids: torch.Tensor, offset: int) -> torch.Tensor:
+    """[B, S] bool: whether the token `offset` positions ahead exists and is in the same packed document. Packed rows
+    restart their position ids at each document, so inside one document positions are exactly `offset` apart."""
+    ahead = position_ids[..., offset:] - position_ids[..., :-offset] == offset
+    return F.pad(ahead, (0, offset), value=False)
 
 
 class DeepseekMoeForSequenceClassification(GenericForSequenceClassification, DeepseekMoePreTrainedModel):
