@@ -3,8 +3,10 @@ training and held-out sets, and a byte-level BPE tokenizer trained on the traini
 
 from __future__ import annotations
 
+import ast
 import json
 import sysconfig
+import textwrap
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,9 +90,13 @@ def read_split(max_bytes: int, held_out: bool, root: Path | None = None) -> list
 
 def write_jsonl(files: list[SourceFile], path: Path) -> None:
     """One `{"text", "path"}` record per file: the format `datasets` reads as a local JSON dataset."""
+    write_jsonl_rows([{"text": source.text, "path": source.path} for source in files], path)
+
+
+def write_jsonl_rows(rows: list[dict], path: Path) -> None:
     with open(path, "w", encoding="utf-8") as stream:
-        for source in files:
-            stream.write(json.dumps({"text": source.text, "path": source.path}) + "\n")
+        for row in rows:
+            stream.write(json.dumps(row) + "\n")
 
 
 def train_tokenizer(files: list[SourceFile], vocab_size: int, output_dir: Path):
@@ -120,3 +126,26 @@ def train_tokenizer(files: list[SourceFile], vocab_size: int, output_dir: Path):
     )
     tokenizer.save_pretrained(output_dir)
     return tokenizer
+
+
+def function_chats(files: list[SourceFile], max_chars: int) -> list[dict[str, list[dict[str, str]]]]:
+    """Chat examples for instruction fine-tuning, taken from the code itself: the user asks for a function by its
+    signature and the first line of its docstring, the assistant answers with the function's source (at most
+    `max_chars` characters). Files that do not parse are skipped."""
+    chats = []
+    for source in files:
+        try:
+            tree = ast.parse(source.text)
+        except SyntaxError:
+            continue
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.FunctionDef) or not (docstring := ast.get_docstring(node)):
+                continue
+            code = ast.get_source_segment(source.text, node)
+            summary = docstring.strip().splitlines()[0]
+            if code is None or len(code) > max_chars or not summary:
+                continue
+            code = textwrap.dedent(" " * node.col_offset + code)  # methods lose their class indentation
+            request = f"Write a Python function `{node.name}({ast.unparse(node.args)})`: {summary}"
+            chats.append({"messages": [{"role": "user", "content": request}, {"role": "assistant", "content": code}]})
+    return chats

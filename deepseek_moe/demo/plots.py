@@ -50,7 +50,9 @@ def plot_expert_load(records: Sequence, path: Path) -> Path:
     """One heatmap per MoE layer: expert (y) by optimizer step (x), coloured by load / mean load."""
     plt = _pyplot()
     history = expert_load_history(records)
-    figure, all_axes = plt.subplots(len(history), 1, figsize=(9, 2.2 * len(history) + 0.6), squeeze=False)
+    figure, all_axes = plt.subplots(
+        len(history), 1, figsize=(9, 2.2 * len(history) + 0.6), squeeze=False, layout="constrained"
+    )
     highest = max(float(loads.max()) for loads in history.values())
     for axes, (layer, loads) in zip(all_axes[:, 0], history.items(), strict=True):
         image = axes.imshow(

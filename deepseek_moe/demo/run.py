@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..model import DeepseekMoeConfig, DeepseekMoeForCausalLM
 from . import CACHE_DIRECTORY
-from .corpus import read_split, train_tokenizer, write_jsonl
+from .corpus import function_chats, read_split, train_tokenizer, write_jsonl, write_jsonl_rows
 from .plots import plot_expert_load, plot_load_cv, plot_losses
 
 SUMMARY_FILE = "summary.json"
@@ -174,8 +174,8 @@ class Demo:
     def prepare_data(self):
         size, data = self.size, self.out / "data"
         data.mkdir(exist_ok=True)
-        train_files = read_split(size.train_bytes, held_out=False)
-        heldout_files = read_split(size.heldout_bytes, held_out=True)
+        self.train_files = train_files = read_split(size.train_bytes, held_out=False)
+        self.heldout_files = heldout_files = read_split(size.heldout_bytes, held_out=True)
         write_jsonl(train_files, self.wrote("training corpus (stdlib files)", data / "train.jsonl"))
         write_jsonl(heldout_files, self.wrote("held-out corpus (other stdlib files)", data / "heldout.jsonl"))
         tokenizer = train_tokenizer(train_files, size.vocab_size, self.out / "tokenizer")
@@ -263,9 +263,11 @@ class Demo:
         return math.exp(total / count)
 
     def generate(self, model, input_ids: torch.Tensor, **options) -> tuple[Any, float]:
-        """`generate` for `new_tokens` tokens (no early stop at EOS, so every mode emits as many), and its time."""
+        """`generate` for `new_tokens` tokens (by default no early stop at EOS, so every mode emits as many), and its
+        time."""
+        options.setdefault("eos_token_id", None)
         started = time.perf_counter()
-        output = model.generate(input_ids, max_new_tokens=self.size.new_tokens, eos_token_id=None, **options)
+        output = model.generate(input_ids, max_new_tokens=self.size.new_tokens, **options)
         return output, time.perf_counter() - started
 
     @torch.no_grad()
@@ -344,6 +346,68 @@ class Demo:
         )
         return model_dir
 
+    # ------------------------------------------------------------------------------------------------ fine-tune
+
+    def finetune(self, model_dir: Path, tokenizer) -> None:
+        """LoRA on chat examples made from the library's own functions (request: signature and docstring summary;
+        answer: the source) with `deepseek-moe finetune`'s `finetune()`, merged into a standalone checkpoint by
+        `merge_adapter`; the assistant-token perplexity on held-out files' functions before and after."""
+        from transformers import AutoModelForCausalLM
+
+        from ..training.finetune import FinetuneArguments, finetune, merge_adapter, tokenize_chat
+
+        size, data = self.size, self.out / "data"
+        max_chars = 3 * size.seq_length  # about one row of tokens
+        train_chats = function_chats(self.train_files, max_chars)
+        heldout_chats = function_chats(self.heldout_files, max_chars)[: size.eval_rows]
+        chat_file = self.wrote("fine-tuning chats (functions of the training files)", data / "chat.jsonl")
+        write_jsonl_rows(train_chats, chat_file)
+        examples = [tokenize_chat(tokenizer, chat["messages"], size.seq_length) for chat in heldout_chats]
+        base = AutoModelForCausalLM.from_pretrained(model_dir).float()
+        before = chat_perplexity(base, examples)
+        args = FinetuneArguments(
+            model=str(model_dir),
+            data=[str(data / "chat.jsonl")],
+            max_length=size.seq_length,
+            method="lora",
+            lora_r=8,
+            lora_alpha=16,
+            output_dir=str(self.out / "finetune"),
+            learning_rate=2e-3,
+            max_steps=size.finetune_steps,
+            per_device_train_batch_size=4,
+            warmup_steps=1,
+            logging_steps=size.finetune_steps,  # one log line
+            save_steps=10 * size.finetune_steps,  # no intermediate checkpoints
+            seed=self.seed,
+            trainer_overrides={"disable_tqdm": not self.progress},
+        )
+        result = finetune(args, model=base, tokenizer=tokenizer)
+        self.wrote("LoRA adapter", Path(result.model_path))
+        merged_dir = self.wrote("base model with the LoRA adapter merged in", self.out / "model-lora-merged")
+        merge_adapter(result.model_path, merged_dir, base_model=str(model_dir))
+        merged = AutoModelForCausalLM.from_pretrained(merged_dir).float()
+        after = chat_perplexity(merged, examples)
+        request = heldout_chats[0]["messages"][:1]
+        chat_prompt = {"add_generation_prompt": True, "return_dict": True, "return_tensors": "pt"}
+        prompt = tokenizer.apply_chat_template(request, **chat_prompt)
+        prompt_ids = prompt["input_ids"]
+        reply, _ = self.generate(merged.eval(), prompt_ids, do_sample=False, eos_token_id=tokenizer.eos_token_id)
+        self.report.finetune = {
+            "steps": size.finetune_steps,
+            "train_examples": len(train_chats),
+            "heldout_examples": len(examples),
+            "heldout_answer_perplexity": {"base": before, "merged": after},
+            "request": request[0]["content"],
+            "reply": tokenizer.decode(reply[0, prompt_ids.shape[1] :], skip_special_tokens=True),
+            "description": f"{size.finetune_steps} steps on {len(train_chats)} chats; held-out answer perplexity "
+            f"{before:.1f} → {after:.1f} (merged)",
+        }
+        print(
+            f"LoRA: held-out answer perplexity {before:.1f} (base) → {after:.1f} (merged)\n"
+            f"request: {request[0]['content']}\nreply (merged model, greedy): {self.report.finetune['reply']!r}"
+        )
+
     # ------------------------------------------------------------------------------------------------ export
 
     def export_fp8(self, model_dir: Path, batches) -> None:
@@ -371,6 +435,20 @@ class Demo:
         self.wrote("caches of the libraries (Hugging Face datasets, matplotlib)", self.out / CACHE_DIRECTORY)
         (self.out / SUMMARY_FILE).write_text(json.dumps(asdict(self.report), indent=2, default=str))
         print(summary_table(self.report, self.out))
+
+
+@torch.no_grad()
+def chat_perplexity(model, examples: list[dict[str, list[int]]]) -> float:
+    """exp(mean cross-entropy) over the assistant tokens of tokenized chats (labels -100 elsewhere)."""
+    model.eval()
+    total, count = 0.0, 0
+    for example in examples:
+        input_ids = torch.tensor([example["input_ids"]])
+        targets = torch.tensor(example["labels"][1:])
+        logits = model(input_ids=input_ids).logits[0, :-1].float()
+        total += F.cross_entropy(logits, targets, reduction="sum").item()
+        count += int(targets.ne(-100).sum())
+    return math.exp(total / count)
 
 
 def quiet_progress_bars() -> None:
@@ -441,10 +519,26 @@ def _size(path: Path) -> str:
     return f"{total / 1e6:.2f} MB" if total >= 100_000 else f"{total / 1e3:.1f} kB"
 
 
+def remove_previous_outputs(out: Path) -> None:
+    """Delete what an earlier demo run listed in its summary (only those paths), so that no stale shard remains."""
+    summary = out / SUMMARY_FILE
+    if not summary.exists():
+        return
+    for relative in json.loads(summary.read_text()).get("files", {}).values():
+        path = (out / relative).resolve()
+        if path == out or out not in path.parents:
+            continue
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
 def run_demo(output_dir: str | os.PathLike = "demo-out", quick: bool = False, seed: int = 0, progress: bool = True):
     """The whole demo; returns 0 when every check passed (perplexity improved, reload exact, MTP = greedy)."""
     started = time.perf_counter()
     out = Path(output_dir).resolve()
+    remove_previous_outputs(out)
     size = QUICK if quick else FULL
     demo = Demo(out, size, seed, quick, progress)
     torch.manual_seed(seed)
@@ -488,7 +582,7 @@ def run_demo(output_dir: str | os.PathLike = "demo-out", quick: bool = False, se
     print(f"held-out perplexity after training: {demo.report.perplexity['after']:.1f}")
     demo.stage("completions", lambda: demo.samples(model, tokenizer))
     model_dir = demo.stage("save and reload", lambda: demo.save_and_reload(model, tokenizer, batches))
-    demo.stage("LoRA fine-tune", lambda: demo.skip("LoRA fine-tune and merge", "finetune API not available"))
+    demo.stage("LoRA fine-tune and merge", lambda: demo.finetune(model_dir, tokenizer))
     demo.skip("official-format export", "not available")
     demo.stage("FP8 export", lambda: demo.export_fp8(model_dir, batches))
     demo.stage("plots", lambda: demo.plots(records, comparison))
