@@ -54,19 +54,19 @@ class DemoSize:
     bias_update_speed: float = 0.01
 
 
-# Sized for about 10 minutes (full) and 1-2 minutes (quick) on two idle CPU cores.
+# Sized for a few minutes (full) and about a minute (quick) on two idle CPU cores.
 FULL = DemoSize(
-    train_bytes=6_000_000,
-    heldout_bytes=400_000,
+    train_bytes=4_000_000,
+    heldout_bytes=300_000,
     vocab_size=4096,
-    hidden_size=256,
+    hidden_size=192,
     num_hidden_layers=4,
     seq_length=256,
     batch_size=8,
-    steps=500,
-    comparison_steps=150,
-    finetune_steps=40,
-    eval_rows=64,
+    steps=300,
+    comparison_steps=100,
+    finetune_steps=30,
+    eval_rows=48,
     new_tokens=48,
 )
 QUICK = DemoSize(
