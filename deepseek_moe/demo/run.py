@@ -136,6 +136,7 @@ class DemoReport:
     samples: list[dict[str, Any]] = field(default_factory=list)
     mtp_equals_greedy: bool | None = None
     reload_logits_equal: bool | None = None
+    official_export_max_relative_error: float | None = None
     finetune: dict[str, Any] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
     stage_seconds: dict[str, float] = field(default_factory=dict)
@@ -410,6 +411,27 @@ class Demo:
 
     # ------------------------------------------------------------------------------------------------ export
 
+    def export_official(self, model, batches) -> None:
+        """DeepSeek's own config.json (`model_type` deepseek_v3), loaded back by transformers' built-in
+        `DeepseekV3ForCausalLM`: the same logits as our model (its MTP weights are reported unexpected there)."""
+        from transformers import DeepseekV3ForCausalLM
+        from transformers.utils import logging
+
+        official_dir = self.wrote(
+            "official-format export (transformers' built-in, vLLM, SGLang)", self.out / "model-official"
+        )
+        model.save_pretrained(official_dir, official_format=True)
+        verbosity = logging.get_verbosity()
+        logging.set_verbosity_error()  # the load report lists the MTP keys the built-in class does not have
+        built_in = DeepseekV3ForCausalLM.from_pretrained(official_dir, dtype=torch.float32).eval()
+        logging.set_verbosity(verbosity)
+        input_ids = batches[0]["input_ids"][:2]
+        with torch.no_grad():
+            ours, theirs = model(input_ids).logits, built_in(input_ids).logits
+        error = ((theirs - ours).abs().max() / ours.abs().max()).item()
+        self.report.official_export_max_relative_error = error
+        print(f"official format: transformers' DeepseekV3ForCausalLM, same logits (max relative error {error:.1e})")
+
     def export_fp8(self, model_dir: Path, batches) -> None:
         """DeepSeek's FP8 checkpoint form (128×128 block scales), loaded back (dequantized) for its perplexity."""
         from ..conversion import convert_checkpoint
@@ -495,6 +517,9 @@ def summary_table(report: DemoReport, out: Path) -> str:
         )
     )
     rows.append(("reload via AutoModelForCausalLM", "identical logits" if report.reload_logits_equal else "DIFFERENT"))
+    if report.official_export_max_relative_error is not None:
+        error = report.official_export_max_relative_error
+        rows.append(("official format in transformers' built-in", f"same logits (max relative error {error:.1e})"))
     if report.finetune:
         rows.append(("LoRA fine-tune", report.finetune["description"]))
     rows += [("", line) for line in report.skipped]
