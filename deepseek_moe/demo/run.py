@@ -142,6 +142,7 @@ class DemoReport:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # process CPU time: what the run costs on an idle machine with one thread
 
 
 class Demo:
@@ -453,6 +454,8 @@ class Demo:
 
     def finish(self, started: float) -> None:
         self.report.seconds = round(time.perf_counter() - started, 1)
+        self.report.cpu_seconds = round(time.process_time(), 1)
+        self.report.machine["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
         self.wrote("this summary (JSON)", self.out / SUMMARY_FILE)
         self.wrote("caches of the libraries (Hugging Face datasets, matplotlib)", self.out / CACHE_DIRECTORY)
         (self.out / SUMMARY_FILE).write_text(json.dumps(asdict(self.report), indent=2, default=str))
@@ -524,7 +527,14 @@ def summary_table(report: DemoReport, out: Path) -> str:
         rows.append(("LoRA fine-tune", report.finetune["description"]))
     rows += [("", line) for line in report.skipped]
     machine = report.machine
-    rows.append(("run time", f"{report.seconds:.0f} s on {machine['cpu_count']} CPUs ({machine['processor']})"))
+    load = machine["load_average"]
+    rows.append(
+        (
+            "run time",
+            f"{report.seconds:.0f} s wall, {report.cpu_seconds:.0f} s CPU, {machine['torch_threads']} torch threads, "
+            f"{machine['cpu_count']} CPUs ({machine['processor']})" + (f", load average {load[0]:.1f}" if load else ""),
+        )
+    )
     rows.append(("", ""))
     for label, relative in report.files.items():
         rows.append((relative, f"{label} ({_size(out / relative)})"))
