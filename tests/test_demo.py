@@ -17,7 +17,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import deepseek_moe  # noqa: F401  (registers the Auto classes)
+from deepseek_moe.demo import prepare_output_dir
 from deepseek_moe.demo.corpus import is_held_out, stdlib_files
+from deepseek_moe.demo.run import remove_previous_outputs
 from deepseek_moe.training.data import collate_packed, pack_token_rows
 
 CLI = [sys.executable, "-m", "deepseek_moe.cli"]
@@ -153,3 +155,18 @@ def test_corpus_order_is_fixed_and_the_split_is_by_file():
     assert all("/test/" not in f"/{path}" for path in files)
     heldout = [path for path in files if is_held_out(path)]
     assert 0 < len(heldout) < len(files) // 10
+
+
+def test_a_rerun_removes_only_what_the_previous_run_listed(tmp_path):
+    out = prepare_output_dir(tmp_path / "out")
+    (out / "model").mkdir()
+    (out / "model" / "model-00009-of-00009.safetensors").write_bytes(b"stale shard")
+    (out / ".cache" / "tmp").mkdir(parents=True)
+    (out / "notes.txt").write_text("the user's file")
+    files = {"model": "model", "caches": ".cache", "outside": "../elsewhere", "missing": "gone.png"}
+    (out / "summary.json").write_text(json.dumps({"files": files}))
+    (tmp_path / "elsewhere").mkdir()
+    assert prepare_output_dir(out) == out  # an earlier demo's directory is reused
+    remove_previous_outputs(out)
+    assert not (out / "model").exists()
+    assert (out / ".cache" / "tmp").is_dir() and (out / "notes.txt").exists() and (tmp_path / "elsewhere").is_dir()

@@ -515,7 +515,9 @@ def summary_table(report: DemoReport, out: Path) -> str:
             f"loss {training['first_loss']:.2f} → {training['final_loss']:.2f}",
         )
     )
-    rows.append(("load CV (last 20% of steps)", ", ".join(f"{k} {v:.3f}" for k, v in training["late_load_cv"].items())))
+    first, last = training["late_steps"]
+    cv = ", ".join(f"{k} {v:.3f}" for k, v in training["late_load_cv"].items())
+    rows.append((f"load CV, steps {first}-{last}", cv))
     acceptance = [s["mtp_acceptance_rate"] for s in report.samples]
     speeds = [s["tokens_per_second"] for s in report.samples]
     rows.append(
@@ -563,13 +565,14 @@ def _size(path: Path) -> str:
 
 
 def remove_previous_outputs(out: Path) -> None:
-    """Delete what an earlier demo run listed in its summary (only those paths), so that no stale shard remains."""
+    """Delete what an earlier demo run listed in its summary (only those paths, never the caches, which this run
+    already uses), so that no stale shard remains."""
     summary = out / SUMMARY_FILE
     if not summary.exists():
         return
     for relative in json.loads(summary.read_text()).get("files", {}).values():
         path = (out / relative).resolve()
-        if path == out or out not in path.parents:
+        if path == out or out not in path.parents or path == out / CACHE_DIRECTORY:
             continue
         if path.is_dir():
             shutil.rmtree(path)
@@ -614,7 +617,8 @@ def run_demo(output_dir: str | os.PathLike = "demo-out", quick: bool = False, se
         "first_loss": records[0].loss,
         "final_loss": records[-1].loss,
         "tokens_per_second": _mean(r.tokens_per_second for r in records),
-        # compared over the same steps: the comparison run is shorter
+        # compared over the same steps: the last fifth of the (shorter) comparison run
+        "late_steps": (late.start + 1, late.stop),
         "late_load_cv": {
             "bias on": _mean(r.load_cv for r in records[late]),
             "bias off": _mean(r.load_cv for r in comparison[late]),
