@@ -58,7 +58,7 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
         "writes only under --output-dir. About 10 minutes on 2 CPU cores; --quick about 1-2 minutes.",
     )
     parser.add_argument("--output-dir", default="demo-out", help="where everything is written (default demo-out)")
-    parser.add_argument("--quick", action="store_true", help="a smaller model and fewer steps (about 1-2 minutes)")
+    parser.add_argument("--quick", action="store_true", help="a smaller model and fewer steps (about a minute)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the weights, data order and sampling")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
