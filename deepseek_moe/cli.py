@@ -55,7 +55,7 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
         "routing, auxiliary-loss-free balancing, MTP) on the standard library's own source files with the "
         "training code of `deepseek-moe train`, then measures held-out perplexity, generates Python code (greedy, "
         "sampled, MTP drafting), saves and reloads, fine-tunes with LoRA, exports, and plots. Downloads nothing; "
-        "writes only under --output-dir. About 10 minutes on 2 CPU cores; --quick about 1-2 minutes.",
+        "writes only under --output-dir. A few minutes on 2 idle CPU cores; --quick about a minute.",
     )
     parser.add_argument("--output-dir", default="demo-out", help="where everything is written (default demo-out)")
     parser.add_argument("--quick", action="store_true", help="a smaller model and fewer steps (about a minute)")
