@@ -34,6 +34,11 @@ BUILDERS = {
     ".parquet": "parquet",
 }
 IGNORE_INDEX = -100
+# A plain chat format for the byte tokenizer: each turn "<|role|>\ncontent</s>".
+BYTE_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
 
 
 def _is_saved_dataset(path: Path) -> bool:
@@ -193,7 +198,8 @@ def collate_packed(rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
 
 def byte_tokenizer(model_max_length: int = 1 << 30):
     """A byte-level tokenizer needing no download: ids 0-255 are the bytes, then `<s>` (256), `</s>` (257) and
-    `<pad>` (258). Fits every preset's vocabulary (the tiny ones have 512), so the tiny presets train on any text."""
+    `<pad>` (258), with a plain chat template. Fits every preset's vocabulary (the tiny ones have 512), so the tiny
+    presets train and fine-tune on any text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -212,6 +218,7 @@ def byte_tokenizer(model_max_length: int = 1 << 30):
         eos_token="</s>",
         pad_token="<pad>",
         model_max_length=model_max_length,
+        chat_template=BYTE_CHAT_TEMPLATE,
     )
 
 
