@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import platform
 import resource
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -116,9 +117,9 @@ def _resident_bytes() -> int:
         return int(statm.read().split()[1]) * resource.getpagesize()
 
 
-def _peak_memory_child(name: str, directory: str, dtype_name: str, device: str, batch: int, seq: int, queue) -> None:
-    """In a fresh process: load one model from `directory`, run 3 steps, report the peak memory above the loaded
-    model (CUDA: max allocated; CPU: peak resident set size minus the resident size before the first step)."""
+def measure_peak_memory(name: str, directory: str, dtype_name: str, device: str, batch: int, seq: int) -> int:
+    """Load one model from `directory`, run 3 steps, return the peak memory above the loaded model (CUDA: max
+    allocated; CPU: peak resident set size minus the resident size before the first step). Run in a fresh process."""
     torch.set_num_threads(1)
     model_class = DeepseekMoeForCausalLM if name == "ours" else DeepseekV3ForCausalLM
     config = None if name == "ours" else builtin_config(DeepseekMoeConfig.from_pretrained(directory))
@@ -134,21 +135,16 @@ def _peak_memory_child(name: str, directory: str, dtype_name: str, device: str, 
     for input_ids in batches:
         stepper(input_ids)
     if device == "cuda":
-        queue.put(torch.cuda.max_memory_allocated() - before)
-    else:
-        queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
+        return torch.cuda.max_memory_allocated() - before
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
 
 
 def peak_memory(name: str, directory: str, dtype_name: str, device: str, batch: int, seq: int) -> int:
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    process = context.Process(
-        target=_peak_memory_child, args=(name, directory, dtype_name, device, batch, seq, queue), daemon=True
-    )
-    process.start()
-    value = queue.get()
-    process.join()
-    return value
+    """`measure_peak_memory` in a child process (this script with --memory-of), so that nothing else is resident."""
+    command = [sys.executable, __file__, "--memory-of", name, directory, "--dtype", dtype_name, "--device", device]
+    command += ["--batch", str(batch), "--seq", str(seq)]
+    completed = subprocess.run(command, capture_output=True, text=True, check=True)
+    return int(completed.stdout.strip().splitlines()[-1])
 
 
 def training_flops_per_token(config: DeepseekMoeConfig, seq: int) -> float:
@@ -179,7 +175,11 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak for MFU (H100/H200: 989)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON too")
+    parser.add_argument("--memory-of", nargs=2, metavar=("MODEL", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_of:
+        print(measure_peak_memory(*args.memory_of, args.dtype, args.device, args.batch, args.seq))
+        return
     dtype = getattr(torch, args.dtype)
 
     directory = tempfile.mkdtemp(prefix="training-benchmark-")
@@ -202,10 +202,9 @@ def main() -> None:
     for name, seconds in times.items():
         median = statistics.median(seconds)
         results[name] = {"step_ms": median * 1e3, "tokens_per_s": tokens / median}
-        results[name]["peak_memory_mb"] = (
-            peak_memory("ours" if name == "ours" else "builtin", args.dtype, args.device, args.batch, args.seq, 3)
-            / 2**20
-        )
+        arm = "ours" if name == "ours" else "builtin"
+        memory = peak_memory(arm, directory, args.dtype, args.device, args.batch, args.seq)
+        results[name]["peak_memory_mb"] = memory / 2**20
         if args.device == "cuda":
             results[name]["mfu"] = tokens * flops / median / (args.peak_tflops * 1e12)
 
