@@ -186,3 +186,43 @@ def _flags_to_settings(flags: list[str]) -> dict:
 
     parsed = vars(build_parser().parse_args(["train", *flags]))
     return {k: v for k, v in parsed.items() if k not in ("command", "run", "config")}
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        pytest.param(["--fsdp", "--ep-size", "2"], id="fsdp_ep"),
+        pytest.param(["--fsdp"], id="fsdp", marks=pytest.mark.slow),
+        pytest.param(["--ep-size", "2"], id="ep", marks=pytest.mark.slow),
+    ],
+)
+def test_parallel_layouts_match_one_process(corpus, tmp_path, layout: list[str]) -> None:
+    """`torchrun --nproc_per_node 2 -m deepseek_moe.cli train --fsdp / --ep-size 2` (transformers' distributed
+    engine through deepseek_moe.training.parallel; gloo, one thread each) against one process on the same global
+    batches: same losses, same bias, same final weights."""
+    pytest.importorskip("deepseek_moe.training.parallel")
+    common = ["--model", "tiny-v3", "--data", corpus, "--tokenizer", "bytes", "--seq-length", "32"]
+    common += ["--micro-batch-size", "1", "--global-batch-size", "4", "--max-steps", "3", "--warmup-steps", "1"]
+    common += ["--learning-rate", "3e-3", "--bias-update-speed", "0.01", "--no-progress", "--no-tensorboard"]
+    single = train(load_train_arguments(None, **_flags_to_settings([*common, "--output-dir", str(tmp_path / "one")])))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0"]
+    completed = subprocess.run(
+        [*launch, "-m", "deepseek_moe.cli", "train", *common, *layout, "--output-dir", str(tmp_path / "two")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "train_result.json").read_text())
+    assert two["num_processes"] == 2
+    assert two["losses"] == pytest.approx(single.losses, rel=1e-5)
+    state_one = _final_state(single)
+    state_two = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
+    assert state_one.keys() == state_two.keys()
+    for key in state_one:
+        if key.endswith("e_score_correction_bias"):
+            assert torch.equal(state_one[key], state_two[key]), key
+        else:
+            torch.testing.assert_close(state_two[key], state_one[key], rtol=1e-5, atol=1e-5)

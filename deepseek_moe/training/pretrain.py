@@ -18,6 +18,7 @@ when complete, so a run killed mid-write resumes from the previous checkpoint.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -488,10 +489,26 @@ class Layout:
             self.accelerator.backward(loss * self.dp)
 
     def clip_grad_norm_(self, model, max_norm: float) -> torch.Tensor:
-        if self.engine:
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-            return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        return self.accelerator.clip_grad_norm_(model.parameters(), max_norm)
+        """Clip to a global 2-norm. Engine layouts shard parameters over different meshes (experts on the EP mesh,
+        the rest on the FSDP mesh), which torch's clip cannot stack: the norm is taken per mesh, made whole, then
+        combined."""
+        if not self.engine:
+            return self.accelerator.clip_grad_norm_(model.parameters(), max_norm)
+        groups: dict[Any, list[torch.Tensor]] = {}
+        for parameter in model.parameters():
+            if parameter.grad is not None:
+                groups.setdefault(getattr(parameter.grad, "device_mesh", None), []).append(parameter.grad)
+        norms = []
+        for grads in groups.values():
+            norm = torch.nn.utils.get_total_norm(grads, 2.0)
+            norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        total = torch.stack(norms).norm(2.0)
+        coefficient = min(1.0, max_norm / (total.item() + 1e-6))
+        if coefficient < 1.0:
+            for grads in groups.values():
+                for grad in grads:
+                    grad.mul_(coefficient)
+        return total
 
 
 class _fsdp_no_sync:
@@ -825,7 +842,9 @@ def save_final_model(accelerator, model, tokenizer, output_dir: Path, full_state
         if temp.exists():
             shutil.rmtree(temp)
         if state is not None:
-            unsharded = type(unwrapped)(unwrapped.config)
+            config = copy.deepcopy(unwrapped.config)
+            config.distributed_config = None  # a plain model: building a distributed one would run collectives
+            unsharded = type(unwrapped)(config)
             unsharded.load_state_dict(state)
             unwrapped = unsharded
         unwrapped.save_pretrained(str(temp))
