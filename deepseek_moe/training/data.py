@@ -162,7 +162,7 @@ def pack_dataset(documents, tokenizer, seq_length: int, text_field: str = "text"
 
     tokenized = tokenize_documents(documents, tokenizer, text_field, num_proc=num_proc)
 
-    def rows(shards: list[int] | None = None) -> Iterator[dict[str, list[int]]]:
+    def rows() -> Iterator[dict[str, list[int]]]:
         return pack_token_rows((row["input_ids"] for row in tokenized), seq_length)
 
     column = datasets.Sequence(datasets.Value("int32"))
@@ -172,8 +172,9 @@ def pack_dataset(documents, tokenizer, seq_length: int, text_field: str = "text"
     total = sum(len(ids) for ids in tokenized["input_ids"])
     if total < seq_length:
         raise ValueError(f"the data has {total} tokens, fewer than one row of --seq-length {seq_length}")
+    # Cached under the tokenized data's fingerprint: the same files, tokenizer and length reuse the packed rows.
     packed = datasets.Dataset.from_generator(
-        rows, features=features, gen_kwargs={"shards": None}, fingerprint=f"{tokenized._fingerprint}-pack{seq_length}"
+        rows, features=features, fingerprint=f"{tokenized._fingerprint}-pack{seq_length}"
     )
     return packed.with_format("torch")
 
