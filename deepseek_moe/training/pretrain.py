@@ -557,7 +557,12 @@ def train(
     kwargs_handlers: list[Any] = [DistributedDataParallelKwargs(broadcast_buffers=False)]
     mixed_precision = "bf16" if args.bf16 else "no"
     if args.fp8 == "torchao":
+        import importlib.util
+
         from accelerate.utils import AORecipeKwargs
+
+        if importlib.util.find_spec("torchao") is None:
+            raise ValueError("--fp8 torchao needs torchao: pip install torchao")
 
         mixed_precision = "fp8"
         kwargs_handlers.append(AORecipeKwargs())
