@@ -689,6 +689,8 @@ def _train(accelerator, args: TrainArguments, model, tokenizer, on_step) -> Trai
         remove_partial_checkpoints(checkpoint_dir)
     accelerator.wait_for_everyone()
     if args.resume and (latest := latest_checkpoint(checkpoint_dir)) is not None:
+        if engine:
+            raise ValueError(f"resuming {latest} under --fsdp/--ep-size/--tp-size is not supported yet; --no-resume")
         accelerator.load_state(str(latest))
         resumed_from = str(latest)
     if accelerator.is_main_process:
