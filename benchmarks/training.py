@@ -3,7 +3,8 @@ against transformers' built-in `DeepseekV3ForCausalLM` on the same weights, driv
 
 Ours runs its full V3 training step: the sequence-wise balance loss (α = 1e-4) in the loss, the routers counting
 expert loads, and the bias update after the optimizer step; the built-in has no balancing at all (it computes no
-auxiliary loss and never moves the bias), so ours does strictly more work. Neither runs MTP (the built-in cannot
+auxiliary loss and never moves the bias), so ours does strictly more work; a third arm runs our model without the
+balance loss and the bias update, the built-in's work. Neither runs MTP (the built-in cannot
 train it). Both use their default experts implementation (`grouped_mm` on CPU, ours `deepseek_triton` on CUDA).
 
 Timing alternates the two models step by step (so that load from other work falls on both alike) and reports the
@@ -18,6 +19,7 @@ parameters per token plus the attention score/value products, against the device
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import resource
@@ -194,17 +196,23 @@ def main() -> None:
         ref = builtin(batches[0]).logits.float()
         difference = ((ours(batches[0]).logits.float() - ref).abs().max() / ref.abs().max()).item()
         ours.train(), builtin.train()
-    times = time_steps({"ours": Stepper(ours, True), "built-in": Stepper(builtin, False)}, batches, args.device)
-    del ours, builtin
+    # The same work as the built-in: our model without the balance loss and without the bias update.
+    unbalanced = copy.deepcopy(ours)
+    unbalanced.config.seq_aux_alpha = 0.0
+    steppers = {"ours": Stepper(ours, True), "ours, no balancing": Stepper(unbalanced, False)}
+    steppers["built-in"] = Stepper(builtin, False)
+    times = time_steps(steppers, batches, args.device)
+    del ours, builtin, unbalanced, steppers
     tokens = args.batch * args.seq
     results = {}
     flops = training_flops_per_token(DeepseekMoeConfig.from_preset("deepseek-v3", **SHAPE), args.seq)
     for name, seconds in times.items():
         median = statistics.median(seconds)
         results[name] = {"step_ms": median * 1e3, "tokens_per_s": tokens / median}
-        arm = "ours" if name == "ours" else "builtin"
-        memory = peak_memory(arm, directory, args.dtype, args.device, args.batch, args.seq)
-        results[name]["peak_memory_mb"] = memory / 2**20
+        if name in ("ours", "built-in"):
+            arm = "ours" if name == "ours" else "builtin"
+            memory = peak_memory(arm, directory, args.dtype, args.device, args.batch, args.seq)
+            results[name]["peak_memory_mb"] = memory / 2**20
         if args.device == "cuda":
             results[name]["mfu"] = tokens * flops / median / (args.peak_tflops * 1e12)
 
@@ -216,9 +224,11 @@ def main() -> None:
     print("|---|---|---|---|" + ("---|" if args.device == "cuda" else ""))
     for name, row in results.items():
         mfu = f" {row['mfu']:.1%} |" if "mfu" in row else ""
-        print(f"| {name} | {row['step_ms']:.1f} | {row['tokens_per_s']:.0f} | {row['peak_memory_mb']:.0f} |{mfu}")
-    ratio = results["ours"]["tokens_per_s"] / results["built-in"]["tokens_per_s"]
-    print(f"ours / built-in tokens/s: {ratio:.2f}")
+        memory = f"{row['peak_memory_mb']:.0f}" if "peak_memory_mb" in row else "—"
+        print(f"| {name} | {row['step_ms']:.1f} | {row['tokens_per_s']:.0f} | {memory} |{mfu}")
+    for name in ("ours", "ours, no balancing"):
+        ratio = results[name]["tokens_per_s"] / results["built-in"]["tokens_per_s"]
+        print(f"{name} / built-in tokens/s: {ratio:.2f}")
     if args.json:
         print(json.dumps(results, indent=2))
     shutil.rmtree(directory)
