@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -160,7 +161,8 @@ def test_two_processes_match_one(corpus, tmp_path, sync_each_batch: bool) -> Non
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", "TOKENIZERS_PARALLELISM": "false"}
     # `--cpu` alone starts one process; `--multi_gpu` with ACCELERATE_USE_CPU starts torchrun's CPU processes (gloo).
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launch += ["--main_process_port", _free_port()]
     completed = subprocess.run(
         [*launch, "-m", "deepseek_moe.cli", "train", *common, "--output-dir", str(tmp_path / "two")],
         env=env,
@@ -179,6 +181,12 @@ def test_two_processes_match_one(corpus, tmp_path, sync_each_batch: bool) -> Non
             assert torch.equal(state_one[key], state_two[key]), key
         else:
             torch.testing.assert_close(state_two[key], state_one[key], rtol=1e-5, atol=1e-6)
+
+
+def _free_port() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
 
 
 def _flags_to_settings(flags: list[str]) -> dict:
@@ -206,7 +214,7 @@ def test_parallel_layouts_match_one_process(corpus, tmp_path, layout: list[str])
     common += ["--learning-rate", "3e-3", "--bias-update-speed", "0.01", "--no-progress", "--no-tensorboard"]
     single = train(load_train_arguments(None, **_flags_to_settings([*common, "--output-dir", str(tmp_path / "one")])))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _free_port()]
     completed = subprocess.run(
         [*launch, "-m", "deepseek_moe.cli", "train", *common, *layout, "--output-dir", str(tmp_path / "two")],
         env=env,
