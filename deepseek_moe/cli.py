@@ -179,24 +179,46 @@ def _add_upload(subparsers: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deepseek-moe", description="DeepSeek mixture-of-experts models.")
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error"
+    )
+    parser = argparse.ArgumentParser(
+        prog="deepseek-moe", description="DeepSeek mixture-of-experts models.", parents=[debug]
+    )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_info(subparsers)
     _add_demo(subparsers)
     _add_generate(subparsers)
     _add_convert(subparsers)
     _add_upload(subparsers)
+    for subparser in subparsers.choices.values():  # `--debug` also after the command (hub_upload.py passes it there)
+        subparser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one subcommand. Bad input (unknown preset, missing directory, invalid config) is reported as one line on
-    stderr with exit code 2, argparse's code for usage errors, instead of a traceback."""
+    """Run one subcommand. Every error is reported as one line on stderr with exit code 2 (argparse's code for usage
+    errors) instead of a traceback, which `--debug` shows; an interruption (Ctrl-C, SIGTERM) exits with 130."""
     args = build_parser().parse_args(argv)
+    if getattr(args, "debug", False):
+        return args.run(args)
     try:
         return args.run(args)
+    except KeyboardInterrupt as interruption:
+        print(f"deepseek-moe {args.command}: {interruption or 'interrupted'}", file=sys.stderr)
+        return 130
     except (ValueError, OSError) as error:
-        print(f"deepseek-moe {args.command}: error: {error}", file=sys.stderr)
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"deepseek-moe {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except Exception as error:  # a bug rather than bad input: still one line, the traceback on request
+        message = " ".join(str(error).split())
+        print(
+            f"deepseek-moe {args.command}: error: unexpected {type(error).__name__}: {message} (re-run with --debug "
+            "for the traceback)",
+            file=sys.stderr,
+        )
         return 2
 
 
