@@ -180,9 +180,7 @@ def _add_upload(subparsers: argparse._SubParsersAction) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     debug = argparse.ArgumentParser(add_help=False)
-    debug.add_argument(
-        "--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error"
-    )
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
     parser = argparse.ArgumentParser(
         prog="deepseek-moe", description="DeepSeek mixture-of-experts models.", parents=[debug]
     )

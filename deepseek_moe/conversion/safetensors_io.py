@@ -69,7 +69,8 @@ MAX_HEADER_BYTES = 100 * 10**6
 def read_header(path: Path) -> dict[str, TensorInfo]:
     """Tensor name → `TensorInfo`, from the header alone (no tensor data is read). Everything the header claims is
     checked against the file before it is trusted: a JSON object of known dtypes and whole shapes, byte ranges that
-    match shape × dtype, lie inside the file and do not overlap. Any failure is one `ConversionError` naming the file."""
+    match shape × dtype, lie inside the file and do not overlap. Any failure is one `ConversionError` naming the
+    file."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as file:
