@@ -142,6 +142,8 @@ def _upload(args: argparse.Namespace) -> int:
         license=args.license,
         regenerate_card=args.regenerate_card,
         max_commit_size=args.max_commit_size,
+        include=args.include,
+        delete_stale=args.delete_stale,
     )
     return 0
 
@@ -151,7 +153,10 @@ def _add_upload(subparsers: argparse._SubParsersAction) -> None:
         "upload",
         help="validate a model or LoRA adapter folder and publish it to the Hub with remote code and a model card",
         description="Checks the config, the weights and that the folder loads as remote code before sending anything; "
-        "uploads in several commits for large folders and skips files already on the Hub, so a re-run resumes.",
+        "sends only the model's files (config, weights named by the index, tokenizer, chat template, generation "
+        "config, plots, conversion.json, adapter files, a card, the model code); deletes remote weights the upload "
+        "replaces in its last commit; uploads in several commits for large folders and skips files already on the "
+        "Hub, so a re-run resumes.",
     )
     parser.add_argument("model_dir", metavar="MODEL_DIR", help="a saved model (config.json) or adapter folder")
     parser.add_argument("repo_id", metavar="REPO_ID", help="the Hub repository, e.g. user/my-model")
@@ -167,13 +172,27 @@ def _add_upload(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
     parser.add_argument("--commit-message", help="commit title (several commits get ' (part i/n)')")
-    parser.add_argument("--dry-run", action="store_true", help="validate and print the plan; send nothing")
+    parser.add_argument("--dry-run", action="store_true", help="validate and print the plan (with the remote files it would delete); write nothing")
     parser.add_argument("--token", help="Hub token (default: HF_TOKEN or the token saved by `hf auth login`)")
     parser.add_argument("--base-model", help="base model for the card (default: from the folder, if it names one)")
     parser.add_argument("--license", help="license for the card (default: mit for V3, DeepSeek's license otherwise)")
     parser.add_argument("--regenerate-card", action="store_true", help="replace the folder's own README.md")
     parser.add_argument(
         "--max-commit-size", default="20GB", help="bytes per commit, HF-style units (default 20GB; decimal)"
+    )
+    parser.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="also send files matching PATTERN (a path in the folder, wildcards allowed; repeatable). Only the model's "
+        "own files are sent otherwise; pickles (*.bin, *.pt, ...) only when PATTERN is their exact path",
+    )
+    parser.add_argument(
+        "--delete-stale",
+        action="store_true",
+        help="delete every remote file the upload does not contain (by default only those that change what loads: "
+        "other weights, stale shards, an old index, model code)",
     )
     parser.set_defaults(run=_upload)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ from hub_server import FakeHub
 from huggingface_hub import constants
 
 from deepseek_moe import DeepseekMoeConfig, DeepseekMoeForCausalLM
-from deepseek_moe import hub as hub_module
+from deepseek_moe.hub import staging as staging_module
 from deepseek_moe.cli import main
 from deepseek_moe.hub import HIDE_PACKAGE
 from deepseek_moe.remote_code import AUTO_MAP, remote_code_files
@@ -76,10 +77,8 @@ def hub_upload(env: dict[str, str], *args) -> subprocess.CompletedProcess:
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
 
 
-def linked_copy(source: Path, target: Path) -> Path:
-    target.mkdir()
-    for path in source.iterdir():
-        (target / path.name).symlink_to(path)
+def copy_of(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target)
     return target
 
 
@@ -95,8 +94,9 @@ def test_upload_publishes_weights_remote_code_and_card(hub, model_dir, uploaded)
     directory = model_dir[0]
     files = hub.files(REPO)
     for path in directory.iterdir():
-        if path.name != "config.json":
+        if path.name not in ("config.json", "trainer_state.json"):  # the training state is not part of the model
             assert files[path.name] == path.read_bytes(), path.name
+    assert "trainer_state.json" not in files
     for code in remote_code_files():
         assert files[code.name] == code.read_bytes()
     assert json.loads(files["config.json"])["auto_map"] == AUTO_MAP
@@ -171,18 +171,19 @@ def hub_in_process(hub, monkeypatch, tmp_path) -> FakeHub:
 def without_load_check(monkeypatch) -> None:
     """Skip the remote-code load subprocess (a few seconds each) in tests about what happens after validation; the
     first upload and the refusal test below exercise it."""
-    monkeypatch.setattr(hub_module, "check_loads_as_remote_code", lambda staging: None)
+    monkeypatch.setattr(staging_module, "check_loads_as_remote_code", lambda staging: None)
 
 
 def test_rerun_skips_unchanged_files_and_create_pr_leaves_main_alone(
     hub_in_process, without_load_check, model_dir, uploaded, monkeypatch, capsys, tmp_path
 ) -> None:
     hub, repo = hub_in_process, hub_in_process.repos[REPO]
-    directory = linked_copy(model_dir[0], tmp_path / "model")
+    directory = copy_of(model_dir[0], tmp_path / "model")
     (directory / "notes.txt").write_text("evaluation notes\n" * 100)
     main_before = repo.refs["main"]
     monkeypatch.setenv("HF_TOKEN", hub.token)
     args = ["--create-pr", "--license", "apache-2.0", "--regenerate-card", "--max-commit-size", "1KB"]
+    args += ["--include", "notes.txt"]  # not part of a model: sent only when asked for
     assert main(["upload", str(directory), REPO, *args]) == 0
     output = capsys.readouterr().out
     assert "already on the Hub unchanged: skipped" in output and "/discussions/1" in output
@@ -221,13 +222,14 @@ def test_interrupted_upload_resumes_with_what_is_missing(
         resent |= hub.changed_paths("tester/resumed", sha)
         sha = repo.parents[sha]
     assert resent and not resent & partial.keys()
-    assert {path.name for path in model_dir[0].iterdir()} | {"README.md"} <= hub.files("tester/resumed").keys()
+    published = {path.name for path in model_dir[0].iterdir()} - {"trainer_state.json"} | {"README.md"}
+    assert published <= hub.files("tester/resumed").keys()
 
 
 def test_dry_run_sends_nothing(hub_in_process, model_dir, monkeypatch, capsys) -> None:
     monkeypatch.setenv("HF_TOKEN", hub_in_process.token)
     assert main(["upload", str(model_dir[0]), "tester/dry", "--dry-run"]) == 0
-    assert hub_in_process.requests == []
+    assert hub_in_process.writes() == []  # it may list the repository, to show what would be deleted
     output = capsys.readouterr().out
     for expected in ("model-00001-of-", "modeling_deepseek_moe.py", "library_name: transformers", "nothing was sent"):
         assert expected in output
@@ -263,14 +265,14 @@ REFUSALS = {
     "bad_token": ("hf_wrong", None, "token was rejected"),
     "missing_shard": ("ok", _missing_shard, "lists weight shards that are not in the folder: model-00003-of-"),
     "missing_weight": ("ok", _missing_weight, "1 weights are missing"),
-    "corrupt_shard": ("ok", _corrupt_shard, "safetensors is not a readable safetensors file"),
+    "corrupt_shard": ("ok", _corrupt_shard, "safetensors: not a safetensors file"),
     "broken_config": ("ok", _broken_config, "topk_method"),
 }
 
 
 @pytest.mark.parametrize(("token", "damage", "message"), REFUSALS.values(), ids=REFUSALS.keys())
 def test_refuses_before_uploading(hub_in_process, model_dir, tmp_path, monkeypatch, capsys, token, damage, message):
-    directory = linked_copy(model_dir[0], tmp_path / "model")
+    directory = copy_of(model_dir[0], tmp_path / "model")
     if damage:
         damage(directory)
     if token:
@@ -284,7 +286,7 @@ def test_refuses_when_the_staged_code_does_not_load_without_the_package(
     hub_in_process, model_dir, monkeypatch, capsys
 ) -> None:
     modeling_only = [path for path in remote_code_files() if path.name.startswith("modeling_")]
-    monkeypatch.setattr(hub_module, "remote_code_files", lambda: modeling_only)
+    monkeypatch.setattr(staging_module, "remote_code_files", lambda: modeling_only)
     monkeypatch.setenv("HF_TOKEN", hub_in_process.token)
     assert main(["upload", str(model_dir[0]), "tester/refused"]) == 2
     error = capsys.readouterr().err
