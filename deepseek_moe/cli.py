@@ -172,7 +172,11 @@ def _add_upload(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
     parser.add_argument("--commit-message", help="commit title (several commits get ' (part i/n)')")
-    parser.add_argument("--dry-run", action="store_true", help="validate and print the plan (with the remote files it would delete); write nothing")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate and print the plan (with the remote files it would delete); write nothing",
+    )
     parser.add_argument("--token", help="Hub token (default: HF_TOKEN or the token saved by `hf auth login`)")
     parser.add_argument("--base-model", help="base model for the card (default: from the folder, if it names one)")
     parser.add_argument("--license", help="license for the card (default: mit for V3, DeepSeek's license otherwise)")

@@ -23,9 +23,9 @@ from hub_server import FakeHub
 from huggingface_hub import constants
 
 from deepseek_moe import DeepseekMoeConfig, DeepseekMoeForCausalLM
-from deepseek_moe.hub import staging as staging_module
 from deepseek_moe.cli import main
 from deepseek_moe.hub import HIDE_PACKAGE
+from deepseek_moe.hub import staging as staging_module
 from deepseek_moe.remote_code import AUTO_MAP, remote_code_files
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -87,8 +87,8 @@ def select_files(source: Path, weights: set[str], include: list[str]) -> tuple[l
             if _matches(name, PICKLES):
                 wanted = named
             else:
-                at_root = "/" not in relative and not name.startswith(".")
-                wanted = named or (at_root and (name in weights or _matches(name, ALLOWED))) or _matches(relative, include)
+                model_file = "/" not in relative and (name in weights or _matches(name, ALLOWED))
+                wanted = named or model_file or _matches(relative, include)
             if not wanted:
                 left_out.append(relative)
                 continue
