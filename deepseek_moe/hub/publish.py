@@ -150,7 +150,7 @@ def publish(
     if len(todo) < len(plan.files):
         print(f"{len(plan.files) - len(todo)} of {len(plan.files)} files are already on the Hub unchanged: skipped")
     if deletions:
-        print(f"deleting {len(deletions)} remote file(s) the upload replaces, in its last commit: {', '.join(deletions)}")
+        print(f"deleting {len(deletions)} remote file(s) the upload replaces (last commit): {', '.join(deletions)}")
     if not todo and not deletions:
         print("nothing to upload: every file is already on the Hub")
         return str(repo_url)
