@@ -7,6 +7,7 @@ endpoint constants patched, which saves the imports. Nothing can reach the real 
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -20,7 +21,7 @@ import pytest
 import torch
 from conftest import randomize_
 from hub_server import FakeHub
-from huggingface_hub import constants
+from huggingface_hub import HfApi, constants
 
 from deepseek_moe import DeepseekMoeConfig, DeepseekMoeForCausalLM
 from deepseek_moe.cli import main
@@ -306,3 +307,141 @@ def test_lora_adapter_uploads_with_a_peft_card(hub_in_process, model_dir, monkey
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= files.keys()
     card = files["README.md"].decode()
     assert "library_name: peft" in card and f"base_model: {REPO}" in card and "PeftModel.from_pretrained" in card
+
+
+def tree_hashes(directory: Path) -> dict[str, str]:
+    """Every entry under `directory`: files by sha256, symlinks by their target."""
+    entries = {}
+    for path in sorted(directory.rglob("*")):
+        key = path.relative_to(directory).as_posix()
+        if path.is_symlink():
+            entries[key] = "-> " + os.readlink(path)
+        elif path.is_file():
+            entries[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return entries
+
+
+def test_reupload_of_another_layout_leaves_a_repository_that_loads_the_new_model(
+    hub_in_process, without_load_check, model_dir, monkeypatch, capsys, tmp_path
+) -> None:
+    """Sharded first, then a different model in one `model.safetensors` (and back): the stale shards and index (or
+    single file), and a stale modeling file, go in the last commit, the dry run lists them, other files stay."""
+    hub, repo_id = hub_in_process, "tester/relayout"
+    monkeypatch.setenv("HF_TOKEN", hub.token)
+    assert main(["upload", str(model_dir[0]), repo_id, "--max-commit-size", "600KB"]) == 0
+    shards = {name for name in hub.files(repo_id) if name.startswith("model-")}
+    assert len(shards) > 2
+    api = HfApi(token=hub.token)
+    api.upload_file(path_or_fileobj=b"user notes", path_in_repo="NOTES.md", repo_id=repo_id)
+    api.upload_file(path_or_fileobj=b"# stale", path_in_repo="old_modeling.py", repo_id=repo_id)
+
+    single = tmp_path / "single"
+    new_model = randomize_(DeepseekMoeForCausalLM(DeepseekMoeConfig.from_preset("tiny-v3")), seed=11).eval()
+    new_model.save_pretrained(single)
+    assert main(["upload", str(single), repo_id, "--dry-run"]) == 0
+    output = capsys.readouterr().out
+    stale = sorted(shards | {"model.safetensors.index.json", "old_modeling.py"})
+    assert f"deleted from {repo_id} (they would change what loads): {', '.join(stale)}" in output
+    assert main(["upload", str(single), repo_id]) == 0
+    files = hub.files(repo_id)
+    assert not (set(stale) & files.keys()) and files["NOTES.md"] == b"user notes"
+    # One commit: the new weights and card (the config is unchanged: same preset) with the deletions.
+    assert hub.changed_paths(repo_id) == set(stale) | {"model.safetensors", "README.md"}
+    with torch.no_grad():
+        expected = new_model(torch.tensor(PROMPT)).logits
+    torch.testing.assert_close(_load_published(files, tmp_path / "snapshot1"), expected, rtol=0, atol=0)
+
+    assert main(["upload", str(model_dir[0]), repo_id, "--delete-stale"]) == 0  # back to shards; NOTES.md goes too
+    files = hub.files(repo_id)
+    assert "model.safetensors" not in files and "NOTES.md" not in files and shards <= files.keys()
+    torch.testing.assert_close(_load_published(files, tmp_path / "snapshot2"), model_dir[1], rtol=0, atol=0)
+
+
+def _load_published(files: dict[str, bytes], directory: Path) -> torch.Tensor:
+    """Logits on PROMPT of the repository's files loaded as a local folder (what a download would give)."""
+    directory.mkdir()
+    for name, data in files.items():
+        (directory / name).write_bytes(data)
+    model = DeepseekMoeForCausalLM.from_pretrained(directory).eval()
+    with torch.no_grad():
+        return model(torch.tensor(PROMPT)).logits
+
+
+def test_only_the_model_is_sent_junk_pickles_and_outside_symlinks_are_not(
+    hub_in_process, without_load_check, model_dir, monkeypatch, capsys, tmp_path
+) -> None:
+    hub, repo_id = hub_in_process, "tester/clean"
+    monkeypatch.setenv("HF_TOKEN", hub.token)
+    directory = copy_of(model_dir[0], tmp_path / "model")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("api key")
+    (outside / "tokenizer.json").write_text('{"outside": true}')
+    junk = {
+        "train_data.jsonl": "{}",
+        "training_args.bin": "pickle",
+        "pytorch_model.bin": "pickle",
+        "optimizer.pt": "pickle",
+        "checkpoints/checkpoint-10/model.safetensors": "x",
+        "runs/events.out.tfevents": "x",
+        "wandb/run/log.txt": "x",
+        ".env": "HF_TOKEN=hf_secret",
+        "old_modeling_deepseek_moe.py": "# stale code",
+        "eval/results.json": "{}",
+    }
+    for name, text in junk.items():
+        (directory / name).parent.mkdir(parents=True, exist_ok=True)
+        (directory / name).write_text(text)
+    (directory / "secret.txt").symlink_to(outside / "secret.txt")
+    (directory / "linked_runs").symlink_to(outside, target_is_directory=True)
+    (directory / "conversion.json").write_text(json.dumps({"source": str(tmp_path / "private" / "ckpt")}))
+    args = ["upload", str(directory), repo_id, "--include", "eval/*", "--include", "*.bin"]
+    assert main([*args, "--include", "training_args.bin"]) == 0
+    files = hub.files(repo_id)
+    assert "eval/results.json" in files and "training_args.bin" in files  # named exactly: sent
+    sent_junk = set(junk) - {"eval/results.json", "training_args.bin"}
+    assert not sent_junk & files.keys() and "secret.txt" not in files and not any("linked_runs" in f for f in files)
+    output = capsys.readouterr().out
+    assert "not sent (not part of the model; --include PATTERN sends more): " in output and "pytorch_model.bin" in output
+    # No local path in what is published.
+    for name in ("README.md", "conversion.json", "config.json"):
+        assert str(tmp_path) not in files[name].decode(), name
+    assert json.loads(files["conversion.json"])["source"] == "ckpt"
+
+    (directory / "tokenizer.json").symlink_to(outside / "tokenizer.json")  # a model file linked from outside
+    assert main(["upload", str(directory), "tester/refused-link"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "tokenizer.json is a symlink to" in error and "outside" in error
+    assert "tester/refused-link" not in hub.repos
+
+
+def test_dry_run_leaves_the_folder_byte_identical(hub_in_process, without_load_check, model_dir, tmp_path) -> None:
+    """The folder holds its own loss_curve.png (the plot a card generates) and a conversion record with a local path:
+    validation, staging and the card write neither into it nor through a link to it."""
+    directory = copy_of(model_dir[0], tmp_path / "model")
+    (directory / "loss_curve.png").write_bytes(b"\x89PNG my own plot")
+    (directory / "conversion.json").write_text(json.dumps({"source": str(tmp_path / "ckpt")}))
+    (directory / "README.md").write_text("<!-- Provide a quick summary of what the model is/does. -->\ntemplate")
+    (directory / "tokenizer.json").symlink_to(directory / "config.json")  # a link inside the folder is fine
+    before = tree_hashes(directory)
+    assert main(["upload", str(directory), "tester/dry-identical", "--dry-run"]) == 0
+    assert tree_hashes(directory) == before and hub_in_process.writes() == []
+
+
+def test_a_server_dying_mid_upload_gives_one_line_and_the_rerun_finishes(
+    hub_in_process, without_load_check, model_dir, monkeypatch, capsys
+) -> None:
+    hub, repo_id = hub_in_process, "tester/died"
+    monkeypatch.setenv("HF_TOKEN", hub.token)
+    command = ["upload", str(model_dir[0]), repo_id, "--max-commit-size", "600KB"]
+    hub.commits_before_death = 1
+    try:
+        assert main(command) == 2
+    finally:
+        hub.start()  # the same port and repositories, as after a network outage
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "failed" in error and "re-run the same command to resume" in error
+    assert "config.json" not in hub.files(repo_id)
+    assert main(command) == 0
+    published = {path.name for path in model_dir[0].iterdir()} - {"trainer_state.json"} | {"README.md"}
+    assert published <= hub.files(repo_id).keys()
