@@ -402,7 +402,8 @@ def test_only_the_model_is_sent_junk_pickles_and_outside_symlinks_are_not(
     sent_junk = set(junk) - {"eval/results.json", "training_args.bin"}
     assert not sent_junk & files.keys() and "secret.txt" not in files and not any("linked_runs" in f for f in files)
     output = capsys.readouterr().out
-    assert "not sent (not part of the model; --include PATTERN sends more): " in output and "pytorch_model.bin" in output
+    assert "not sent (not part of the model; --include PATTERN sends more): " in output
+    assert "pytorch_model.bin" in output and "linked_runs/" in output
     # No local path in what is published.
     for name in ("README.md", "conversion.json", "config.json"):
         assert str(tmp_path) not in files[name].decode(), name
