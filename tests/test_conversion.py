@@ -41,6 +41,7 @@ from deepseek_moe.conversion import (
     quantize_fp8_blockwise,
     verify_conversion,
 )
+from deepseek_moe.conversion.streamed_logits import largest_layer_bytes, streamed_logits
 
 TOKENIZER_FILES = {"tokenizer.json": "{}", "tokenizer_config.json": '{"model_max_length": 16}'}
 # Partial 128-blocks everywhere: kv_a_proj_with_mqa has 136 + 8 rows, the dense MLP 200.
@@ -298,30 +299,42 @@ from deepseek_moe.conversion import convert_checkpoint
 def peak_rss():
     return int(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1]) * 1024
 baseline = peak_rss()
-convert_checkpoint(sys.argv[1], sys.argv[2], dtype="bf16", max_shard_size=sys.argv[3], progress=False)
+report = convert_checkpoint(
+    sys.argv[1], sys.argv[2], dtype="bf16", max_shard_size=sys.argv[3], verify=sys.argv[4] == "verify", progress=False
+)
+assert (report.logits_error is not None) == (sys.argv[4] == "verify")
 print(json.dumps({"baseline": baseline, "peak": peak_rss()}))
 """
 
 
-def measure_conversion_memory(tmp_path: Path, config: DeepseekMoeConfig, budget: str) -> None:
+def measure_conversion_memory(tmp_path: Path, config: DeepseekMoeConfig, budget: str, verify: bool = False) -> None:
     """Converts a random fp32 checkpoint to bf16 in a fresh process and checks its peak RSS against
-    baseline (imports) + shard budget + 2 × the largest tensor (fp32 source and its bf16 copy) + 64 MB."""
+    baseline (imports) + shard budget + 2 × the largest tensor (fp32 source and its bf16 copy) + 64 MB. With `verify`
+    the bound adds the per-tensor comparison (a third copy of the largest tensor) and the layer-by-layer logits check
+    (3 × the largest layer in fp32: the layer, a stacked expert tensor being copied in, its parts), and must stay
+    below one whole fp32 model (the verification used to load two)."""
     size = write_random_checkpoint(tmp_path / "source", config, max_shard_size="100MB")
-    largest = max(info.nbytes for info in Checkpoint.open(tmp_path / "source").tensors.values())
+    source = Checkpoint.open(tmp_path / "source")
+    largest = max(info.nbytes for info in source.tensors.values())
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
     result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(CHILD), str(tmp_path / "source"), str(tmp_path / "out"), budget],
+        [sys.executable, "-c", textwrap.dedent(CHILD), str(tmp_path / "source"), str(tmp_path / "out"), budget,
+         "verify" if verify else "convert"],
         capture_output=True, text=True, env=env, check=True,
     )  # fmt: skip
     rss = json.loads(result.stdout.strip().splitlines()[-1])
     bound = parse_size(budget) + 2 * largest + 64 * 10**6
-    assert bound < size / 2, "the checkpoint must be large enough for the bound to mean something"
+    if verify:
+        bound += largest + 3 * largest_layer_bytes(source)
+        assert bound < size, "the bound must be below one whole fp32 model"
+    else:
+        assert bound < size / 2, "the checkpoint must be large enough for the bound to mean something"
     assert rss["peak"] - rss["baseline"] <= bound, (rss, size, largest, bound)
     print(
         f"peak RSS {rss['peak'] / 1e6:.0f} MB = baseline {rss['baseline'] / 1e6:.0f} MB + "
         f"{(rss['peak'] - rss['baseline']) / 1e6:.0f} MB (bound {bound / 1e6:.0f} MB) for {size / 1e6:.0f} MB"
     )
-    assert Checkpoint.open(tmp_path / "out").tensors.keys() == Checkpoint.open(tmp_path / "source").tensors.keys()
+    assert Checkpoint.open(tmp_path / "out").tensors.keys() == source.tensors.keys()
 
 
 def memory_config(vocab_size: int, moe_layers: int) -> DeepseekMoeConfig:
@@ -335,6 +348,31 @@ def memory_config(vocab_size: int, moe_layers: int) -> DeepseekMoeConfig:
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc")
 def test_peak_memory_is_bounded_by_shard_budget_and_largest_tensor(tmp_path):
     measure_conversion_memory(tmp_path, memory_config(vocab_size=8192, moe_layers=5), budget="50MB")  # ~300 MB
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc")
+def test_verify_runs_in_bounded_memory(tmp_path):
+    measure_conversion_memory(tmp_path, memory_config(vocab_size=8192, moe_layers=8), budget="50MB", verify=True)  # ~470 MB
+
+
+def test_streamed_logits_match_the_loaded_model(tmp_path):
+    """The layer-by-layer logits of `--verify` equal those of `from_pretrained` on an official FP8 checkpoint (fused
+    experts, dequantization, MTP layer present but not run) and on a model with tied embeddings."""
+    config = DeepseekMoeConfig.from_preset("tiny-v3", **EDGE_BLOCKS)
+    randomize_(DeepseekMoeForCausalLM(config), seed=8).save_pretrained(tmp_path / "plain")
+    fp8_state, _ = to_official_fp8(load_file(tmp_path / "plain" / "model.safetensors"))
+    (tmp_path / "fp8").mkdir()
+    write_sharded(fp8_state, tmp_path / "fp8", official_v3_config(config, quantization_config=QUANTIZATION_CONFIG))
+    tied = DeepseekMoeConfig.from_preset("tiny-v2", tie_word_embeddings=True)
+    randomize_(DeepseekMoeForCausalLM(tied), seed=9).save_pretrained(tmp_path / "tied")
+    input_ids = torch.randint(0, 512, (2, 7), generator=torch.Generator().manual_seed(1))
+    for directory in ("fp8", "tied"):
+        checkpoint = Checkpoint.open(tmp_path / directory)
+        model = DeepseekMoeForCausalLM.from_pretrained(tmp_path / directory, dtype=torch.float32).eval()
+        with torch.no_grad():
+            expected = model(input_ids).logits
+        streamed = streamed_logits(checkpoint, model.config, input_ids)
+        torch.testing.assert_close(streamed, expected, rtol=1e-6, atol=1e-6 * expected.abs().max().item())
 
 
 @pytest.mark.slow

@@ -26,7 +26,7 @@ from safetensors import safe_open
 
 from ..dtypes import torch_dtype
 from ..model.configuration_deepseek_moe import DeepseekMoeConfig
-from ..model.modeling_deepseek_moe import FP8_BLOCK, DeepseekMoeForCausalLM, dequantize_fp8_blockwise
+from ..model.modeling_deepseek_moe import FP8_BLOCK, dequantize_fp8_blockwise
 from ..remote_code import AUTO_MAP, CONVERSION_RECORD, remote_code_files
 from .destination import (
     WorkDirectory,
@@ -51,6 +51,7 @@ from .layouts import (
     to_mp_name,
 )
 from .safetensors_io import ConversionError, PlannedFile, StreamingWriter, index_json, parse_size, plan_shards
+from .streamed_logits import largest_layer_bytes, streamed_logits
 
 TARGETS = ("ours", "fp8", "mp")
 FP8_QUANTIZATION_CONFIG = {
@@ -71,7 +72,7 @@ COPIED_FILES = (
     "merges.txt",
     "generation_config.json",
 )
-# Loading both models for the logits check is only done for small checkpoints.
+# The logits check holds one layer in fp32 at a time; it is skipped when a layer is larger than this.
 LOGITS_CHECK_MAX_BYTES = 2 * 10**9
 
 
@@ -420,7 +421,7 @@ def _read_with_safetensors(info: TensorInfo) -> torch.Tensor:
 def verify_conversion(plan: ConversionPlan, directory: Path) -> float | None:
     """Re-read the output and compare every tensor with the source: equal after the same cast, or within e4m3
     rounding (half an ulp, 2⁻⁴ relative, or 2⁻¹⁰·scale among subnormals) for FP8 written from other dtypes. On
-    small checkpoints, also load both with `DeepseekMoeForCausalLM` and compare logits; returns that error."""
+    Hugging Face layouts, also compare both checkpoints' logits, computed layer by layer; returns that error."""
     output = Checkpoint.open(directory)
     expected = {step.weight for step in plan.steps}
     written = {name for name in output.tensors if not is_scale(name)}
@@ -443,28 +444,25 @@ def verify_conversion(plan: ConversionPlan, directory: Path) -> float | None:
             exact &= bool((error == 0).all())
         if not ok:
             raise ConversionError(f"verification: {name} in {directory} does not match the source")
-    if plan.target == "mp" or plan.source.layout != "hf" or plan.data_bytes > LOGITS_CHECK_MAX_BYTES:
+    if plan.target == "mp" or plan.source.layout != "hf" or largest_layer_bytes(output) > LOGITS_CHECK_MAX_BYTES:
         return None
-    return _compare_logits(plan.source.directory, directory, exact)
+    return _compare_logits(plan, output, exact)
 
 
-def _compare_logits(source: Path, output: Path, exact: bool) -> float:
-    """Loads both checkpoints in fp32 and compares logits on a fixed batch. Equal weights must give max |Δ| within
-    1e-5 of max |logit|. After rounding (bf16, FP8) near-ties route some tokens to other experts and errors compound
-    through small random models (FP8 gives 10-20%), so there the mean |Δ| only has to stay under half the mean
-    |logit|: a coarse end-to-end check against gross errors, the per-tensor checks being the precise ones."""
-    logits = []
-    for directory in (source, output):
-        model = DeepseekMoeForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-        input_ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            logits.append(model(input_ids).logits)
-        del model
-    difference = (logits[1] - logits[0]).abs()
+def _compare_logits(plan: ConversionPlan, output: Checkpoint, exact: bool) -> float:
+    """Both checkpoints' fp32 logits on a fixed batch, computed layer by layer (`streamed_logits`), the output's with
+    the config.json written beside it. Equal weights must give max |Δ| within 1e-5 of max |logit|. After rounding
+    (bf16, FP8) near-ties route some tokens to other experts and errors compound through small random models (FP8
+    gives 10-20%), so there the mean |Δ| only has to stay under half the mean |logit|: a coarse end-to-end check
+    against gross errors, the per-tensor checks being the precise ones."""
+    output_config = DeepseekMoeConfig.from_pretrained(output.directory)
+    input_ids = torch.randint(0, plan.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    reference = streamed_logits(plan.source, plan.config, input_ids)
+    difference = (streamed_logits(output, output_config, input_ids) - reference).abs()
     if exact:
-        error, tolerance = (difference.max() / logits[0].abs().max()).item(), 1e-5
+        error, tolerance = (difference.max() / reference.abs().max()).item(), 1e-5
     else:
-        error, tolerance = (difference.mean() / logits[0].abs().mean()).item(), 0.5
+        error, tolerance = (difference.mean() / reference.abs().mean()).item(), 0.5
     if not error <= tolerance:
         raise ConversionError(f"verification: logits differ by {error:.3g} (relative), more than {tolerance}")
     return error
