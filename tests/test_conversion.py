@@ -352,7 +352,8 @@ def test_peak_memory_is_bounded_by_shard_budget_and_largest_tensor(tmp_path):
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc")
 def test_verify_runs_in_bounded_memory(tmp_path):
-    measure_conversion_memory(tmp_path, memory_config(vocab_size=8192, moe_layers=8), budget="50MB", verify=True)  # ~470 MB
+    config = memory_config(vocab_size=8192, moe_layers=8)  # ~470 MB
+    measure_conversion_memory(tmp_path, config, budget="50MB", verify=True)
 
 
 def test_streamed_logits_match_the_loaded_model(tmp_path):
