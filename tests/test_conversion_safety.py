@@ -4,7 +4,6 @@ hostile checkpoints (headers, index entries) get one-line errors naming the file
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize_
+from conftest import file_tree, randomize_
 from safetensors.torch import save_file
 
 from deepseek_moe import DeepseekMoeConfig, DeepseekMoeForCausalLM
@@ -30,18 +29,6 @@ from deepseek_moe.conversion.safetensors_io import read_header
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARDS = "60KB"  # tiny-v2-lite in fp32 is about 350 KB: several shards
-
-
-def tree(directory: Path) -> dict[str, str]:
-    """Every entry under `directory`: files by sha256 of their bytes, symlinks by their target."""
-    entries = {}
-    for path in sorted(directory.rglob("*")):
-        key = path.relative_to(directory).as_posix()
-        if path.is_symlink():
-            entries[key] = "-> " + os.readlink(path)
-        elif path.is_file():
-            entries[key] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return entries
 
 
 @pytest.fixture(scope="module")
@@ -79,36 +66,36 @@ def _link(link: Path, target: Path) -> Path:
 
 @pytest.mark.parametrize(("make_output", "message"), ALIASES.values(), ids=ALIASES.keys())
 def test_outputs_that_alias_the_source_are_refused(work, capsys, make_output, message) -> None:
-    before, notes = tree(work / "source"), (work / "notes.txt").read_bytes()
+    before, notes = file_tree(work / "source"), (work / "notes.txt").read_bytes()
     output = make_output(work)
     with pytest.raises(ConversionError, match=message):
         convert_checkpoint(work / "source", output, overwrite=True, progress=False)
     assert main(["convert", str(work / "source"), str(output), "--overwrite", "--no-progress"]) == 2
     error = capsys.readouterr().err
     assert message in error and error.count("\n") == 1
-    assert tree(work / "source") == before and (work / "notes.txt").read_bytes() == notes
+    assert file_tree(work / "source") == before and (work / "notes.txt").read_bytes() == notes
     assert not [path.name for path in work.iterdir() if ".converting-" in path.name or "-lock" in path.name]
 
 
 def test_overwrite_replaces_only_an_earlier_output_of_ours(work, capsys) -> None:
     source, output = work / "source", work / "out"
-    before = tree(source)
+    before = file_tree(source)
     convert_checkpoint(source, output, progress=False)
-    first = tree(output)
+    first = file_tree(output)
     record = json.loads((output / "conversion.json").read_text())
     assert set(record["files"]) | {"conversion.json"} == set(first)
     with pytest.raises(ConversionError, match="already exists; pass --overwrite"):
         convert_checkpoint(source, output, dtype="bf16", progress=False)
     convert_checkpoint(source, output, dtype="bf16", overwrite=True, progress=False)  # ours: replaced
-    assert tree(output) != first and json.loads((output / "config.json").read_text())["dtype"] == "bfloat16"
+    assert file_tree(output) != first and json.loads((output / "config.json").read_text())["dtype"] == "bfloat16"
 
     (output / "eval.txt").write_text("results I wrote by hand\n")  # now not only ours
     (output / "plots").mkdir()
     (output / "plots" / "loss.png").write_bytes(b"png")
-    replaced = tree(output)
+    replaced = file_tree(output)
     with pytest.raises(ConversionError, match=r"holds files no conversion wrote \(eval.txt, plots, plots/loss.png\)"):
         convert_checkpoint(source, output, overwrite=True, progress=False)
-    assert tree(output) == replaced
+    assert file_tree(output) == replaced
 
     foreign = work / "elsewhere"  # a folder that was never a conversion's output
     foreign.mkdir()
@@ -118,8 +105,8 @@ def test_overwrite_replaces_only_an_earlier_output_of_ours(work, capsys) -> None
     assert (foreign / "model.safetensors").read_bytes() == b"someone else's weights"
     (work / "empty").mkdir()  # an empty directory holds nothing to lose
     convert_checkpoint(source, work / "empty", progress=False)
-    assert tree(work / "empty") == first
-    assert tree(source) == before and (work / "notes.txt").read_text() == "my notes\n"
+    assert file_tree(work / "empty") == first
+    assert file_tree(source) == before and (work / "notes.txt").read_text() == "my notes\n"
 
 
 def test_a_second_conversion_into_the_same_output_is_refused(work) -> None:
@@ -164,7 +151,7 @@ def test_ctrl_c_keeps_complete_shards_and_the_rerun_resumes(work, monkeypatch) -
     assert kept and kept < set(reference.files) and not output.exists()
     loads.clear()
     convert_checkpoint(source, output, max_shard_size=SHARDS, progress=False)
-    assert tree(output) == tree(work / "reference") and not list(work.glob(".out.converting-*"))
+    assert file_tree(output) == file_tree(work / "reference") and not list(work.glob(".out.converting-*"))
     assert set(loads) and not set(loads) & _tensors_in(output, kept)  # only the missing shards were read again
 
 
@@ -193,7 +180,7 @@ def test_killed_conversions_resume_with_only_the_missing_shards(work) -> None:
     meanwhile is refused; each re-run keeps the complete shard (untouched, unless it was damaged) and ends
     byte-identical to an uninterrupted conversion."""
     source = work / "source"
-    before = tree(source)
+    before = file_tree(source)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), PAUSE_AFTER_SHARDS_ENV: "1"}
     signals = {"SIGTERM": signal.SIGTERM, "SIGKILL": signal.SIGKILL}
     processes = {
@@ -235,9 +222,9 @@ def test_killed_conversions_resume_with_only_the_missing_shards(work) -> None:
             (leftover / first).write_bytes(data)
         os.utime(leftover / first, ns=(1, 1))  # a kept file keeps this time; a rewritten one gets the current time
         convert_checkpoint(source, work / name, max_shard_size=SHARDS, progress=False)
-        assert tree(work / name) == tree(work / "reference")
+        assert file_tree(work / name) == file_tree(work / "reference")
         assert ((work / name / first).stat().st_mtime_ns == 1) != damaged
-    assert not [path for path in work.iterdir() if path.name.startswith(".")] and tree(source) == before
+    assert not [path for path in work.iterdir() if path.name.startswith(".")] and file_tree(source) == before
 
 
 def _valid_file(directory: Path) -> Path:
@@ -341,3 +328,13 @@ def test_index_entries_must_be_file_names_in_the_checkpoint(tmp_path, entry) -> 
     (checkpoint / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(ConversionError, match=rf"shard {'.'}*.* is not a plain file name in the checkpoint's folder"):
         Checkpoint.open(checkpoint)
+
+
+def test_debug_shows_the_traceback(tmp_path, capsys) -> None:
+    assert main(["convert", str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
+    expected = f"deepseek-moe convert: error: {tmp_path / 'missing'}: no such checkpoint directory\n"
+    assert capsys.readouterr().err == expected
+    with pytest.raises(ConversionError, match="no such checkpoint directory"):
+        main(["--debug", "convert", str(tmp_path / "missing"), str(tmp_path / "out")])
+    with pytest.raises(ValueError, match="neither config.json"):  # after the command too, as hub_upload.py passes it
+        main(["upload", str(tmp_path), "user/repo", "--dry-run", "--debug"])

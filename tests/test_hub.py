@@ -7,7 +7,6 @@ endpoint constants patched, which saves the imports. Nothing can reach the real 
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize_
+from conftest import file_tree, randomize_
 from hub_server import FakeHub
 from huggingface_hub import HfApi, constants
 
@@ -261,6 +260,14 @@ def _broken_config(directory: Path) -> None:
     (directory / "config.json").write_text(json.dumps({**config, "topk_method": "top_p"}))
 
 
+def _absolute_shard(directory: Path) -> None:
+    index_path = directory / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    first = sorted(set(index["weight_map"].values()))[0]
+    index["weight_map"] = {k: str(directory / v) if v == first else v for k, v in index["weight_map"].items()}
+    index_path.write_text(json.dumps(index))
+
+
 REFUSALS = {
     "no_token": (None, None, "no Hugging Face token"),
     "bad_token": ("hf_wrong", None, "token was rejected"),
@@ -268,6 +275,7 @@ REFUSALS = {
     "missing_weight": ("ok", _missing_weight, "1 weights are missing"),
     "corrupt_shard": ("ok", _corrupt_shard, "safetensors: not a safetensors file"),
     "broken_config": ("ok", _broken_config, "topk_method"),
+    "absolute_shard": ("ok", _absolute_shard, "is not a plain file name in the checkpoint's folder"),
 }
 
 
@@ -307,18 +315,6 @@ def test_lora_adapter_uploads_with_a_peft_card(hub_in_process, model_dir, monkey
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= files.keys()
     card = files["README.md"].decode()
     assert "library_name: peft" in card and f"base_model: {REPO}" in card and "PeftModel.from_pretrained" in card
-
-
-def tree_hashes(directory: Path) -> dict[str, str]:
-    """Every entry under `directory`: files by sha256, symlinks by their target."""
-    entries = {}
-    for path in sorted(directory.rglob("*")):
-        key = path.relative_to(directory).as_posix()
-        if path.is_symlink():
-            entries[key] = "-> " + os.readlink(path)
-        elif path.is_file():
-            entries[key] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return entries
 
 
 def test_reupload_of_another_layout_leaves_a_repository_that_loads_the_new_model(
@@ -424,9 +420,9 @@ def test_dry_run_leaves_the_folder_byte_identical(hub_in_process, without_load_c
     (directory / "conversion.json").write_text(json.dumps({"source": str(tmp_path / "ckpt")}))
     (directory / "README.md").write_text("<!-- Provide a quick summary of what the model is/does. -->\ntemplate")
     (directory / "tokenizer.json").symlink_to(directory / "config.json")  # a link inside the folder is fine
-    before = tree_hashes(directory)
+    before = file_tree(directory)
     assert main(["upload", str(directory), "tester/dry-identical", "--dry-run"]) == 0
-    assert tree_hashes(directory) == before and hub_in_process.writes() == []
+    assert file_tree(directory) == before and hub_in_process.writes() == []
 
 
 def test_a_server_dying_mid_upload_gives_one_line_and_the_rerun_finishes(
