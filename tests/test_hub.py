@@ -388,6 +388,7 @@ def test_only_the_model_is_sent_junk_pickles_and_outside_symlinks_are_not(
     for name, text in junk.items():
         (directory / name).parent.mkdir(parents=True, exist_ok=True)
         (directory / name).write_text(text)
+    (directory / "modeling_deepseek_moe.py").write_text("# a stale copy of the model code")
     (directory / "secret.txt").symlink_to(outside / "secret.txt")
     (directory / "linked_runs").symlink_to(outside, target_is_directory=True)
     (directory / "conversion.json").write_text(json.dumps({"source": str(tmp_path / "private" / "ckpt")}))
@@ -399,7 +400,11 @@ def test_only_the_model_is_sent_junk_pickles_and_outside_symlinks_are_not(
     assert not sent_junk & files.keys() and "secret.txt" not in files and not any("linked_runs" in f for f in files)
     output = capsys.readouterr().out
     assert "not sent (not part of the model; --include PATTERN sends more): " in output
-    assert "pytorch_model.bin" in output and "linked_runs/" in output
+    left_out = output.split("sends more): ")[1].splitlines()[0].split(", ")
+    assert {"pytorch_model.bin", "linked_runs (symlink to a folder)", "wandb/ (1 files)"} <= set(left_out)
+    assert "modeling_deepseek_moe.py" not in left_out  # sent, fresh from the package
+    code = {path.name: path.read_bytes() for path in remote_code_files()}
+    assert files["modeling_deepseek_moe.py"] == code["modeling_deepseek_moe.py"]
     # No local path in what is published.
     for name in ("README.md", "conversion.json", "config.json"):
         assert str(tmp_path) not in files[name].decode(), name

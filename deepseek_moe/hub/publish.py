@@ -185,6 +185,19 @@ def publish(
     return pr_url or info.commit_url
 
 
+def _grouped(paths: list[str]) -> list[str]:
+    """Paths at the root as they are, the rest as their top folder with a file count."""
+    folders: dict[str, int] = {}
+    shown = []
+    for path in paths:
+        top, slash, _ = path.partition("/")
+        if slash:
+            folders[top] = folders.get(top, 0) + 1
+        else:
+            shown.append(path)
+    return shown + [f"{folder}/ ({count} files)" for folder, count in sorted(folders.items())]
+
+
 def print_plan(plan: Plan, repo_id: str, max_commit_bytes: int, deletions: list[str] | None) -> None:
     print(f"{plan.kind} folder validated; upload plan for {repo_id}:")
     width = max(len(path) for path in plan.files)
@@ -193,7 +206,7 @@ def print_plan(plan: Plan, repo_id: str, max_commit_bytes: int, deletions: list[
     batches = commit_batches(plan.files, max_commit_bytes)
     print(f"{len(plan.files)} files, {sum(plan.files.values()):,} bytes, in {len(batches)} commit(s) at most")
     if plan.left_out:
-        print(f"not sent (not part of the model; --include PATTERN sends more): {', '.join(plan.left_out)}")
+        print(f"not sent (not part of the model; --include PATTERN sends more): {', '.join(_grouped(plan.left_out))}")
     if deletions is None:
         print(f"could not list {repo_id}: remote files the upload would delete are not known")
     elif deletions:

@@ -79,7 +79,7 @@ def select_files(source: Path, weights: set[str], include: list[str]) -> tuple[l
         here = Path(directory)
         for name in sorted(folders):
             if (here / name).is_symlink():  # not followed: listed, never published
-                left_out.append((here / name).relative_to(source).as_posix() + "/")
+                left_out.append((here / name).relative_to(source).as_posix() + " (symlink to a folder)")
         for name in sorted(names):
             path = here / name
             relative = path.relative_to(source).as_posix()
@@ -130,6 +130,8 @@ def stage_model(
     config = load_folder_config(source)
     weights = check_weights(source, config)
     files, left_out = select_files(source, weights, include)
+    code = {file.name for file in remote_code_files()}
+    left_out = [name for name in left_out if name not in code]  # staged fresh from this package below
     link_files(source, staging, files)
     config_json = read_json(source / "config.json")
     name_or_path = config_json.pop("_name_or_path", None)
