@@ -304,7 +304,8 @@ verify = sys.argv[4] == "verify"
 if len(sys.argv) > 5:
     convert_checkpoint(sys.argv[5], sys.argv[5] + "-out", dtype="bf16", verify=verify, progress=False)
 baseline = peak_rss()
-report = convert_checkpoint(sys.argv[1], sys.argv[2], dtype="bf16", max_shard_size=sys.argv[3], verify=verify, progress=False)
+options = dict(dtype="bf16", max_shard_size=sys.argv[3], verify=verify, progress=False)
+report = convert_checkpoint(sys.argv[1], sys.argv[2], **options)
 assert (report.logits_error is not None) == verify
 print(json.dumps({"baseline": baseline, "peak": peak_rss()}))
 """
