@@ -129,7 +129,16 @@ def test_leftovers_are_removed_only_when_their_owner_is_gone(work) -> None:
     assert not dead.exists() and (alive / "model-00001-of-00009.safetensors").read_bytes() == b"partial"
 
 
-def test_ctrl_c_keeps_complete_shards_and_the_rerun_resumes(work, monkeypatch) -> None:
+def _ctrl_c() -> None:
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize(
+    ("interrupt", "reason"),
+    [(_ctrl_c, "Ctrl-C"), (lambda: os.kill(os.getpid(), signal.SIGHUP), "SIGHUP")],
+    ids=["Ctrl-C", "SIGHUP"],
+)
+def test_an_interruption_keeps_complete_shards_and_the_rerun_resumes(work, monkeypatch, interrupt, reason) -> None:
     source, output = work / "source", work / "out"
     reference = convert_checkpoint(source, work / "reference", max_shard_size=SHARDS, progress=False)
     assert len(reference.files) >= 4
@@ -140,11 +149,12 @@ def test_ctrl_c_keeps_complete_shards_and_the_rerun_resumes(work, monkeypatch) -
         loads.append(name)
         if interruptions and len(loads) == interruptions[0]:
             interruptions.clear()
-            raise KeyboardInterrupt
+            interrupt()
         return real_load(checkpoint, name, *args, **kwargs)
 
     monkeypatch.setattr(convert_module, "load_weight", interrupted)
-    with pytest.raises(ConversionInterrupted, match="files are complete in .*re-run the same command to resume"):
+    message = rf"\({reason}\); \d+ of \d+ files are complete in .*re-run the same command to resume"
+    with pytest.raises(ConversionInterrupted, match=message):
         convert_checkpoint(source, output, max_shard_size=SHARDS, progress=False)
     (leftover,) = work.glob(".out.converting-*")
     kept = {path.name for path in leftover.iterdir()} - {MANIFEST}
