@@ -348,3 +348,13 @@ def test_debug_shows_the_traceback(tmp_path, capsys) -> None:
         main(["--debug", "convert", str(tmp_path / "missing"), str(tmp_path / "out")])
     with pytest.raises(ValueError, match="neither config.json"):  # after the command too, as hub_upload.py passes it
         main(["upload", str(tmp_path), "user/repo", "--dry-run", "--debug"])
+
+
+def test_the_record_names_the_source_without_a_local_path(work) -> None:
+    """A folder's name, or the Hub id of a Hugging Face cache snapshot; never the absolute path."""
+    snapshot = work / "hub" / "models--deepseek-ai--DeepSeek-V2-Lite" / "snapshots" / "0123abc"
+    shutil.copytree(work / "source", snapshot)
+    for source, name in ((work / "source", "source"), (snapshot, "deepseek-ai/DeepSeek-V2-Lite")):
+        convert_checkpoint(source, work / f"out-{source.name}", progress=False)
+        text = (work / f"out-{source.name}" / "conversion.json").read_text()
+        assert json.loads(text)["source"] == name and str(work) not in text

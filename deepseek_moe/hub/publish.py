@@ -214,7 +214,9 @@ def print_plan(plan: Plan, repo_id: str, max_commit_bytes: int, deletions: list[
     print(f"README.md ({'generated' if plan.card_generated else 'kept from the folder'}):\n{plan.card}")
 
 
-def planned_deletions(repo_id: str, revision: str | None, token: str | None, plan: Plan, delete_stale: bool):
+def planned_deletions(
+    repo_id: str, revision: str | None, token: str | None, plan: Plan, delete_stale: bool
+) -> list[str] | None:
     """For a dry run: what the upload would delete, from a read-only listing (None if the Hub cannot be asked)."""
     api = HfApi(token=token or get_token() or False)
     try:
