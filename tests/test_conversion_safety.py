@@ -13,6 +13,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -41,11 +42,14 @@ def checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def work(checkpoint, tmp_path) -> Path:
-    """`work/source` (a fresh copy of the checkpoint) beside the user's unrelated `work/notes.txt`."""
+def work(checkpoint, tmp_path) -> Iterator[Path]:
+    """`work/source` (a fresh copy of the checkpoint) beside the user's unrelated `work/notes.txt`; after every test
+    both must be byte-identical to what they were."""
     shutil.copytree(checkpoint, tmp_path / "source")
     (tmp_path / "notes.txt").write_text("my notes\n")
-    return tmp_path
+    yield tmp_path
+    assert file_tree(tmp_path / "source") == file_tree(checkpoint), "the source checkpoint changed"
+    assert (tmp_path / "notes.txt").read_text() == "my notes\n"
 
 
 ALIASES = {

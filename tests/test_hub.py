@@ -393,7 +393,9 @@ def test_only_the_model_is_sent_junk_pickles_and_outside_symlinks_are_not(
     (directory / "linked_runs").symlink_to(outside, target_is_directory=True)
     (directory / "conversion.json").write_text(json.dumps({"source": str(tmp_path / "private" / "ckpt")}))
     args = ["upload", str(directory), repo_id, "--include", "eval/*", "--include", "*.bin"]
+    before = file_tree(directory)
     assert main([*args, "--include", "training_args.bin"]) == 0
+    assert file_tree(directory) == before
     files = hub.files(repo_id)
     assert "eval/results.json" in files and "training_args.bin" in files  # named exactly: sent
     sent_junk = set(junk) - {"eval/results.json", "training_args.bin"}
@@ -436,6 +438,7 @@ def test_a_server_dying_mid_upload_gives_one_line_and_the_rerun_finishes(
     hub, repo_id = hub_in_process, "tester/died"
     monkeypatch.setenv("HF_TOKEN", hub.token)
     command = ["upload", str(model_dir[0]), repo_id, "--max-commit-size", "600KB"]
+    before = file_tree(model_dir[0])
     hub.commits_before_death = 1
     try:
         assert main(command) == 2
@@ -446,4 +449,4 @@ def test_a_server_dying_mid_upload_gives_one_line_and_the_rerun_finishes(
     assert "config.json" not in hub.files(repo_id)
     assert main(command) == 0
     published = {path.name for path in model_dir[0].iterdir()} - {"trainer_state.json"} | {"README.md"}
-    assert published <= hub.files(repo_id).keys()
+    assert published <= hub.files(repo_id).keys() and file_tree(model_dir[0]) == before
