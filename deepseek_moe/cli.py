@@ -102,8 +102,9 @@ def _add_convert(subparsers: argparse._SubParsersAction) -> None:
         "convert",
         help="convert official DeepSeek checkpoints (bf16/FP8, HF or model-parallel layout) to ours and back",
         description="Streams one tensor at a time into a temporary directory next to OUTPUT, moved into place when "
-        "complete. Sources: a directory with model.safetensors, a model.safetensors.index.json, or DeepSeek's "
-        "model{i}-mp{n}.safetensors files.",
+        "complete; an interrupted run (Ctrl-C, SIGTERM, SIGKILL) resumes from its complete shards when the same "
+        "command runs again. SOURCE is never written. Sources: a directory with model.safetensors, a "
+        "model.safetensors.index.json, or DeepSeek's model{i}-mp{n}.safetensors files.",
     )
     parser.add_argument("source", help="checkpoint directory")
     parser.add_argument("output", help="directory to create")
@@ -120,7 +121,11 @@ def _add_convert(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-shard-size", default="5GB", help="decimal units, e.g. 5GB or 100MB (default 5GB)")
     parser.add_argument("--config", help="config.json, its directory or a preset (default: SOURCE/config.json)")
     parser.add_argument("--verify", action="store_true", help="re-read the output and check it against the source")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUTPUT if it is an earlier conversion's output (refused if it holds other files)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the planned files and write nothing")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(run=_convert)
