@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 from pathlib import Path
 
 from huggingface_hub import ModelCardData
@@ -19,10 +20,18 @@ TRAINER_STATE = "trainer_state.json"
 TAGS = ["deepseek", "moe", "custom_code"]
 
 
+def hub_id(name: str | None) -> str | None:
+    """`name` if it looks like a Hub repository id rather than a local path."""
+    if name and re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not os.path.exists(name):
+        return name
+    return None
+
+
 def publishable_record(record: dict) -> dict:
-    """A conversion record without local paths: a `source` that is a path becomes its last component."""
+    """A conversion record without local paths: a `source` that is a path, not a Hub id, becomes its last component
+    (records written before conversion stopped storing paths)."""
     source = record.get("source")
-    if isinstance(source, str) and (os.path.isabs(source) or os.sep in source and os.path.exists(source)):
+    if isinstance(source, str) and ("/" in source or os.sep in source) and not hub_id(source):
         return {**record, "source": Path(source).name}
     return record
 

@@ -8,12 +8,11 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..remote_code import AUTO_MAP, CONVERSION_RECORD, remote_code_files
-from .card import adapter_card, model_card, publishable_record
+from .card import adapter_card, hub_id, model_card, publishable_record
 from .validate import (
     UploadError,
     check_loads_as_remote_code,
@@ -115,13 +114,6 @@ def write_staged(staging: Path, name: str, content: str | bytes) -> None:
     path.write_bytes(content.encode() if isinstance(content, str) else content)
 
 
-def _hub_id(name: str | None) -> str | None:
-    """`name` if it looks like a Hub repository id rather than a local path."""
-    if name and re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not os.path.exists(name):
-        return name
-    return None
-
-
 def stage_model(
     source: Path, staging: Path, repo_id: str, base_model: str | None, license: str | None, include: list[str]
 ) -> tuple[str, list[str]]:
@@ -136,7 +128,7 @@ def stage_model(
     config_json = read_json(source / "config.json")
     name_or_path = config_json.pop("_name_or_path", None)
     staged_config = {**config_json, "auto_map": AUTO_MAP}
-    if _hub_id(name_or_path):
+    if hub_id(name_or_path):
         staged_config["_name_or_path"] = name_or_path
     write_staged(staging, "config.json", json.dumps(staged_config, indent=2) + "\n")
     for file in remote_code_files():
@@ -148,7 +140,7 @@ def stage_model(
         if record != original:  # a local path taken out
             write_staged(staging, CONVERSION_RECORD, json.dumps(record, indent=2) + "\n")
     check_loads_as_remote_code(staging)
-    base = base_model or _hub_id((record or {}).get("source")) or _hub_id(name_or_path)
+    base = base_model or hub_id((record or {}).get("source")) or hub_id(name_or_path)
     card, images = model_card(source, staging, repo_id, config, base, license, record)
     for name, image in images.items():
         write_staged(staging, name, image)
