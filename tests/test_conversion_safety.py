@@ -129,8 +129,14 @@ def test_leftovers_are_removed_only_when_their_owner_is_gone(work) -> None:
     for leftover in (dead, alive):
         leftover.mkdir()
         (leftover / "model-00001-of-00009.safetensors").write_bytes(b"partial")
+    # A previous output moved aside by a replacement that was killed before deleting it: only its recorded files go.
+    convert_checkpoint(work / "source", work / "previous", progress=False)
+    replaced = work / f".out.replaced-{int(finished.stdout)}-89abcdef"
+    (work / "previous").rename(replaced)
+    (replaced / "added-later.txt").write_text("not written by a conversion")
     convert_checkpoint(work / "source", work / "out", progress=False)
     assert not dead.exists() and (alive / "model-00001-of-00009.safetensors").read_bytes() == b"partial"
+    assert [path.name for path in replaced.iterdir()] == ["added-later.txt"]
 
 
 def _ctrl_c() -> None:
