@@ -439,6 +439,13 @@ def test_a_server_dying_mid_upload_gives_one_line_and_the_rerun_finishes(
     monkeypatch.setenv("HF_TOKEN", hub.token)
     command = ["upload", str(model_dir[0]), repo_id, "--max-commit-size", "600KB"]
     before = file_tree(model_dir[0])
+    hub.close()  # down before the upload starts
+    try:
+        assert main(command) == 2
+    finally:
+        hub.start()
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "cannot reach" in error and "check the network and re-run" in error
     hub.commits_before_death = 1
     try:
         assert main(command) == 2
