@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -23,7 +24,13 @@ from safetensors.torch import save_file
 
 from deepseek_moe import DeepseekMoeConfig, DeepseekMoeForCausalLM
 from deepseek_moe.cli import main
-from deepseek_moe.conversion import Checkpoint, ConversionError, ConversionInterrupted, convert_checkpoint
+from deepseek_moe.conversion import (
+    Checkpoint,
+    ConversionError,
+    ConversionInterrupted,
+    convert_checkpoint,
+    plan_conversion,
+)
 from deepseek_moe.conversion import convert as convert_module
 from deepseek_moe.conversion.destination import MANIFEST, PAUSE_AFTER_SHARDS_ENV, destination_lock
 from deepseek_moe.conversion.safetensors_io import read_header
@@ -169,6 +176,17 @@ def test_an_interruption_keeps_complete_shards_and_the_rerun_resumes(work, monke
     (leftover,) = work.glob(".out.converting-*")
     kept = {path.name for path in leftover.iterdir()} - {MANIFEST}
     assert kept and kept < set(reference.files) and not output.exists()
+    # The resumed run needs disk space only for what it still writes; short of that it refuses and keeps the shards.
+    kept_bytes = sum((leftover / name).stat().st_size for name in kept)
+    needed = plan_conversion(source, max_shard_size=SHARDS).disk_bytes - kept_bytes
+    for free in (needed - 1, needed):
+        usage = SimpleNamespace(total=10**12, used=10**12, free=free)
+        monkeypatch.setattr("shutil.disk_usage", lambda path, usage=usage: usage)
+        if free < needed:
+            with pytest.raises(ConversionError, match="not enough disk space"):
+                convert_checkpoint(source, output, max_shard_size=SHARDS, progress=False)
+            (leftover,) = work.glob(".out.converting-*")
+            assert {path.name for path in leftover.iterdir()} - {MANIFEST} == kept
     loads.clear()
     convert_checkpoint(source, output, max_shard_size=SHARDS, progress=False)
     assert file_tree(output) == file_tree(work / "reference") and not list(work.glob(".out.converting-*"))

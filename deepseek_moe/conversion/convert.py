@@ -499,9 +499,12 @@ def convert_checkpoint(
     output.parent.mkdir(parents=True, exist_ok=True)
     with destination_lock(output), signals_interrupt():
         check_replaceable(output, overwrite)
-        fingerprint = plan_fingerprint(plan)
-        check_disk_space(output, plan.disk_bytes)
-        work = WorkDirectory.create(output, fingerprint)
+        work = WorkDirectory.create(output, plan_fingerprint(plan))
+        try:  # the shards a resumed run keeps are on the disk already
+            check_disk_space(output, plan.disk_bytes - work.complete_bytes)
+        except ConversionError:
+            work.keep_for_resume()
+            raise
         try:
             write_conversion(plan, work, progress=progress)
             logits_error = verify_conversion(plan, work.path) if verify else None

@@ -254,11 +254,20 @@ class WorkDirectory:
     def finish(self) -> None:
         (self.path / MANIFEST).unlink()
 
-    def interrupted(self, reason: str, total: int) -> ConversionInterrupted:
-        """Keep what a re-run can use; the error to raise says so."""
+    @property
+    def complete_bytes(self) -> int:
+        return sum(entry["size"] for entry in self.complete.values())
+
+    def keep_for_resume(self) -> bool:
+        """Keep the complete shards for a re-run (the directory goes if there are none); returns whether any are."""
         self.discard_incomplete()
         if not self.complete:
             shutil.rmtree(self.path, ignore_errors=True)
+        return bool(self.complete)
+
+    def interrupted(self, reason: str, total: int) -> ConversionInterrupted:
+        """Keep what a re-run can use; the error to raise says so."""
+        if not self.keep_for_resume():
             return ConversionInterrupted(f"interrupted ({reason}); nothing was kept")
         return ConversionInterrupted(
             f"interrupted ({reason}); {len(self.complete)} of {total} files are complete in {self.path}: re-run the "
