@@ -65,7 +65,11 @@ def recorded_files(directory: Path) -> set[str] | None:
 
 
 def _contents(directory: Path) -> list[str]:
-    return sorted(path.relative_to(directory).as_posix() for path in directory.rglob("*"))
+    """Every entry under `directory`, symlinked folders listed but not followed."""
+    entries = []
+    for root, folders, files in os.walk(directory):
+        entries += [(Path(root) / name).relative_to(directory).as_posix() for name in folders + files]
+    return sorted(entries)
 
 
 def check_replaceable(output: Path, overwrite: bool) -> None:
