@@ -87,11 +87,14 @@ class FakeHub:
         if self.dying is not None:  # let a dying server release the port first
             self.dying.join()
             self.dying = None
+        self.running = True
         self.server = ThreadingHTTPServer(("127.0.0.1", self.port), type("Handler", (_Handler,), {"hub": self}))
         self.port = self.server.server_port
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self) -> None:
+        """Stop listening; connections kept alive from earlier requests are dropped at their next request."""
+        self.running = False
         self.server.shutdown()
         self.server.server_close()
 
@@ -333,11 +336,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _handle(self) -> None:
         self.body = self._read_body()
+        if not self.hub.running:  # a closed server answers nothing, even on a connection that was kept alive
+            self.close_connection = True
+            return
         with self.hub.lock:
             self.hub.requests.append((self.command, urlsplit(self.path).path))
             try:
                 status, payload, headers = self.hub.route(self)
             except ServerDeath:
+                self.hub.running = False
                 self.close_connection = True
                 self.hub.dying = threading.Thread(target=self.hub.close, daemon=True)
                 self.hub.dying.start()
