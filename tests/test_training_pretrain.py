@@ -222,3 +222,31 @@ def _flags_to_settings(flags: list[str]) -> dict:
 
     parsed = vars(build_parser().parse_args(["train", *flags]))
     return {k: v for k, v in parsed.items() if k not in ("command", "run", "config")}
+
+
+@pytest.mark.slow
+def test_parallel_resume_is_exact(corpus, tmp_path) -> None:
+    """FSDP2 + EP(2) with a checkpoint at step 2 (torch's distributed checkpoint of the sharded model and optimizer):
+    re-running after the run's end resumes from it and ends bit-identical."""
+    pytest.importorskip("deepseek_moe.training.parallel")
+    flags = [*COMMON_FLAGS, "--data", corpus, "--max-steps", "4", "--save-every", "2", "--fsdp", "--ep-size", "2"]
+    flags += ["--output-dir", str(tmp_path)]
+
+    def run() -> None:
+        launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _free_port()]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+        completed = subprocess.run(
+            [*launch, "-m", "deepseek_moe.cli", "train", *flags], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert completed.returncode == 0, completed.stderr[-3000:]
+
+    run()
+    first = json.loads((tmp_path / "train_result.json").read_text())
+    (tmp_path / "final").rename(tmp_path / "first")
+    run()
+    second = json.loads((tmp_path / "train_result.json").read_text())
+    assert second["resumed_from"] == str(tmp_path / "checkpoints" / "step-00000002")
+    assert second["losses"] == first["losses"]
+    expected = load_file(str(tmp_path / "first" / "model.safetensors"))
+    got = load_file(str(tmp_path / "final" / "model.safetensors"))
+    assert all(torch.equal(expected[key], got[key]) for key in expected)

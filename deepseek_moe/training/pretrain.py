@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -419,8 +420,8 @@ def remove_partial_checkpoints(checkpoint_dir: Path) -> list[Path]:
     return removed
 
 
-def save_checkpoint(accelerator, checkpoint_dir: Path, step: int, keep: int) -> Path:
-    """`accelerator.save_state` into a temporary directory, renamed to `step-N` once every process has written."""
+def save_checkpoint(accelerator, checkpoint_dir: Path, step: int, keep: int, write: Callable[[Path], None]) -> Path:
+    """`write` (every process) into a temporary directory, renamed to `step-N` once every process has written."""
     final = checkpoint_dir / f"{CHECKPOINT_PREFIX}{step:08d}"
     temp = checkpoint_dir / f"{TEMP_PREFIX}{final.name}"
     if accelerator.is_main_process:
@@ -428,7 +429,7 @@ def save_checkpoint(accelerator, checkpoint_dir: Path, step: int, keep: int) -> 
             shutil.rmtree(temp)
         temp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(temp))
+    write(temp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():
@@ -487,6 +488,34 @@ class Layout:
             (loss * self.dp).backward()
         else:
             self.accelerator.backward(loss * self.dp)
+
+    def save_state(self, directory: Path, model, optimizer, extras: tuple) -> None:
+        """The training state: `Accelerator.save_state` (model, optimizer, RNG, registered `extras`), or for engine
+        layouts torch's distributed checkpoint of the sharded model and optimizer plus the `extras`."""
+        if not self.engine:
+            self.accelerator.save_state(str(directory))
+            return
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(directory))
+        if self.accelerator.is_main_process:
+            torch.save([extra.state_dict() for extra in extras], directory / "loop_state.pt")
+
+    def load_state(self, directory: Path, model, optimizer, extras: tuple) -> None:
+        if not self.engine:
+            self.accelerator.load_state(str(directory))
+            return
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optimizer": optimizer_state}
+        dcp.load(state, checkpoint_id=str(directory))
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        for extra, saved in zip(extras, torch.load(directory / "loop_state.pt", weights_only=False), strict=True):
+            extra.load_state_dict(saved)
 
     def clip_grad_norm_(self, model, max_norm: float) -> torch.Tensor:
         """Clip to a global 2-norm. Engine layouts shard parameters over different meshes (experts on the EP mesh,
@@ -621,8 +650,6 @@ def _train(accelerator, args: TrainArguments, model, tokenizer, on_step) -> Trai
         except ImportError as error:
             raise ValueError(f"--fsdp, --ep-size and --tp-size need deepseek_moe.training.parallel: {error}") from error
         distributed_config(config, fsdp=args.fsdp, ep_size=args.ep_size, tp_size=args.tp_size)  # validates sizes
-        if args.save_every:
-            raise ValueError("checkpoints during --fsdp/--ep-size/--tp-size runs are not supported yet; --save-every 0")
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(args.tokenizer, args.model)
     check_model_fits(config, tokenizer, args.seq_length)
     fp8_training = None
@@ -689,9 +716,7 @@ def _train(accelerator, args: TrainArguments, model, tokenizer, on_step) -> Trai
         remove_partial_checkpoints(checkpoint_dir)
     accelerator.wait_for_everyone()
     if args.resume and (latest := latest_checkpoint(checkpoint_dir)) is not None:
-        if engine:
-            raise ValueError(f"resuming {latest} under --fsdp/--ep-size/--tp-size is not supported yet; --no-resume")
-        accelerator.load_state(str(latest))
+        layout.load_state(latest, model, optimizer, (scheduler, state))
         resumed_from = str(latest)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -771,7 +796,8 @@ def _train(accelerator, args: TrainArguments, model, tokenizer, on_step) -> Trai
         if eval_rows is not None and args.eval_every and state.step % args.eval_every == 0:
             _record_eval(layout, model, eval_rows, args, state)
         if args.save_every and state.step % args.save_every == 0 and state.step < args.max_steps:
-            save_checkpoint(accelerator, checkpoint_dir, state.step, args.keep_checkpoints)
+            write = functools.partial(layout.save_state, model=model, optimizer=optimizer, extras=(scheduler, state))
+            save_checkpoint(accelerator, checkpoint_dir, state.step, args.keep_checkpoints, write)
     bar.close()
     if eval_rows is not None and state.step not in state.eval_losses:
         _record_eval(layout, model, eval_rows, args, state)
