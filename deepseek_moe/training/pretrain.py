@@ -104,10 +104,13 @@ class TrainArguments:
     mtp_loss_weight_early: float = 0.3
     mtp_loss_weight_late: float = 0.1
     mtp_switch: float = MTP_SWITCH_FRACTION
-    # parallelism
+    # parallelism (default: data parallel over all processes, DDP through Accelerate)
     fsdp: bool = False
+    """FSDP2 through transformers' distributed engine (decoder and MTP layers as units)."""
     ep_size: int = 1
+    """Routed experts split over this many processes (all-to-all); needs `fsdp` or `tp_size`."""
     tp_size: int = 1
+    """Tensor parallelism of the dense layers."""
     # bookkeeping
     output_dir: str = "runs/deepseek-moe"
     seed: int = 42
