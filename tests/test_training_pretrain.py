@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -148,22 +149,20 @@ def test_bad_input_is_one_line_exit_2_before_training(corpus, tmp_path, capsys, 
     assert not (output / "checkpoints").exists() and not (output / "final").exists()
 
 
-@pytest.mark.parametrize("sync_each_batch", [False, pytest.param(True, marks=pytest.mark.slow)])
-def test_two_processes_match_one(corpus, tmp_path, sync_each_batch: bool) -> None:
-    """`accelerate launch --num_processes 2` on CPU (gloo, one thread each), 2 accumulation micro-batches per process:
-    same losses and bias as one process running the same global batch as 4 micro-batches."""
-    common = ["--model", "tiny-v3", "--data", corpus, "--tokenizer", "bytes", "--seq-length", "32"]
-    common += ["--micro-batch-size", "1", "--global-batch-size", "4", "--max-steps", "3", "--warmup-steps", "1"]
-    common += ["--sync-each-batch"] if sync_each_batch else []
-    common += ["--learning-rate", "3e-3", "--bias-update-speed", "0.01", "--no-progress", "--no-tensorboard"]
+COMMON_FLAGS = ["--model", "tiny-v3", "--tokenizer", "bytes", "--seq-length", "32", "--micro-batch-size", "1"]
+COMMON_FLAGS += ["--global-batch-size", "4", "--max-steps", "3", "--warmup-steps", "1", "--learning-rate", "3e-3"]
+COMMON_FLAGS += ["--bias-update-speed", "0.01", "--no-progress", "--no-tensorboard"]
+
+
+def _assert_two_processes_match_one(corpus: str, tmp_path: Path, launch: list[str], env: dict, flags: list[str]):
+    """Run `train` with `flags` in one process and through `launch` in two; the same global batches (each process
+    takes 2 of the 4 micro-batches, or shares them in an expert/tensor-parallel group) must give the same losses
+    (1e-5), the identical bias and the same final weights."""
+    common = [*COMMON_FLAGS, "--data", corpus, *flags]
     single = train(load_train_arguments(None, **_flags_to_settings([*common, "--output-dir", str(tmp_path / "one")])))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", "TOKENIZERS_PARALLELISM": "false"}
-    # `--cpu` alone starts one process; `--multi_gpu` with ACCELERATE_USE_CPU starts torchrun's CPU processes (gloo).
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
     completed = subprocess.run(
         [*launch, "-m", "deepseek_moe.cli", "train", *common, "--output-dir", str(tmp_path / "two")],
-        env=env,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **env},
         capture_output=True,
         text=True,
         timeout=300,
@@ -174,11 +173,48 @@ def test_two_processes_match_one(corpus, tmp_path, sync_each_batch: bool) -> Non
     assert two["losses"] == pytest.approx(single.losses, rel=1e-5)
     state_one = _final_state(single)
     state_two = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
+    assert state_one.keys() == state_two.keys()
     for key in state_one:
         if key.endswith("e_score_correction_bias"):
             assert torch.equal(state_one[key], state_two[key]), key
         else:
-            torch.testing.assert_close(state_two[key], state_one[key], rtol=1e-5, atol=1e-6)
+            # AdamW's first steps move each weight by about lr·g/|g|, which turns rounding-level gradient differences
+            # of near-zero entries into larger weight differences (seen: 1.4e-5 on one of 8192 entries).
+            torch.testing.assert_close(state_two[key], state_one[key], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("sync_each_batch", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_two_processes_match_one(corpus, tmp_path, sync_each_batch: bool) -> None:
+    """`accelerate launch --num_processes 2` on CPU (gloo, one thread each), 2 accumulation micro-batches per process,
+    DDP: as one process running the same global batch as 4 micro-batches."""
+    # `--cpu` alone starts one process; `--multi_gpu` with ACCELERATE_USE_CPU starts torchrun's CPU processes (gloo).
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launch += ["--main_process_port", _free_port()]
+    flags = ["--sync-each-batch"] if sync_each_batch else []
+    _assert_two_processes_match_one(corpus, tmp_path, launch, {"ACCELERATE_USE_CPU": "true"}, flags)
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        pytest.param(["--fsdp", "--ep-size", "2"], id="fsdp_ep"),
+        pytest.param(["--fsdp"], id="fsdp", marks=pytest.mark.slow),
+        pytest.param(["--tp-size", "2", "--ep-size", "2"], id="tp_ep", marks=pytest.mark.slow),
+    ],
+)
+def test_parallel_layouts_match_one_process(corpus, tmp_path, layout: list[str]) -> None:
+    """`torchrun --nproc_per_node 2 -m deepseek_moe.cli train --fsdp [--ep-size 2] / --tp-size 2 --ep-size 2` (the
+    distributed engine through deepseek_moe.training.parallel; gloo, one thread each): as one process."""
+    pytest.importorskip("deepseek_moe.training.parallel")
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _free_port()]
+    _assert_two_processes_match_one(corpus, tmp_path, launch, {}, layout)
+
+
+def _free_port() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
 
 
 def _flags_to_settings(flags: list[str]) -> dict:
@@ -186,3 +222,31 @@ def _flags_to_settings(flags: list[str]) -> dict:
 
     parsed = vars(build_parser().parse_args(["train", *flags]))
     return {k: v for k, v in parsed.items() if k not in ("command", "run", "config")}
+
+
+@pytest.mark.slow
+def test_parallel_resume_is_exact(corpus, tmp_path) -> None:
+    """FSDP2 + EP(2) with a checkpoint at step 2 (torch's distributed checkpoint of the sharded model and optimizer):
+    re-running after the run's end resumes from it and ends bit-identical."""
+    pytest.importorskip("deepseek_moe.training.parallel")
+    flags = [*COMMON_FLAGS, "--data", corpus, "--max-steps", "4", "--save-every", "2", "--fsdp", "--ep-size", "2"]
+    flags += ["--output-dir", str(tmp_path)]
+
+    def run() -> None:
+        launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _free_port()]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+        completed = subprocess.run(
+            [*launch, "-m", "deepseek_moe.cli", "train", *flags], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert completed.returncode == 0, completed.stderr[-3000:]
+
+    run()
+    first = json.loads((tmp_path / "train_result.json").read_text())
+    (tmp_path / "final").rename(tmp_path / "first")
+    run()
+    second = json.loads((tmp_path / "train_result.json").read_text())
+    assert second["resumed_from"] == str(tmp_path / "checkpoints" / "step-00000002")
+    assert second["losses"] == first["losses"]
+    expected = load_file(str(tmp_path / "first" / "model.safetensors"))
+    got = load_file(str(tmp_path / "final" / "model.safetensors"))
+    assert all(torch.equal(expected[key], got[key]) for key in expected)

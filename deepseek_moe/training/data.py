@@ -34,6 +34,11 @@ BUILDERS = {
     ".parquet": "parquet",
 }
 IGNORE_INDEX = -100
+# A plain chat format for the byte tokenizer: each turn "<|role|>\ncontent</s>".
+BYTE_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
 
 
 def _is_saved_dataset(path: Path) -> bool:
@@ -157,7 +162,7 @@ def pack_dataset(documents, tokenizer, seq_length: int, text_field: str = "text"
 
     tokenized = tokenize_documents(documents, tokenizer, text_field, num_proc=num_proc)
 
-    def rows(shards: list[int] | None = None) -> Iterator[dict[str, list[int]]]:
+    def rows() -> Iterator[dict[str, list[int]]]:
         return pack_token_rows((row["input_ids"] for row in tokenized), seq_length)
 
     column = datasets.Sequence(datasets.Value("int32"))
@@ -167,8 +172,9 @@ def pack_dataset(documents, tokenizer, seq_length: int, text_field: str = "text"
     total = sum(len(ids) for ids in tokenized["input_ids"])
     if total < seq_length:
         raise ValueError(f"the data has {total} tokens, fewer than one row of --seq-length {seq_length}")
+    # Cached under the tokenized data's fingerprint: the same files, tokenizer and length reuse the packed rows.
     packed = datasets.Dataset.from_generator(
-        rows, features=features, gen_kwargs={"shards": None}, fingerprint=f"{tokenized._fingerprint}-pack{seq_length}"
+        rows, features=features, fingerprint=f"{tokenized._fingerprint}-pack{seq_length}"
     )
     return packed.with_format("torch")
 
@@ -193,7 +199,8 @@ def collate_packed(rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
 
 def byte_tokenizer(model_max_length: int = 1 << 30):
     """A byte-level tokenizer needing no download: ids 0-255 are the bytes, then `<s>` (256), `</s>` (257) and
-    `<pad>` (258). Fits every preset's vocabulary (the tiny ones have 512), so the tiny presets train on any text."""
+    `<pad>` (258), with a plain chat template. Fits every preset's vocabulary (the tiny ones have 512), so the tiny
+    presets train and fine-tune on any text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -212,6 +219,7 @@ def byte_tokenizer(model_max_length: int = 1 << 30):
         eos_token="</s>",
         pad_token="<pad>",
         model_max_length=model_max_length,
+        chat_template=BYTE_CHAT_TEMPLATE,
     )
 
 

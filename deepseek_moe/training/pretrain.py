@@ -18,7 +18,9 @@ when complete, so a run killed mid-write resumes from the previous checkpoint.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -102,10 +104,13 @@ class TrainArguments:
     mtp_loss_weight_early: float = 0.3
     mtp_loss_weight_late: float = 0.1
     mtp_switch: float = MTP_SWITCH_FRACTION
-    # parallelism
+    # parallelism (default: data parallel over all processes, DDP through Accelerate)
     fsdp: bool = False
+    """FSDP2 through transformers' distributed engine (decoder and MTP layers as units)."""
     ep_size: int = 1
+    """Routed experts split over this many processes (all-to-all); needs `fsdp` or `tp_size`."""
     tp_size: int = 1
+    """Tensor parallelism of the dense layers."""
     # bookkeeping
     output_dir: str = "runs/deepseek-moe"
     seed: int = 42
@@ -418,8 +423,8 @@ def remove_partial_checkpoints(checkpoint_dir: Path) -> list[Path]:
     return removed
 
 
-def save_checkpoint(accelerator, checkpoint_dir: Path, step: int, keep: int) -> Path:
-    """`accelerator.save_state` into a temporary directory, renamed to `step-N` once every process has written."""
+def save_checkpoint(accelerator, checkpoint_dir: Path, step: int, keep: int, write: Callable[[Path], None]) -> Path:
+    """`write` (every process) into a temporary directory, renamed to `step-N` once every process has written."""
     final = checkpoint_dir / f"{CHECKPOINT_PREFIX}{step:08d}"
     temp = checkpoint_dir / f"{TEMP_PREFIX}{final.name}"
     if accelerator.is_main_process:
@@ -427,7 +432,7 @@ def save_checkpoint(accelerator, checkpoint_dir: Path, step: int, keep: int) -> 
             shutil.rmtree(temp)
         temp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(temp))
+    write(temp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():
@@ -441,6 +446,126 @@ def save_checkpoint(accelerator, checkpoint_dir: Path, step: int, keep: int) -> 
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+# ---------------------------------------------------------------------------------------------------- layouts
+
+
+def data_parallel_size(args: TrainArguments, world: int) -> int:
+    """Processes that read distinct batches: all of them with DDP; world / tp with FSDP; one batch shared by an
+    expert- or tensor-parallel group without FSDP (which must then span every process)."""
+    if args.fsdp:
+        return world // args.tp_size
+    return 1 if args.ep_size > 1 or args.tp_size > 1 else world
+
+
+class Layout:
+    """How the loop talks to the processes: DDP through Accelerate, or FSDP2 / expert / tensor parallelism laid out
+    by transformers' distributed engine (`deepseek_moe.training.parallel`). `dp` processes read distinct batches,
+    `replicas` processes share each batch; sums over processes are divided by `replicas` to count each batch once.
+    """
+
+    def __init__(self, accelerator, engine: bool, dp: int, dp_rank: int) -> None:
+        self.accelerator, self.engine = accelerator, engine
+        self.dp, self.dp_rank = dp, dp_rank
+        self.replicas = accelerator.num_processes // dp
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        total = self.accelerator.reduce(tensor.to(self.accelerator.device), reduction="sum")
+        return total / self.replicas if total.is_floating_point() else total // self.replicas
+
+    def gradient_sync(self, model, sync: bool):
+        """No gradient all-reduce / reduce-scatter for this micro-batch unless `sync`."""
+        import contextlib
+
+        if sync:
+            return contextlib.nullcontext()
+        if not self.engine:
+            return self.accelerator.no_sync(model)
+        return _fsdp_no_sync(model)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # Data-parallel gradients are averaged over the `dp` processes; the loss is already a share of the global
+        # token mean, so it is scaled back to a sum.
+        if self.engine:
+            (loss * self.dp).backward()
+        else:
+            self.accelerator.backward(loss * self.dp)
+
+    def save_state(self, directory: Path, model, optimizer, extras: tuple) -> None:
+        """The training state: `Accelerator.save_state` (model, optimizer, RNG, registered `extras`), or for engine
+        layouts torch's distributed checkpoint of the sharded model and optimizer plus the `extras`."""
+        if not self.engine:
+            self.accelerator.save_state(str(directory))
+            return
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(directory))
+        if self.accelerator.is_main_process:
+            torch.save([extra.state_dict() for extra in extras], directory / "loop_state.pt")
+
+    def load_state(self, directory: Path, model, optimizer, extras: tuple) -> None:
+        if not self.engine:
+            self.accelerator.load_state(str(directory))
+            return
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optimizer": optimizer_state}
+        dcp.load(state, checkpoint_id=str(directory))
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        for extra, saved in zip(extras, torch.load(directory / "loop_state.pt", weights_only=False), strict=True):
+            extra.load_state_dict(saved)
+
+    def clip_grad_norm_(self, model, max_norm: float) -> torch.Tensor:
+        """Clip to a global 2-norm. Engine layouts shard parameters over different meshes (experts on the EP mesh,
+        the rest on the FSDP mesh), which torch's clip cannot stack: the norm is taken per mesh, made whole, then
+        combined."""
+        if not self.engine:
+            return self.accelerator.clip_grad_norm_(model.parameters(), max_norm)
+        groups: dict[Any, list[torch.Tensor]] = {}
+        for parameter in model.parameters():
+            if parameter.grad is not None:
+                groups.setdefault(getattr(parameter.grad, "device_mesh", None), []).append(parameter.grad)
+        norms = []
+        for grads in groups.values():
+            norm = torch.nn.utils.get_total_norm(grads, 2.0)
+            norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        total = torch.stack(norms).norm(2.0)
+        coefficient = min(1.0, max_norm / (total.item() + 1e-6))
+        if coefficient < 1.0:
+            for grads in groups.values():
+                for grad in grads:
+                    grad.mul_(coefficient)
+        return total
+
+
+class _fsdp_no_sync:
+    """FSDP2's `set_requires_gradient_sync(False)` for a block; nothing for modules without it."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def __enter__(self) -> None:
+        if hasattr(self.model, "set_requires_gradient_sync"):
+            self.model.set_requires_gradient_sync(False)
+
+    def __exit__(self, *exc) -> None:
+        if hasattr(self.model, "set_requires_gradient_sync"):
+            self.model.set_requires_gradient_sync(True)
+
+
+def _full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Full CPU tensors of a possibly sharded model (collective: every process calls it)."""
+    from torch.distributed.tensor import DTensor
+
+    return {
+        name: (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().cpu()
+        for name, tensor in model.state_dict().items()
+    }
 
 
 # ------------------------------------------------------------------------------------------------------- train
@@ -464,7 +589,12 @@ def train(
     kwargs_handlers: list[Any] = [DistributedDataParallelKwargs(broadcast_buffers=False)]
     mixed_precision = "bf16" if args.bf16 else "no"
     if args.fp8 == "torchao":
+        import importlib.util
+
         from accelerate.utils import AORecipeKwargs
+
+        if importlib.util.find_spec("torchao") is None:
+            raise ValueError("--fp8 torchao needs torchao: pip install torchao")
 
         mixed_precision = "fp8"
         kwargs_handlers.append(AORecipeKwargs())
@@ -498,8 +628,6 @@ def _reset_accelerate_state() -> None:
 
 
 def _train(accelerator, args: TrainArguments, model, tokenizer, on_step) -> TrainResult:
-    import contextlib
-
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
@@ -508,8 +636,10 @@ def _train(accelerator, args: TrainArguments, model, tokenizer, on_step) -> Trai
     from .mtp import mtp_loss_weight
 
     # Every check that can fail runs before data is tokenized or a step is taken.
-    world, rank = accelerator.num_processes, accelerator.process_index
-    global_batch, accumulation = resolve_batch(args, world)
+    world = accelerator.num_processes
+    engine = args.fsdp or args.ep_size > 1 or args.tp_size > 1
+    dp = data_parallel_size(args, world)
+    global_batch, accumulation = resolve_batch(args, dp)
     if not args.data:
         raise ValueError("no training data; give --data FILE [FILE ...]")
     check_data_paths(args.data)
@@ -517,8 +647,12 @@ def _train(accelerator, args: TrainArguments, model, tokenizer, on_step) -> Trai
         check_data_paths(args.eval_data)
     config = model.config if model is not None else load_config(args.model, args.config_overrides)
     check_parallel_sizes(config, args, world)
-    if args.fsdp or args.ep_size > 1 or args.tp_size > 1:
-        raise ValueError("--fsdp, --ep-size and --tp-size are not available yet; use data parallelism (DDP)")
+    if engine:
+        try:
+            from .parallel import data_parallel_layout, distributed_config, prepare_model_for_parallelism
+        except ImportError as error:
+            raise ValueError(f"--fsdp, --ep-size and --tp-size need deepseek_moe.training.parallel: {error}") from error
+        distributed_config(config, fsdp=args.fsdp, ep_size=args.ep_size, tp_size=args.tp_size)  # validates sizes
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(args.tokenizer, args.model)
     check_model_fits(config, tokenizer, args.seq_length)
     fp8_training = None
@@ -554,6 +688,14 @@ def _train(accelerator, args: TrainArguments, model, tokenizer, on_step) -> Trai
             cut = len(train_rows) - args.eval_holdout_rows
             eval_rows, train_rows = train_rows.select(range(cut, len(train_rows))), train_rows.select(range(cut))
 
+    if engine:
+        model = prepare_model_for_parallelism(model, fsdp=args.fsdp, ep_size=args.ep_size, tp_size=args.tp_size)
+        placement = data_parallel_layout(model)
+        layout = Layout(accelerator, True, placement.size, placement.rank)
+    else:
+        layout = Layout(accelerator, False, world, accelerator.process_index)
+    if layout.dp != dp:
+        raise RuntimeError(f"data-parallel size {layout.dp} differs from the expected {dp}")
     optimizer = torch.optim.AdamW(
         parameter_groups(model, args.weight_decay),
         lr=args.learning_rate,
@@ -564,10 +706,11 @@ def _train(accelerator, args: TrainArguments, model, tokenizer, on_step) -> Trai
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(args.lr_schedule, args.warmup_steps, args.max_steps, args.min_lr_ratio)
     )
-    with warnings.catch_warnings():
-        # DDP calls broadcast_buffers deprecated; Accelerate has no other way to keep rank-local counts unsynced.
-        warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
-        model, optimizer = accelerator.prepare(model, optimizer)
+    if not engine:
+        with warnings.catch_warnings():
+            # DDP calls broadcast_buffers deprecated; Accelerate has no other way to keep rank-local counts unsynced.
+            warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+            model, optimizer = accelerator.prepare(model, optimizer)
     state = TrainState()
     accelerator.register_for_checkpointing(scheduler, state)
 
@@ -576,7 +719,7 @@ def _train(accelerator, args: TrainArguments, model, tokenizer, on_step) -> Trai
         remove_partial_checkpoints(checkpoint_dir)
     accelerator.wait_for_everyone()
     if args.resume and (latest := latest_checkpoint(checkpoint_dir)) is not None:
-        accelerator.load_state(str(latest))
+        layout.load_state(latest, model, optimizer, (scheduler, state))
         resumed_from = str(latest)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -588,7 +731,7 @@ def _train(accelerator, args: TrainArguments, model, tokenizer, on_step) -> Trai
     gamma_base = config.bias_update_speed if args.bias_update_speed is None else args.bias_update_speed
     has_mtp = config.num_nextn_predict_layers > 0
     update_expert_bias(unwrapped, 0.0)  # start from zero counts
-    order = RowOrder(train_rows, args.seed, args.micro_batch_size, accumulation, world, rank)
+    order = RowOrder(train_rows, args.seed, args.micro_batch_size, accumulation, layout.dp, layout.dp_rank)
     batches = order.micro_batches(state.step)
     tokens_per_step = global_batch * args.seq_length
     bar = tqdm(
@@ -607,18 +750,17 @@ def _train(accelerator, args: TrainArguments, model, tokenizer, on_step) -> Trai
         micro_batches = [collate_packed(rows) for rows in next(batches)]
         started = time.perf_counter()
         local_items = sum(batch["labels"][:, 1:].ne(-100).sum() for batch in micro_batches)
-        num_items = accelerator.reduce(local_items.to(accelerator.device), reduction="sum")
+        num_items = layout.sum(local_items)
         totals = torch.zeros(4, dtype=torch.float64)  # loss, lm, mtp, aux
         for index, batch in enumerate(micro_batches):
             batch = {key: value.to(accelerator.device) for key, value in batch.items()}
             last = index == len(micro_batches) - 1
-            with contextlib.nullcontext() if last or args.sync_each_batch else accelerator.no_sync(model):
+            with layout.gradient_sync(model, last or args.sync_each_batch), accelerator.autocast():
                 outputs = model(**batch, num_items_in_batch=num_items)
-                # Gradients are averaged over processes; the loss is already a share of the global token mean.
-                accelerator.backward(outputs.loss * world)
+                layout.backward(outputs.loss)
             totals += _loss_parts(outputs, batch["labels"], num_items, mtp_weight, unwrapped.config)
-        totals = accelerator.reduce(totals.to(accelerator.device), reduction="sum").cpu()
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        totals = layout.sum(totals).cpu()
+        grad_norm = layout.clip_grad_norm_(model, args.max_grad_norm)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -628,6 +770,7 @@ def _train(accelerator, args: TrainArguments, model, tokenizer, on_step) -> Trai
         state.step += 1
         state.tokens += tokens_per_step
         state.losses.append(totals[0].item())
+        loads = {name: counts // layout.replicas for name, counts in loads.items()}  # shared batches counted once
         expert_load = {name: counts[:-1] for name, counts in loads.items()}
         stats = {name: load_statistics(counts) for name, counts in loads.items()}
         layer_cv = {name: layer["cv"] for name, layer in stats.items() if layer is not None}
@@ -654,13 +797,14 @@ def _train(accelerator, args: TrainArguments, model, tokenizer, on_step) -> Trai
         if on_step is not None and accelerator.is_main_process:
             on_step(record)
         if eval_rows is not None and args.eval_every and state.step % args.eval_every == 0:
-            _record_eval(accelerator, model, eval_rows, args, state)
+            _record_eval(layout, model, eval_rows, args, state)
         if args.save_every and state.step % args.save_every == 0 and state.step < args.max_steps:
-            save_checkpoint(accelerator, checkpoint_dir, state.step, args.keep_checkpoints)
+            write = functools.partial(layout.save_state, model=model, optimizer=optimizer, extras=(scheduler, state))
+            save_checkpoint(accelerator, checkpoint_dir, state.step, args.keep_checkpoints, write)
     bar.close()
     if eval_rows is not None and state.step not in state.eval_losses:
-        _record_eval(accelerator, model, eval_rows, args, state)
-    model_path = save_final_model(accelerator, model, tokenizer, output_dir)
+        _record_eval(layout, model, eval_rows, args, state)
+    model_path = save_final_model(accelerator, model, tokenizer, output_dir, full_state=engine)
     result = TrainResult(
         model_path=str(model_path),
         output_dir=str(output_dir),
@@ -688,13 +832,13 @@ def _loss_parts(outputs, labels: torch.Tensor, num_items: torch.Tensor, mtp_weig
     return torch.stack([loss, loss - mtp_weight * mtp - added_aux, mtp, aux]).cpu()
 
 
-def _record_eval(accelerator, model, eval_rows, args: TrainArguments, state: TrainState) -> None:
+def _record_eval(layout: Layout, model, eval_rows, args: TrainArguments, state: TrainState) -> None:
     """Mean next-token cross-entropy over the evaluation rows (whole micro-batches per process), perplexity exp."""
     import torch.nn.functional as F
 
     from .data import collate_packed
 
-    micro, world = args.micro_batch_size, accelerator.num_processes
+    micro, world = args.micro_batch_size, layout.dp
     batches = len(eval_rows) // (micro * world)
     if args.eval_batches:
         batches = min(batches, args.eval_batches)
@@ -704,9 +848,9 @@ def _record_eval(accelerator, model, eval_rows, args: TrainArguments, state: Tra
     model.eval()
     with torch.no_grad():
         for index in range(batches):
-            first = (index * world + accelerator.process_index) * micro
+            first = (index * world + layout.dp_rank) * micro
             batch = collate_packed([eval_rows[i] for i in range(first, first + micro)])
-            batch = {key: value.to(accelerator.device) for key, value in batch.items()}
+            batch = {key: value.to(layout.accelerator.device) for key, value in batch.items()}
             inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
             logits = model(**inputs).logits.float()
             targets = batch["labels"][:, 1:]
@@ -715,22 +859,31 @@ def _record_eval(accelerator, model, eval_rows, args: TrainArguments, state: Tra
             ).item()
             sums[1] += targets.ne(-100).sum().item()
     model.train()
-    sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
+    sums = layout.sum(sums).cpu()
     loss = (sums[0] / sums[1]).item()
     state.eval_losses[state.step] = loss
-    if accelerator.log_with:
-        accelerator.log({"eval/loss": loss, "eval/perplexity": math.exp(loss)}, step=state.step)
+    if layout.accelerator.log_with:
+        layout.accelerator.log({"eval/loss": loss, "eval/perplexity": math.exp(loss)}, step=state.step)
 
 
-def save_final_model(accelerator, model, tokenizer, output_dir: Path) -> Path:
-    """`save_pretrained` of the trained model and its tokenizer into output_dir/final (temporary dir, then rename)."""
+def save_final_model(accelerator, model, tokenizer, output_dir: Path, full_state: bool = False) -> Path:
+    """`save_pretrained` of the trained model and its tokenizer into output_dir/final (temporary dir, then rename).
+    With `full_state` (a sharded model) the full weights are gathered into an unsharded copy first."""
     final = output_dir / "final"
     temp = output_dir / f"{TEMP_PREFIX}final"
     accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    state = _full_state_dict(unwrapped) if full_state else None
     if accelerator.is_main_process:
         if temp.exists():
             shutil.rmtree(temp)
-        accelerator.unwrap_model(model).save_pretrained(str(temp))
+        if state is not None:
+            config = copy.deepcopy(unwrapped.config)
+            config.distributed_config = None  # a plain model: building a distributed one would run collectives
+            unsharded = type(unwrapped)(config)
+            unsharded.load_state_dict(state)
+            unwrapped = unsharded
+        unwrapped.save_pretrained(str(temp))
         tokenizer.save_pretrained(str(temp))
         if final.exists():
             shutil.rmtree(final)
