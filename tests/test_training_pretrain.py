@@ -154,14 +154,16 @@ COMMON_FLAGS += ["--global-batch-size", "4", "--max-steps", "3", "--warmup-steps
 COMMON_FLAGS += ["--bias-update-speed", "0.01", "--no-progress", "--no-tensorboard"]
 
 
-def _assert_two_processes_match_one(corpus: str, tmp_path: Path, launch: list[str], env: dict, flags: list[str]):
-    """Run `train` with `flags` in one process and through `launch` in two; the same global batches (each process
-    takes 2 of the 4 micro-batches, or shares them in an expert/tensor-parallel group) must give the same losses
-    (1e-5), the identical bias and the same final weights."""
+def _assert_two_processes_match_one(
+    corpus: str, tmp_path: Path, launch: list[str], env: dict, flags: list[str], layout: list[str] = ()
+):
+    """Run `train` with `flags` in one process and through `launch` in two (with the parallel `layout` flags); the
+    same global batches (each process takes 2 of the 4 micro-batches, or shares them in an expert/tensor-parallel
+    group) must give the same losses (1e-5), the identical bias and the same final weights."""
     common = [*COMMON_FLAGS, "--data", corpus, *flags]
     single = train(load_train_arguments(None, **_flags_to_settings([*common, "--output-dir", str(tmp_path / "one")])))
     completed = subprocess.run(
-        [*launch, "-m", "deepseek_moe.cli", "train", *common, "--output-dir", str(tmp_path / "two")],
+        [*launch, "-m", "deepseek_moe.cli", "train", *common, *layout, "--output-dir", str(tmp_path / "two")],
         env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **env},
         capture_output=True,
         text=True,
@@ -208,7 +210,7 @@ def test_parallel_layouts_match_one_process(corpus, tmp_path, layout: list[str])
     distributed engine through deepseek_moe.training.parallel; gloo, one thread each): as one process."""
     pytest.importorskip("deepseek_moe.training.parallel")
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _free_port()]
-    _assert_two_processes_match_one(corpus, tmp_path, launch, {}, layout)
+    _assert_two_processes_match_one(corpus, tmp_path, launch, {}, [], layout)
 
 
 def _free_port() -> str:
