@@ -55,10 +55,13 @@ def _final_state(result) -> dict[str, torch.Tensor]:
     return load_file(str(Path(result.model_path) / "model.safetensors"))
 
 
-def test_resume_from_mid_run_checkpoint_is_exact(corpus, tmp_path) -> None:
+@pytest.mark.parametrize("streaming", [False, True])
+def test_resume_from_mid_run_checkpoint_is_exact(corpus, tmp_path, streaming: bool) -> None:
     """A run stopped after step 3 (checkpoint at step 2) and re-run ends bit-identical to the uninterrupted run; a
-    half-written checkpoint left by a killed save is ignored and removed."""
-    uninterrupted = train(_args(corpus, tmp_path / "a", save_every=2, eval_holdout_rows=4, eval_every=2))
+    half-written checkpoint left by a killed save is ignored and removed. Streaming data resumes by skipping the
+    rows already consumed."""
+    options = {"streaming": True} if streaming else {"eval_holdout_rows": 4, "eval_every": 2}
+    uninterrupted = train(_args(corpus, tmp_path / "a", save_every=2, **options))
     assert len(uninterrupted.losses) == 4 and uninterrupted.losses[-1] < uninterrupted.losses[0]
 
     class Stop(Exception):
@@ -68,7 +71,7 @@ def test_resume_from_mid_run_checkpoint_is_exact(corpus, tmp_path) -> None:
         if record.step == 3:
             raise Stop
 
-    args = _args(corpus, tmp_path / "b", save_every=2, eval_holdout_rows=4, eval_every=2)
+    args = _args(corpus, tmp_path / "b", save_every=2, **options)
     with pytest.raises(Stop):
         train(args, on_step=stop_at_3)
     checkpoints = tmp_path / "b" / "checkpoints"
