@@ -177,10 +177,11 @@ class StepRecord:
     """One optimizer step, as given to `train(on_step=...)` and logged.
 
     `loss` is the optimised objective (LM + λ·MTP + balance losses) over the global batch; `lm_loss` its
-    cross-entropy part; `mtp_loss` the unweighted MTP loss; `aux_loss` the balance losses (0 for aux-free V3 with
-    no sequence-wise loss). `expert_load` maps each router (module name) to its [E] routed-token counts this step,
-    over all processes (`update_expert_bias`'s counts without the dropped column); `load_cv` is the mean over layers
-    of their coefficient of variation (`layer_cv`: per router; std/mean of the counts, 0 = balanced).
+    cross-entropy part (mean over the label tokens); `mtp_loss` the unweighted MTP loss (mean over depths of each
+    depth's cross-entropy sum divided by the same label-token count); `aux_loss` the balance losses (0 for aux-free
+    V3 with no sequence-wise loss). `expert_load` maps each router (module name) to its [E] routed-token counts this
+    step, over all processes (`update_expert_bias`'s counts without the dropped column); `load_cv` is the mean over
+    layers of their coefficient of variation (`layer_cv`: per router; std/mean of the counts, 0 = balanced).
     """
 
     step: int
@@ -616,7 +617,12 @@ def train(
 def _tensorboard_available() -> bool:
     from accelerate.utils import is_tensorboard_available
 
-    return is_tensorboard_available()
+    if is_tensorboard_available():
+        return True
+    from transformers.utils import logging
+
+    logging.get_logger(__name__).warning("no TensorBoard logs: tensorboard is not installed (pip install tensorboard)")
+    return False
 
 
 def _reset_accelerate_state() -> None:
