@@ -81,3 +81,16 @@ def builtin_config(config: DeepseekMoeConfig) -> DeepseekV2Config | DeepseekV3Co
 @pytest.fixture
 def tmp_dir(tmp_path):
     return str(tmp_path)
+
+
+class CausalLMRows(torch.utils.data.Dataset):
+    """Rows of token ids as a Trainer dataset: each row is its own input and labels."""
+
+    def __init__(self, ids: torch.Tensor) -> None:
+        self.ids = ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
