@@ -32,6 +32,7 @@ LAYOUTS = {
     "tp_ep": ({"tp_size": 2, "ep_size": 2}, False, True),
     "fsdp_ep": ({"fsdp": True, "ep_size": 2}, False, False),
     "fsdp_ep_sync_each": ({"fsdp": True, "ep_size": 2}, False, True),
+    "fsdp_ep_from_folder": ({"fsdp": True, "ep_size": 2, "from_folder": True}, False, False),
 }
 # Accelerate's own wrapping: DDP or its FSDP2 plugin (decoder and MTP layers as units, from `_no_split_modules`),
 # gradient accumulation by `accelerator.accumulate`, the bias update on the optimizer's post-step hook.
@@ -93,9 +94,16 @@ def run_single_process() -> dict:
     return snapshot(model, losses)
 
 
-def run_layout(name: str) -> dict:
+def run_layout(name: str, folder: str) -> dict:
     flags, use_ddp, sync_each = LAYOUTS[name]
-    model = prepare_model_for_parallelism(build_model(), **flags)
+    flags = dict(flags)
+    if flags.pop("from_folder", False):  # each rank loads its shard with from_pretrained(distributed_config=...)
+        if dist.get_rank() == 0:
+            build_model().save_pretrained(folder)
+        dist.barrier()
+        model = prepare_model_for_parallelism(folder, **flags).train()
+    else:
+        model = prepare_model_for_parallelism(build_model(), **flags)
     layout = data_parallel_layout(model)
     rows = slice(layout.rank * ROWS // layout.size, (layout.rank + 1) * ROWS // layout.size)
     if use_ddp:
@@ -187,7 +195,10 @@ def main(output: str, names: list[str]) -> None:
     results = {}
     try:
         for name in names:
-            results[name] = run_accelerate(name) if name in ACCELERATE_LAYOUTS else run_layout(name)
+            if name in ACCELERATE_LAYOUTS:
+                results[name] = run_accelerate(name)
+            else:
+                results[name] = run_layout(name, os.path.join(os.path.dirname(output), f"{name}-model"))
             dist.barrier()
     finally:
         if dist.get_rank() == 0:

@@ -82,3 +82,27 @@ def test_plain_data_parallel_needs_no_engine(monkeypatch) -> None:
     assert distributed_config(DeepseekMoeConfig.from_preset("tiny-v3")) is None
     config = distributed_config(DeepseekMoeConfig.from_preset("tiny-v3"), fsdp=True, ep_size=2)
     assert (config.fsdp_size, config.ep_size, config.tp_size, config.ep_implementation) == (2, 2, 1, "all_to_all")
+
+
+def test_eager_experts_skip_pairs_of_other_ranks() -> None:
+    """transformers' all-reduce expert parallelism hands each rank every pair, those of other ranks' experts as id
+    `num_experts` with weight 0: the eager experts skip them (and a rank with none of its own returns zeros)."""
+    from conftest import randomize_
+
+    from deepseek_moe.model.modeling_deepseek_moe import DeepseekMoeExperts
+
+    config = DeepseekMoeConfig.from_preset("tiny-v3")
+    config._experts_implementation = "eager"
+    experts = randomize_(DeepseekMoeExperts(config))
+    hidden = torch.randn(6, config.hidden_size, generator=torch.Generator().manual_seed(0))
+    index = torch.randint(0, 16, (6, 4), generator=torch.Generator().manual_seed(1))
+    weights = torch.rand(6, 4, generator=torch.Generator().manual_seed(2))
+    off_rank = index >= 8
+    experts.num_experts = 8  # this rank's half, as the engine's sharding sets it
+    with torch.no_grad():
+        experts.gate_up_proj.data, experts.down_proj.data = experts.gate_up_proj[:8], experts.down_proj[:8]
+    got = experts(hidden, index.masked_fill(off_rank, 8), weights.masked_fill(off_rank, 0.0))
+    expected = experts(hidden, index.masked_fill(off_rank, 0), weights.masked_fill(off_rank, 0.0))
+    torch.testing.assert_close(got, expected)
+    none_here = experts(hidden, torch.full_like(index, 8), torch.zeros_like(weights))
+    assert torch.equal(none_here, torch.zeros_like(hidden))

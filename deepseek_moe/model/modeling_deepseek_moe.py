@@ -566,8 +566,10 @@ class DeepseekMoeExperts(nn.Module):
         top_k = top_k_index.shape[-1]
         flat_experts = top_k_index.reshape(-1)
         order = flat_experts.argsort(stable=True)
+        # Under expert parallelism, ids >= num_experts mark pairs of other ranks: they sort last and are skipped.
+        counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()[: self.num_experts]
+        order = order[: sum(counts)]
         token_of_slot = order // top_k
-        counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
         routed_inputs = hidden_states[token_of_slot].split(counts)
         # One unbind, not `proj[expert]` per expert: autograd would build a full [E, ...] gradient for each index.
         per_expert = zip(routed_inputs, self.gate_up_proj.unbind(0), self.down_proj.unbind(0), strict=True)
@@ -577,6 +579,8 @@ class DeepseekMoeExperts(nn.Module):
                 continue
             gate, up = F.linear(rows, gate_up_proj).chunk(2, dim=-1)
             outputs.append(F.linear(self.act_fn(gate) * up, down_proj))
+        if not outputs:
+            return torch.zeros_like(hidden_states)
         routed_outputs = torch.cat(outputs) * top_k_weights.reshape(-1)[order, None]
         final = torch.zeros_like(hidden_states)
         return final.index_add_(0, token_of_slot, routed_outputs.to(final.dtype))
