@@ -19,9 +19,14 @@ from conftest import randomize_  # noqa: E402
 
 from deepseek_moe import DeepseekMoeConfig, DeepseekMoeForCausalLM  # noqa: E402
 from deepseek_moe.training import moe_routers, update_expert_bias  # noqa: E402
-from deepseek_moe.training.parallel import data_parallel_layout, prepare_model_for_parallelism  # noqa: E402
+from deepseek_moe.training.parallel import (  # noqa: E402
+    clip_grad_norm,
+    data_parallel_layout,
+    prepare_model_for_parallelism,
+)
 
 STEPS, MICRO_BATCHES, ROWS, LENGTH = 3, 2, 4, 12  # ROWS: the global micro-batch, split over data-parallel ranks
+MAX_GRAD_NORM = 1.0  # below the gradient norms of these runs, so clipping acts
 
 # name: (prepare_model_for_parallelism flags, wrap in DDP, synchronise gradients at every micro-batch)
 LAYOUTS = {
@@ -88,6 +93,7 @@ def run_single_process() -> dict:
             loss = model(ids, labels=ids).loss
             (loss / MICRO_BATCHES).backward()
             losses.append(loss.item())
+        assert torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM) > MAX_GRAD_NORM
         optimizer.step()
         update_expert_bias(model)
         optimizer.zero_grad()
@@ -121,6 +127,7 @@ def run_layout(name: str, folder: str) -> dict:
             reported = loss.detach().clone()
             dist.all_reduce(reported)
             losses.append(reported.item() / dist.get_world_size())
+        clip_grad_norm(model, MAX_GRAD_NORM)
         optimizer.step()
         update_expert_bias(model)
         optimizer.zero_grad()
@@ -158,6 +165,8 @@ def run_accelerate(name: str) -> dict:
                 local = ids[rows]
                 loss = model(local, labels=local).loss
                 accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
                 optimizer.step()
                 optimizer.zero_grad()
             losses.append(accelerator.reduce(loss.detach(), reduction="mean").item())

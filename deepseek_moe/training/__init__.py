@@ -12,12 +12,19 @@ from .balancing import (
     update_expert_bias,
 )
 from .mtp import MtpLossWeightCallback, mtp_loss_weight
-from .parallel import DataParallelLayout, data_parallel_layout, distributed_config, prepare_model_for_parallelism
+from .parallel import (
+    DataParallelLayout,
+    clip_grad_norm,
+    data_parallel_layout,
+    distributed_config,
+    prepare_model_for_parallelism,
+)
 
 __all__ = [
     "DataParallelLayout",
     "ExpertBalanceCallback",
     "MtpLossWeightCallback",
+    "clip_grad_norm",
     "current_load",
     "data_parallel_layout",
     "distributed_config",

@@ -157,6 +157,29 @@ def _broadcast_from_rank_zero(model: torch.nn.Module) -> None:
         dist.broadcast(tensor.data, src=0)
 
 
+@torch.no_grad()
+def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    """`clip_grad_norm_` for gradients that live on several device meshes, which torch's cannot combine (FSDP2 + EP:
+    dense weights on the FSDP mesh, experts on the expert mesh; TP + EP: some weights not sharded at all). Each mesh's
+    norm is reduced over that mesh, the total is their 2-norm, and every gradient is scaled by the same factor.
+    Returns the total norm before clipping; `max_norm=inf` only measures."""
+    from torch.distributed.tensor import DTensor
+    from torch.nn.utils import clip_grads_with_norm_, get_total_norm
+
+    by_mesh: dict = {}
+    for param in model.parameters():
+        if param.grad is not None:
+            mesh = param.grad.device_mesh if isinstance(param.grad, DTensor) else None
+            by_mesh.setdefault(mesh, []).append(param)
+    norms = [get_total_norm([param.grad for param in params]) for params in by_mesh.values()]
+    norms = [norm.full_tensor() if isinstance(norm, DTensor) else norm for norm in norms]
+    total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+    if max_norm != float("inf"):
+        for params in by_mesh.values():
+            clip_grads_with_norm_(params, max_norm, total)
+    return total
+
+
 def data_parallel_layout(model: torch.nn.Module) -> DataParallelLayout:
     """Which batch this rank must read: ranks of one tensor- or expert-parallel group without FSDP share a batch.
 
