@@ -189,3 +189,19 @@ def test_counts_are_not_buffers() -> None:
     names = {name for name, _ in model.named_buffers()}
     assert not any("tokens_per_expert" in n or "dropped_tokens" in n for n in names)
     assert any("e_score_correction_bias" in n for n in names)
+
+
+def test_packed_rows_give_the_mtp_loss_of_their_documents() -> None:
+    """Two documents packed in one row (positions restarting, the second's first label masked, no attention mask)
+    give the MTP loss of the documents run alone: no MTP target crosses the boundary, attention stays per document."""
+    model = tiny().eval()
+    first, second = tokens(1, length=5, seed=11), tokens(1, length=6, seed=12)
+    packed = torch.cat([first, second], dim=1)
+    positions = torch.cat([torch.arange(5), torch.arange(6)])[None]
+    labels = packed.clone()
+    labels[0, 5] = -100  # the second document's first token is not predicted from the first document
+    total = torch.tensor(17)  # any fixed count: each loss is then a sum over targets divided by it
+    options = {"num_items_in_batch": total, "use_cache": False}  # without a cache, position resets mark documents
+    together = model(packed, position_ids=positions, labels=labels, **options).mtp_loss
+    alone = sum(model(doc, labels=doc, **options).mtp_loss for doc in (first, second))
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-6)

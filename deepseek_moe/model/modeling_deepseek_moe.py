@@ -1099,7 +1099,8 @@ class DeepseekMoeForCausalLM(DeepseekMoePreTrainedModel, GenerationMixin):
         `shift_labels[:, i]` is the target of position i in the main model (t_{i+1}), so depth k's targets are
         `shift_labels[:, k:]`. Depth k sees positions i < T - k (its token t_{i+k} must exist); `ignore_index` labels
         and padding are skipped. With `num_items_in_batch` the loss function divides each depth's sum by it; without,
-        each depth is a mean over its own targets, and 0 (with zero gradient) when it has none."""
+        each depth is a mean over its own targets, and 0 (with zero gradient) when it has none. In packed rows
+        (position ids restarting at each document) no target lies in another document than its position."""
         seq_length = hidden_states.shape[1]
         if position_ids is None:
             position_ids = torch.arange(seq_length, device=hidden_states.device)[None]
@@ -1115,7 +1116,9 @@ class DeepseekMoeForCausalLM(DeepseekMoePreTrainedModel, GenerationMixin):
             previous, head_input = self.mtp_hidden_states(
                 depth, previous[:, :length], embeds[:, depth:], mask, position_ids[..., :length], token_mask=counted
             )
-            targets = shift_labels[:, depth:].contiguous()
+            targets = shift_labels[:, depth:].masked_fill(
+                ~same_document_ahead(position_ids, depth + 1)[..., :length], -100
+            )
             loss_kwargs = dict(kwargs)
             if loss_kwargs.get("num_items_in_batch") is None:
                 loss_kwargs["num_items_in_batch"] = targets.ne(-100).sum().clamp(min=1)
@@ -1126,6 +1129,13 @@ class DeepseekMoeForCausalLM(DeepseekMoePreTrainedModel, GenerationMixin):
                 )
             )
         return torch.stack(losses).mean() if losses else hidden_states.new_zeros(())
+
+
+def same_document_ahead(position_ids: torch.Tensor, offset: int) -> torch.Tensor:
+    """[B, S] bool: whether the token `offset` positions ahead exists and is in the same packed document. Packed rows
+    restart their position ids at each document, so inside one document positions are exactly `offset` apart."""
+    ahead = position_ids[..., offset:] - position_ids[..., :-offset] == offset
+    return F.pad(ahead, (0, offset), value=False)
 
 
 class DeepseekMoeForSequenceClassification(GenericForSequenceClassification, DeepseekMoePreTrainedModel):
