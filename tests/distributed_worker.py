@@ -34,6 +34,7 @@ LAYOUTS = {
     "ddp_sync_each": ({}, True, True),
     "fsdp": ({"fsdp": True}, False, False),
     "fsdp_sync_each": ({"fsdp": True}, False, True),
+    "tp": ({"tp_size": 2}, False, True),
     "tp_ep": ({"tp_size": 2, "ep_size": 2}, False, True),
     "fsdp_ep": ({"fsdp": True, "ep_size": 2}, False, False),
     "fsdp_ep_sync_each": ({"fsdp": True, "ep_size": 2}, False, True),

@@ -1,8 +1,9 @@
 """Two CPU processes (gloo, one thread each) train a tiny V3 model with MTP and the V3 bias update under every
-parallel layout (DDP, FSDP2, TP + EP, FSDP2 + EP, by hand and through Accelerate; gradients synchronised once per
-optimizer step or at every micro-batch) and must match one process over the same global batches: losses to 1e-5,
-the same `e_score_correction_bias` exactly, the same weights. One `torchrun` job runs every layout
-(`distributed_worker.py`); the layout validation runs in process."""
+parallel layout (DDP, FSDP2, TP, TP + EP, FSDP2 + EP from memory and from a saved folder, by hand and through
+Accelerate; gradients synchronised once per optimizer step or at every micro-batch; gradients clipped) and must
+match one process over the same global batches: losses to 1e-5, the same `e_score_correction_bias` exactly, the
+same weights. One `torchrun` job runs every layout (`distributed_worker.py`); the layout validation runs in
+process."""
 
 from __future__ import annotations
 
@@ -106,3 +107,12 @@ def test_eager_experts_skip_pairs_of_other_ranks() -> None:
     torch.testing.assert_close(got, expected)
     none_here = experts(hidden, torch.full_like(index, 8), torch.zeros_like(weights))
     assert torch.equal(none_here, torch.zeros_like(hidden))
+
+
+def test_single_process_layout_is_the_model_itself(monkeypatch) -> None:
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    from deepseek_moe.training.parallel import DataParallelLayout, data_parallel_layout, prepare_model_for_parallelism
+
+    model = build_model()
+    assert prepare_model_for_parallelism(model, fsdp=True) is model
+    assert data_parallel_layout(model) == DataParallelLayout(size=1, rank=0)

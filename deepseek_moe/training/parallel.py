@@ -139,6 +139,8 @@ def prepare_model_for_parallelism(
         return model
     model_class = type(model)
     parallel, device, mesh_manager = model_class.prepare_distribute_model(parallel)
+    if mesh_manager is None:  # a single process: nothing to lay out
+        return model
     if device is not None:
         model.to(device)
     _broadcast_from_rank_zero(model)
