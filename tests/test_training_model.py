@@ -88,12 +88,38 @@ def test_load_state_dict_fuses_per_expert_tensors(tmp_path) -> None:
         assert torch.equal(target.state_dict()[name], value), name
 
 
-def test_partial_per_expert_set_is_reported_not_fused() -> None:
+def test_sharded_checkpoint_loads_experts_split_across_shards(tmp_path) -> None:
+    """Trainer resumes a sharded checkpoint shard by shard (`load_sharded_checkpoint`: `load_state_dict` per file),
+    and official checkpoints split a layer's experts across files: each piece goes to its rows of the fused weights."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+    from transformers.trainer_utils import load_sharded_checkpoint
+
     model = tiny()
-    state = {f"model.layers.1.mlp.experts.{e}.down_proj.weight": torch.zeros(64, 32) for e in range(3)}
+    model.save_pretrained(tmp_path / "single")
+    tensors = load_file(tmp_path / "single" / "model.safetensors")
+    first_half = {k: v for k, v in tensors.items() if ".experts." not in k or int(k.split(".")[5]) < 8}
+    shards = {"model-00001-of-00002.safetensors": first_half}
+    shards["model-00002-of-00002.safetensors"] = {k: v for k, v in tensors.items() if k not in first_half}
+    for name, shard in shards.items():
+        save_file(shard, tmp_path / name)
+    weight_map = {key: name for name, shard in shards.items() for key in shard}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    target = tiny(seed=9)
+    load_sharded_checkpoint(target, tmp_path, strict=False)
+    for name, value in model.state_dict().items():
+        assert torch.equal(target.state_dict()[name], value), name
+
+
+def test_partial_per_expert_set_fills_its_rows_only() -> None:
+    model = tiny()
+    before = model.model.layers[1].mlp.experts.down_proj.detach().clone()
+    state = {f"model.layers.1.mlp.experts.{e}.down_proj.weight": torch.full((64, 32), float(e)) for e in range(3)}
     result = model.load_state_dict(state, strict=False)
-    assert "model.layers.1.mlp.experts.0.down_proj.weight" in result.unexpected_keys
-    assert "model.layers.1.mlp.experts.down_proj" in result.missing_keys
+    assert not result.unexpected_keys
+    after = model.model.layers[1].mlp.experts.down_proj
+    assert all((after[e] == e).all() for e in range(3)) and torch.equal(after[3:], before[3:])
 
 
 def _router_grads(model: DeepseekMoeForCausalLM, ids: torch.Tensor) -> dict[str, torch.Tensor]:

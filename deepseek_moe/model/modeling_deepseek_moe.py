@@ -586,13 +586,15 @@ class DeepseekMoeExperts(nn.Module):
         return final.index_add_(0, token_of_slot, routed_outputs.to(final.dtype))
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
-        """`load_state_dict` with the on-disk layout (one tensor per expert, e.g. a Trainer checkpoint on resume):
-        the per-expert tensors (FP8 ones with their scales) are fused first, as `from_pretrained` does."""
+        """`load_state_dict` with the on-disk layout (one tensor per expert, e.g. a Trainer checkpoint on resume): a
+        complete per-expert set (FP8 ones with their scales) is fused first, as `from_pretrained` does; the experts of
+        a partial set, such as one shard of a sharded checkpoint, are copied into their rows of the fused weights."""
         projections = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
         for fused, parts in projections.items():
             patterns = [f"{prefix}{{}}.{part}.weight" for part in parts]
             if not all(pattern.format(e) in state_dict for pattern in patterns for e in range(self.num_experts)):
-                continue  # partial or absent per-expert sets are left for the loader to report
+                self._load_expert_rows(state_dict, patterns, getattr(self, fused))
+                continue
             input_dict = {}
             for pattern in patterns:
                 for suffix in ("", "_scale_inv"):
@@ -601,6 +603,18 @@ class DeepseekMoeExperts(nn.Module):
                         input_dict[pattern + suffix] = [state_dict.pop(key) for key in keys]
             state_dict.update(MergeExperts().convert(input_dict, patterns, [prefix + fused]))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @torch.no_grad()
+    def _load_expert_rows(self, state_dict: dict, patterns: list[str], fused: torch.Tensor) -> None:
+        """Copy the per-expert tensors present in `state_dict` (consumed) into their rows of `fused`."""
+        rows = fused.shape[1] // len(patterns)
+        for expert in range(self.num_experts):
+            for part, pattern in enumerate(patterns):
+                key = pattern.format(expert)
+                if key in state_dict:
+                    scale = state_dict.pop(key + "_scale_inv", None)
+                    [weight] = _dequantized([state_dict.pop(key)], None if scale is None else [scale])
+                    fused[expert, part * rows : (part + 1) * rows].copy_(weight)
 
 
 class DeepseekMoeSparseBlock(nn.Module):
