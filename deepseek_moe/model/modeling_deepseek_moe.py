@@ -965,6 +965,7 @@ class DeepseekMoeForCausalLM(DeepseekMoePreTrainedModel, GenerationMixin):
         `shift_labels` (labels already shifted left, as Trainer passes them under context parallelism) may replace
         `labels`. `mla_attention_mode` ("absorbed", "expanded" or "auto") overrides the config for this call, also as
         a `generate` option."""
+        shift_labels = kwargs.pop("shift_labels", None)
         want_aux = self.training or kwargs.get("output_router_logits", self.config.output_router_logits)
         if want_aux:
             kwargs["output_router_logits"] = True
@@ -993,7 +994,6 @@ class DeepseekMoeForCausalLM(DeepseekMoePreTrainedModel, GenerationMixin):
                     aux_losses[kind] = aux_losses[kind] + value if kind in aux_losses else value
             aux_loss = sum(aux_losses.values()) if aux_losses else None
         loss = mtp_loss = None
-        shift_labels = kwargs.pop("shift_labels", None)
         if shift_labels is None and labels is not None:
             shift_labels = F.pad(labels[..., 1:], (0, 1), value=-100)  # position i predicts t_{i+1}
         if shift_labels is not None:
