@@ -35,7 +35,7 @@ LAYOUTS = {
     "fsdp": ({"fsdp": True}, False, False),
     "fsdp_sync_each": ({"fsdp": True}, False, True),
     "tp": ({"tp_size": 2}, False, True),
-    "tp_ep": ({"tp_size": 2, "ep_size": 2}, False, True),
+    "ep": ({"ep_size": 2}, False, True),  # without FSDP the engine runs EP over a TP group sharing the batch
     "fsdp_ep": ({"fsdp": True, "ep_size": 2}, False, False),
     "fsdp_ep_sync_each": ({"fsdp": True, "ep_size": 2}, False, True),
     "fsdp_ep_from_folder": ({"fsdp": True, "ep_size": 2, "from_folder": True}, False, False),

@@ -1,9 +1,9 @@
 """Two CPU processes (gloo, one thread each) train a tiny V3 model with MTP and the V3 bias update under every
-parallel layout (DDP, FSDP2, TP, TP + EP, FSDP2 + EP from memory and from a saved folder, by hand and through
-Accelerate; gradients synchronised once per optimizer step or at every micro-batch; gradients clipped) and must
-match one process over the same global batches: losses to 1e-5, the same `e_score_correction_bias` exactly, the
-same weights. One `torchrun` job runs every layout (`distributed_worker.py`); the layout validation runs in
-process."""
+parallel layout (DDP, FSDP2, TP, EP (over a TP group), FSDP2 + EP from memory and from a saved folder, by hand
+and through Accelerate; gradients synchronised once per optimizer step or at every micro-batch; gradients
+clipped) and must match one process over the same global batches: losses to 1e-5, the same
+`e_score_correction_bias` exactly, the same weights. One `torchrun` job runs every layout
+(`distributed_worker.py`); the layout validation runs in process."""
 
 from __future__ import annotations
 
@@ -64,8 +64,9 @@ def test_two_processes_match_one(layout: str, distributed: dict, reference: dict
     [
         (2, {"ep_size": 3, "fsdp": True}, "ep_size=3 does not divide the 16 routed experts"),
         (6, {"ep_size": 4, "fsdp": True}, "ep_size=4 does not divide the world size 6"),
-        (2, {"ep_size": 2}, "ep_size=2 needs fsdp"),
-        (4, {"tp_size": 2}, "tp_size=2 must be the world size 4"),
+        (4, {"ep_size": 4, "tp_size": 2}, "ep_size=4 needs fsdp"),
+        (4, {"tp_size": 2}, "tp_size=2 .* must be the world size 4"),
+        (4, {"ep_size": 2}, "tp_size=2 .* must be the world size 4"),
         (3, {"tp_size": 2, "fsdp": True}, "tp_size=2 does not divide the world size 3"),
         (4, {"ep_size": 2, "tp_size": 4, "fsdp": True}, "ep_size=2 must be a multiple of tp_size=4"),
         (2, {"ep_size": 0}, "ep_size must be a positive integer"),
@@ -83,6 +84,8 @@ def test_plain_data_parallel_needs_no_engine(monkeypatch) -> None:
     assert distributed_config(DeepseekMoeConfig.from_preset("tiny-v3")) is None
     config = distributed_config(DeepseekMoeConfig.from_preset("tiny-v3"), fsdp=True, ep_size=2)
     assert (config.fsdp_size, config.ep_size, config.tp_size, config.ep_implementation) == (2, 2, 1, "all_to_all")
+    config = distributed_config(DeepseekMoeConfig.from_preset("tiny-v3"), ep_size=2)  # EP alone: over a TP group
+    assert (config.fsdp_size, config.ep_size, config.tp_size) == (1, 2, 2)
 
 
 def test_eager_experts_skip_pairs_of_other_ranks() -> None:

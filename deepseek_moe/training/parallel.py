@@ -49,9 +49,10 @@ def distributed_config(
 
     - `fsdp`: FSDP2 over the ranks left once tensor parallelism is taken (`fsdp_size = world / tp_size`).
     - `ep_size`: routed experts split over `ep_size` ranks, tokens exchanged with all-to-all. With FSDP the
-      expert-parallel ranks hold distinct batches (FSDP2 + EP); without it the engine needs the expert group to be a
-      tensor-parallel group (`tp_size == ep_size`, dense layers split by TP), whose ranks share one batch: it has no
-      expert parallelism with replicated dense layers.
+      expert-parallel ranks hold distinct batches (FSDP2 + EP). Without it the engine needs the expert group to be a
+      tensor-parallel group, whose ranks share one batch (it has no expert parallelism with replicated dense
+      layers): `tp_size` 1 becomes `ep_size` (dense layers split by TP over the same ranks), and `ep_size` must then
+      be the world size.
     - `tp_size`: tensor parallelism of the dense layers (and of the experts when `ep_size` is 1); without FSDP it
       must be the world size.
     Raises ValueError naming the flag for sizes that cannot work (before any weight is touched). `extra` goes to
@@ -84,15 +85,17 @@ def distributed_config(
             ep_implementation=ep_implementation,
             **extra,
         )
-    if ep_size > tp_size:
+    if ep_size > tp_size == 1:
+        tp_size = ep_size
+    elif ep_size > tp_size:
         raise ValueError(
             f"ep_size={ep_size} needs fsdp (FSDP2 + EP) or tp_size={ep_size} (TP + EP): transformers' distributed "
             "engine has no expert parallelism with replicated dense layers"
         )
     if tp_size != world:
         raise ValueError(
-            f"without fsdp, tp_size={tp_size} must be the world size {world} (the ranks of a tensor-parallel group "
-            "share one batch); add fsdp for data parallelism across groups"
+            f"without fsdp, tp_size={tp_size} (or ep_size) must be the world size {world} (the ranks of a tensor- or "
+            "expert-parallel group share one batch); add fsdp for data parallelism across groups"
         )
     return DistributedConfig(tp_size=tp_size, ep_size=ep_size, ep_implementation=ep_implementation, **extra)
 
