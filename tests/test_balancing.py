@@ -95,7 +95,7 @@ def brute_force_losses(
                 sent = [sum(1 for t in unit if any(j in chosen[t] for j in experts_of[d])) for d in range(D)]
                 f2 = [D / (M * T) * sent[d] for d in range(D)]
                 totals["comm"] += sum(f2[d] * P1[d] for d in range(D)) / len(units)
-    alpha = config.seq_aux_alpha if config.topk_method == "noaux_tc" else config.aux_loss_alpha
+    alpha = config.seq_aux_alpha if config.uses_bias_balancing else config.aux_loss_alpha
     out = {"expert": alpha * totals["expert"]}
     if D:
         out["device"] = config.aux_loss_device_alpha * totals["device"]

@@ -119,7 +119,7 @@ def test_official_16b_directory_loads_as_multi_head_attention(tmp_path):
     with CaptureLogger(logging.get_logger("transformers.configuration_utils")) as captured:
         model = DeepseekMoeForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
     assert "model of type" not in captured.out
-    assert not model.config.use_mla and model.config.topk_method == "greedy"
+    assert not model.config.uses_mla and model.config.topk_method == "greedy"
     input_ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
     with torch.no_grad():
         assert torch.equal(model.eval()(input_ids).logits, source.eval()(input_ids).logits)

@@ -1,4 +1,5 @@
-"""Configuration: validation messages, official config.json files, parameter counts, KV-cache sizes and the CLI."""
+"""Configuration: official config.json files, parameter counts, KV-cache sizes and the CLI (validation is tested in
+test_config_validation.py)."""
 
 from __future__ import annotations
 
@@ -12,53 +13,11 @@ import torch
 
 from deepseek_moe import PRESETS, DeepseekMoeConfig
 from deepseek_moe.cli import main
-from deepseek_moe.info import count_parameters, describe, kv_cache_bytes_per_token, load_config
+from deepseek_moe.info import count_parameters, describe, kv_cache_bytes_per_token
 from deepseek_moe.model.modeling_deepseek_moe import DeepseekMoeTopkRouter
+from deepseek_moe.presets import load_config
 
-# ----------------------------------------------------------------------------------------------------- validation
-
-INVALID = {
-    "n_group_divides_experts": ("tiny-v2", {"n_routed_experts": 15}, "n_group"),
-    "topk_group_above_n_group": ("tiny-v2", {"topk_group": 5}, "topk_group"),
-    "top_k_beyond_kept_groups": (
-        "tiny-v2",
-        {"n_routed_experts": 16, "n_group": 4, "topk_group": 1, "num_experts_per_tok": 5},
-        "num_experts_per_tok",
-    ),
-    "unknown_topk_method": ("tiny-v3", {"topk_method": "top_p"}, "topk_method"),
-    "unknown_scoring_func": ("tiny-v3", {"scoring_func": "tanh"}, "scoring_func"),
-    "unknown_rope_type": ("tiny-16b", {"rope_scaling": {"type": "ntk", "factor": 2.0}}, "rope_scaling"),
-    "rope_factor_below_1": ("tiny-16b", {"rope_scaling": {"type": "linear", "factor": 0.5}}, "rope_scaling"),
-    "yarn_bad_original_length": (
-        "tiny-v2",
-        {"rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": -1}},
-        "original_max_position_embeddings",
-    ),
-    # transformers' own RoPE check only rejects odd rotary widths above 4, raising a non-ValueError (see below).
-    "odd_rope_head_dim": ("tiny-v2", {"qk_rope_head_dim": 3}, "qk_rope_head_dim"),
-    "mha_hidden_not_divisible": ("tiny-16b", {"hidden_size": 66}, "num_attention_heads"),
-    "mha_from_mla_preset_not_divisible": ("tiny-v2", {"kv_lora_rank": None, "hidden_size": 66}, "num_attention_heads"),
-    "kv_heads_do_not_divide_heads": ("tiny-16b", {"num_key_value_heads": 3}, "num_key_value_heads"),
-    "negative_mtp_layers": ("tiny-v3", {"num_nextn_predict_layers": -1}, "num_nextn_predict_layers"),
-    "too_many_dense_layers": ("tiny-v3", {"first_k_dense_replace": 4}, "first_k_dense_replace"),
-}
-
-
-@pytest.mark.parametrize(("preset", "overrides", "field"), INVALID.values(), ids=INVALID.keys())
-def test_invalid_config_names_the_field(preset: str, overrides: dict, field: str) -> None:
-    with pytest.raises(ValueError, match=field):
-        DeepseekMoeConfig.from_preset(preset, **overrides)
-
-
-# Checked before transformers' own RoPE standardisation, which would fill the length in or fail less clearly.
-def test_yarn_without_original_length_is_rejected() -> None:
-    with pytest.raises(ValueError, match="original_max_position_embeddings"):
-        DeepseekMoeConfig.from_preset("tiny-v2", rope_scaling={"type": "yarn", "factor": 40})
-
-
-def test_odd_rope_head_dim_above_4_is_a_value_error() -> None:
-    with pytest.raises(ValueError, match="qk_rope_head_dim"):
-        DeepseekMoeConfig.from_preset("tiny-v2", qk_rope_head_dim=7)
+# ------------------------------------------------------------------------------------------------------ spellings
 
 
 def test_gready_spelling_is_greedy() -> None:
@@ -249,15 +208,16 @@ def _official_config(preset: str, directory: str) -> DeepseekMoeConfig:
 def test_official_config_json_loads(preset: str, tmp_dir: str) -> None:
     config = _official_config(preset, tmp_dir)
     official = OFFICIAL_CONFIGS[preset]
-    assert config.use_mla is (preset != "deepseek-moe-16b")
+    assert config.uses_mla is (preset != "deepseek-moe-16b")
     missing_groups = {"n_group": 1, "topk_group": 1, "topk_method": "greedy", "routed_scaling_factor": 1.0}
     for field in _ROUTING_FIELDS:
         assert getattr(config, field) == official.get(field, missing_groups.get(field)), field
     assert config.rope_parameters["rope_type"] == ("default" if preset == "deepseek-moe-16b" else "yarn")
-    if config.use_mla:
+    if config.uses_mla:
         assert config.rope_parameters["mscale_all_dim"] == official["rope_scaling"]["mscale_all_dim"]
         assert config.q_lora_rank == official["q_lora_rank"]
-    assert (config.aux_loss_alpha, config.ep_size) == (0.001, 1)
+    assert config.aux_loss_alpha == 0.001
+    assert not hasattr(config, "ep_size") and not hasattr(config, "pretraining_tp")  # read by nothing: dropped
     # The same architecture as the preset: identical parameter counts down to the last weight.
     assert count_parameters(config) == count_parameters(DeepseekMoeConfig.from_preset(preset))
     assert load_config(tmp_dir).to_dict() == config.to_dict()

@@ -146,10 +146,10 @@ def test_round_trip_is_exact_and_loads_with_ours_and_builtin(tmp_path, preset):
     ours = DeepseekMoeForCausalLM.from_pretrained(tmp_path / "fp32", dtype=torch.float32)
     expected = logits(DeepseekMoeForCausalLM.from_pretrained(tmp_path / "official", dtype=torch.float32), 512)
     assert torch.equal(logits(ours, config.vocab_size), expected)
-    if config.use_mla:  # transformers has no built-in DeepSeekMoE-16B
+    if config.uses_mla:  # transformers has no built-in DeepSeekMoE-16B
         convert_checkpoint(tmp_path / "official", tmp_path / "builtin", drop_mtp=True, progress=False)
         builtin_config(config).save_pretrained(tmp_path / "builtin")
-        builtin_class = DeepseekV3ForCausalLM if config.topk_method == "noaux_tc" else DeepseekV2ForCausalLM
+        builtin_class = DeepseekV3ForCausalLM if config.uses_bias_balancing else DeepseekV2ForCausalLM
         builtin = builtin_class.from_pretrained(tmp_path / "builtin", dtype=torch.float32)
         assert torch.allclose(logits(builtin, 512), expected, rtol=0, atol=1e-5 * expected.abs().max())
 

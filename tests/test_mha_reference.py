@@ -81,7 +81,7 @@ def reference_logits(state: dict, config: DeepseekMoeConfig, input_ids: torch.Te
 @pytest.mark.parametrize("norm_topk_prob", [False, True])
 def test_16b_layout_matches_fp64_formulas(tmp_path, norm_topk_prob):
     config = DeepseekMoeConfig.from_preset("tiny-16b", norm_topk_prob=norm_topk_prob)
-    assert not config.use_mla
+    assert not config.uses_mla
     model = randomize_(DeepseekMoeForCausalLM(config), seed=7).double().eval()
     model.set_experts_implementation("eager")  # grouped_mm has no fp64 kernel
     model.save_pretrained(tmp_path)  # the official per-expert layout the reference reads

@@ -14,7 +14,7 @@ PRESETS = ["tiny-v3", "tiny-v2", "tiny-v2-lite"]
 
 
 def _builtin_class(config):
-    return DeepseekV3ForCausalLM if config.topk_method == "noaux_tc" else DeepseekV2ForCausalLM
+    return DeepseekV3ForCausalLM if config.uses_bias_balancing else DeepseekV2ForCausalLM
 
 
 def _assert_close(ours: torch.Tensor, reference: torch.Tensor, rtol: float = 1e-5) -> None:

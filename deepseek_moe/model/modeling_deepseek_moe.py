@@ -30,14 +30,16 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils import TransformersKwargs, can_return_tuple, logging
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .configuration_deepseek_moe import DeepseekMoeConfig
+from .configuration_deepseek_moe import FP8_BLOCK, DeepseekMoeConfig
 from .mla_kernels import mla_decode_triton, triton_decode_available
 from .moe_kernels import IMPLEMENTATION_NAME, kernels_default
+
+logger = logging.get_logger(__name__)
 
 
 class DeepseekMoeRMSNorm(nn.Module):
@@ -231,7 +233,7 @@ class DeepseekMoeLatentAttention(nn.Module):
         self.kv_lora_rank = config.kv_lora_rank
         self.qk_nope_head_dim = config.qk_nope_head_dim
         self.qk_rope_head_dim = config.qk_rope_head_dim
-        self.qk_head_dim = config.qk_nope_head_dim + config.qk_rope_head_dim
+        self.qk_head_dim = config.qk_head_dim
         self.v_head_dim = config.v_head_dim
         self.attention_dropout = config.attention_dropout
         self.is_causal = True
@@ -431,7 +433,9 @@ class DeepseekMoeTopkRouter(nn.Module):
         super().__init__()
         self.top_k = config.num_experts_per_tok
         self.num_experts = config.n_routed_experts
-        self.topk_method = config.topk_method
+        self.uses_bias_balancing = config.uses_bias_balancing
+        self.uses_group_limited_routing = config.uses_group_limited_routing
+        self.scales_routing_weights = config.scales_routing_weights
         self.scoring_func = config.scoring_func
         self.n_group = config.n_group
         self.topk_group = config.topk_group
@@ -442,7 +446,7 @@ class DeepseekMoeTopkRouter(nn.Module):
         self.capacity_protected_fraction = config.capacity_protected_fraction
         self.drop_tokens_at_inference = config.drop_tokens_at_inference
         self.weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size, dtype=torch.float32))
-        if self.topk_method == "noaux_tc":
+        if self.uses_bias_balancing:
             self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts, dtype=torch.float32))
         # int64 so that casting the model to bf16 cannot round the counts.
         self.register_buffer("tokens_per_expert", torch.zeros(self.num_experts, dtype=torch.int64), persistent=False)
@@ -456,7 +460,7 @@ class DeepseekMoeTopkRouter(nn.Module):
     def mask_groups(self, scores_for_choice: torch.Tensor) -> torch.Tensor:
         """Set every expert outside the `topk_group` best groups to -inf."""
         grouped = scores_for_choice.view(-1, self.n_group, self.num_experts // self.n_group)
-        if self.topk_method == "noaux_tc":
+        if self.uses_bias_balancing:
             group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
         else:
             group_scores = grouped.amax(dim=-1)
@@ -489,15 +493,15 @@ class DeepseekMoeTopkRouter(nn.Module):
         """Affinities s [T, E], routing weights [T, k] and expert indices [T, k] from the logits (no dropping)."""
         scores = self.affinities(router_logits)
         scores_for_choice = scores
-        if self.topk_method == "noaux_tc":
+        if self.uses_bias_balancing:
             scores_for_choice = scores + self.e_score_correction_bias
-        if self.topk_method != "greedy" and self.n_group > 1:
+        if self.uses_group_limited_routing:
             scores_for_choice = self.mask_groups(scores_for_choice)
         topk_indices = scores_for_choice.topk(self.top_k, dim=-1, sorted=False).indices
         topk_weights = scores.gather(1, topk_indices)
         if self.norm_topk_prob and self.top_k > 1:
             topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20)
-        if self.topk_method == "noaux_tc" or not self.norm_topk_prob:
+        if self.scales_routing_weights:
             topk_weights = topk_weights * self.routed_scaling_factor
         return scores, topk_weights, topk_indices
 
@@ -624,7 +628,7 @@ def balance_losses(
     selected = torch.zeros_like(scores).scatter_(2, topk_indices, 1.0) * mask  # [U, T, N'], no gradient
     f = selected.sum(dim=1) * num_experts / (top_k * tokens)
     P = (scores * mask).sum(dim=1) / tokens
-    alpha = config.seq_aux_alpha if router.topk_method == "noaux_tc" else config.aux_loss_alpha
+    alpha = config.expert_balance_alpha
     losses = {}
     if alpha > 0:
         losses["expert"] = alpha * mean_over_units((f * P).sum(dim=-1))
@@ -664,7 +668,7 @@ class DeepseekMoeDecoderLayer(GradientCheckpointingLayer):
 
     def __init__(self, config: DeepseekMoeConfig, layer_idx: int) -> None:
         super().__init__()
-        attention_class = DeepseekMoeLatentAttention if config.use_mla else DeepseekMoeAttention
+        attention_class = DeepseekMoeLatentAttention if config.uses_mla else DeepseekMoeAttention
         self.self_attn = attention_class(config, layer_idx)
         is_moe = config.is_moe_layer(layer_idx) or layer_idx >= config.num_hidden_layers
         self.mlp = DeepseekMoeSparseBlock(config) if is_moe else DeepseekMoeMLP(config)
@@ -771,7 +775,7 @@ class DeepseekMoePreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=std)
             init.zeros_(module.tokens_per_expert)
             init.zeros_(module.dropped_tokens)
-            if module.topk_method == "noaux_tc":
+            if module.uses_bias_balancing:
                 init.zeros_(module.e_score_correction_bias)
         elif isinstance(module, DeepseekMoeExperts):
             init.normal_(module.gate_up_proj, mean=0.0, std=std)
@@ -815,8 +819,13 @@ class DeepseekMoeModel(DeepseekMoePreTrainedModel):
             cache = DynamicCache(config=self.config)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+        past_seen_tokens = cache.get_seq_length() if cache is not None else 0
+        if past_seen_tokens + inputs_embeds.shape[1] > self.config.max_position_embeddings:
+            logger.warning_once(
+                f"Sequence length {past_seen_tokens + inputs_embeds.shape[1]} exceeds max_position_embeddings="
+                f"{self.config.max_position_embeddings}; positions beyond it were never trained and may degrade output"
+            )
         if position_ids is None:
-            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
 
@@ -1043,8 +1052,6 @@ class DeepseekMoeForSequenceClassification(GenericForSequenceClassification, Dee
 
 
 # -------------------------------------------------------------------------------------------- checkpoint layout
-
-FP8_BLOCK = 128
 
 
 def dequantize_fp8_blockwise(weight: torch.Tensor, scale_inv: torch.Tensor, block: int = FP8_BLOCK) -> torch.Tensor:
