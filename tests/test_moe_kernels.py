@@ -19,7 +19,7 @@ from conftest import randomize_
 pytest.importorskip("triton")
 
 from deepseek_moe import DeepseekMoeConfig, DeepseekMoeForCausalLM  # noqa: E402
-from deepseek_moe.model import moe_kernels  # noqa: E402
+from deepseek_moe.model import moe_kernels, triton_support  # noqa: E402
 
 # fp64 reference; tolerance relative to the output's largest entry. bf16 allows a few ulps (2⁻⁸ each): the kernels
 # round h and the per-slot outputs once, the interpreter stores bf16 by truncation. On a GPU, fp32 `tl.dot` runs
@@ -174,7 +174,8 @@ def test_every_dot_dimension_is_a_constexpr_of_at_least_16(monkeypatch):
     only, and every value those constexprs get (the GPU autotune configs and the host's BLOCK_M) is a power of
     two ≥ 16."""
     kernels = _dot_kernels()
-    assert {k.name for k in kernels} >= {"_gate_up_swiglu_kernel", "_swiglu_backward_kernel", "_grouped_wgrad_kernel"}
+    # `_rows_times_weight` holds the GEMM loop of the scatter and SwiGLU-backward kernels.
+    assert {k.name for k in kernels} >= {"_gate_up_swiglu_kernel", "_rows_times_weight", "_grouped_wgrad_kernel"}
     for kernel in kernels:
         constexprs = {
             a.arg for a in kernel.args.args if a.annotation is not None and "constexpr" in ast.unparse(a.annotation)
@@ -184,7 +185,7 @@ def test_every_dot_dimension_is_a_constexpr_of_at_least_16(monkeypatch):
             if isinstance(call, ast.Call) and ast.unparse(call.func) == "tl.zeros":
                 names = {n.id for n in ast.walk(call.args[0]) if isinstance(n, ast.Name)}
                 assert names <= {"BLOCK_M", "BLOCK_N", "BLOCK_K"}, (kernel.name, ast.unparse(call))
-    monkeypatch.setattr(moe_kernels, "_INTERPRET", False)
+    monkeypatch.setattr(moe_kernels, "INTERPRET", False)
     sizes = [moe_kernels.BLOCK_M_TRAIN, moe_kernels.BLOCK_M_DECODE]
     for config in moe_kernels._gemm_configs():
         sizes += [config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]]
@@ -246,7 +247,7 @@ def test_falls_back_to_pytorch_where_kernels_cannot_run(monkeypatch):
     with torch.no_grad():
         model.set_experts_implementation("eager")
         eager = model(input_ids).logits
-        monkeypatch.setattr(moe_kernels, "_INTERPRET", False)
+        monkeypatch.setattr(triton_support, "INTERPRET", False)
         model.set_experts_implementation(moe_kernels.IMPLEMENTATION_NAME)
         torch.testing.assert_close(model(input_ids).logits, eager, rtol=0, atol=0)
 
@@ -291,7 +292,7 @@ def test_importable_without_triton_and_as_remote_code():
         "import sys; sys.modules['triton'] = None\n"
         "from deepseek_moe.model import moe_kernels\n"
         "assert moe_kernels.triton is None and not moe_kernels.kernels_default()\n"
-        "assert not moe_kernels.kernels_run_on(__import__('torch').device('cuda'))\n"
+        "assert not moe_kernels.triton_runs_on(__import__('torch').device('cuda'))\n"
     )
     repo_root = str(Path(moe_kernels.__file__).resolve().parents[2])
     subprocess.run([sys.executable, "-c", script], check=True, env={**os.environ, "PYTHONPATH": repo_root})

@@ -11,6 +11,7 @@ This file and its siblings are also the remote code of uploaded models: imports 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,8 +37,9 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_deepseek_moe import FP8_BLOCK, DeepseekMoeConfig
-from .mla_kernels import mla_decode_triton, triton_decode_available
+from .mla_kernels import mla_decode_triton
 from .moe_kernels import IMPLEMENTATION_NAME, kernels_default
+from .triton_support import triton_runs_on
 
 logger = logging.get_logger(__name__)
 
@@ -326,7 +328,7 @@ class DeepseekMoeLatentAttention(nn.Module):
     def can_use_decode_kernel(self, query: torch.Tensor) -> bool:
         """The Triton decode kernel serves inference (no autograd) when Triton can run and its tiles fit."""
         dims_fit = all(d >= 16 and d & (d - 1) == 0 for d in (self.kv_lora_rank, self.qk_rope_head_dim))
-        return dims_fit and not torch.is_grad_enabled() and triton_decode_available(query)
+        return dims_fit and not torch.is_grad_enabled() and triton_runs_on(query.device)
 
     def absorbed_attention(
         self,
@@ -696,6 +698,20 @@ class DeepseekMoeDecoderLayer(GradientCheckpointingLayer):
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
+# Official checkpoints give every MTP layer its own copy of the embedding and of the output head (DeepSeek's loaders,
+# vLLM and SGLang expect them); in memory ours share the model's. Copy name (inside the MTP layer) -> tensor copied.
+MTP_COPIES = {"embed_tokens.weight": "model.embed_tokens.weight", "shared_head.head.weight": "lm_head.weight"}
+
+
+def mtp_copies(config: DeepseekMoeConfig) -> dict[str, str]:
+    """Full name of every copy an official checkpoint of this config holds -> name of the tensor it copies."""
+    return {
+        f"model.layers.{config.num_hidden_layers + k}.{copy}": source
+        for k in range(config.num_nextn_predict_layers)
+        for copy, source in MTP_COPIES.items()
+    }
+
+
 class DeepseekMoeSharedHead(nn.Module):
     """The MTP module's final norm (`shared_head.norm`); its `head` is the model's `lm_head`, not a copy."""
 
@@ -758,8 +774,8 @@ class DeepseekMoePreTrainedModel(PreTrainedModel):
         "router_logits": OutputRecorder(DeepseekMoeTopkRouter, index=0),
     }
     _keep_in_fp32_modules_strict = ["e_score_correction_bias", "gate.weight"]
-    # Official MTP layers carry copies of the shared embedding and head; ours share the model's own.
-    _keys_to_ignore_on_load_unexpected = [r"model\.layers\.\d+\.(embed_tokens|shared_head\.head)\.weight"]
+    # Official MTP layers carry copies of the shared embedding and head (`MTP_COPIES`); ours share the model's own.
+    _keys_to_ignore_on_load_unexpected = [r"model\.layers\.\d+\.(" + "|".join(map(re.escape, MTP_COPIES)) + ")$"]
 
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
         """Unless the user chose one, run the experts with our Triton kernels (`"deepseek_triton"`, registered by
@@ -946,14 +962,11 @@ class DeepseekMoeForCausalLM(DeepseekMoePreTrainedModel, GenerationMixin):
     def save_pretrained(
         self, save_directory: str, is_main_process: bool = True, state_dict: dict | None = None, **kwargs
     ) -> None:
-        """Saves the official MTP layout too: DeepSeek's checkpoints (and vLLM/SGLang loaders) expect every MTP layer
-        to carry its own `embed_tokens` and `shared_head.head`; in memory ours share the model's."""
+        """Saves the official MTP layout too: every MTP layer with its own copies (`mtp_copies`)."""
         if state_dict is None and self.config.num_nextn_predict_layers > 0:
             state_dict = self.state_dict()
-            for k in range(self.config.num_nextn_predict_layers):
-                prefix = f"model.layers.{self.config.num_hidden_layers + k}."
-                state_dict[prefix + "embed_tokens.weight"] = state_dict["model.embed_tokens.weight"].clone()
-                state_dict[prefix + "shared_head.head.weight"] = state_dict["lm_head.weight"].clone()
+            for copy, source in mtp_copies(self.config).items():
+                state_dict[copy] = state_dict[source].clone()
         super().save_pretrained(save_directory, is_main_process=is_main_process, state_dict=state_dict, **kwargs)
 
     def generate(self, inputs: torch.Tensor | None = None, *args, use_mtp: bool = False, **kwargs):
