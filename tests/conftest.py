@@ -43,11 +43,12 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 
 def tiny_model(
-    preset: str = "tiny-v3", seed: int = 0, model_class: type = DeepseekMoeForCausalLM, **overrides
+    preset: str | DeepseekMoeConfig = "tiny-v3", seed: int = 0, model_class: type = DeepseekMoeForCausalLM, **overrides
 ) -> torch.nn.Module:
-    """The tests' one model factory: a small preset (with `overrides`) in which every parameter and float buffer is
-    random (`randomize_`)."""
-    return randomize_(model_class(DeepseekMoeConfig.from_preset(preset, **overrides)), seed=seed)
+    """The tests' one model factory: a preset (with `overrides`) or a config, every parameter and float buffer random
+    (`randomize_`)."""
+    config = preset if isinstance(preset, DeepseekMoeConfig) else DeepseekMoeConfig.from_preset(preset, **overrides)
+    return randomize_(model_class(config), seed=seed)
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str = "") -> None:
@@ -55,7 +56,8 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what
     reference entry (the scale of the logits or activations compared), computed in the reference's dtype."""
     error = (actual.to(device=expected.device, dtype=expected.dtype) - expected).abs().max().item()
     scale = expected.abs().max().item()
-    assert error <= rtol * scale, f"{what}max |Δ| {error:.3g} > {rtol:g} × max |reference| {scale:.3g}"
+    where = f"{what}: " if what else ""
+    assert error <= rtol * scale, f"{where}max |Δ| {error:.3g} > {rtol:g} × max |reference| {scale:.3g}"
 
 
 _SHARED_KEYS = (

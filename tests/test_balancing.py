@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import tiny_model
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
@@ -28,22 +29,6 @@ from deepseek_moe.training import (
 
 torch.set_num_threads(1)
 VOCAB = 512
-
-
-def tiny_model(preset: str, seed: int = 0, **overrides) -> DeepseekMoeForCausalLM:
-    """A tiny model whose every parameter (norms included) and the V3 bias are random."""
-    torch.manual_seed(seed)
-    model = DeepseekMoeForCausalLM(DeepseekMoeConfig.from_preset(preset, **overrides))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.copy_(1.0 + 0.1 * torch.randn_like(param))
-            else:
-                param.normal_(0.0, 0.2 if "gate.weight" in name else 0.05)
-        for router in moe_routers(model).values():
-            if hasattr(router, "e_score_correction_bias"):
-                router.e_score_correction_bias.normal_(0.0, 0.05)
-    return model
 
 
 def main_routers(model: DeepseekMoeForCausalLM) -> dict:

@@ -13,7 +13,7 @@ import torch
 
 from deepseek_moe import PRESETS, DeepseekMoeConfig
 from deepseek_moe.cli import main
-from deepseek_moe.info import count_parameters, describe, kv_cache_bytes_per_token
+from deepseek_moe.info import count_parameters, describe, kv_cache_bytes_per_token, summary
 from deepseek_moe.model.modeling_deepseek_moe import DeepseekMoeTopkRouter
 from deepseek_moe.presets import load_config
 
@@ -262,7 +262,12 @@ def test_v3_mtp_counts() -> None:
     """11.61B unique MTP parameters; DeepSeek's "685B" upload adds one copy of embedding and head per MTP layer."""
     config = DeepseekMoeConfig.from_preset("deepseek-v3")
     counts = count_parameters(config)
-    assert counts["mtp_total"] == pytest.approx(11.61e9, rel=1e-2)
+    # One MoE decoder block: MLA (q_a 7168·1536, q_a_norm 1536, q_b 1536·128·192, kv_a 7168·576, kv_a_norm 512,
+    # kv_b 512·128·256, o 16384·7168), 2 norms of 7168, router 256·7168, 257 experts of 3·7168·2048; plus enorm,
+    # hnorm, shared_head.norm (7168 each) and eh_proj 14336·7168.
+    attention = 7168 * 1536 + 1536 + 1536 * 128 * 192 + 7168 * 576 + 512 + 512 * 128 * 256 + 16384 * 7168
+    moe = 256 * 7168 + 257 * 3 * 7168 * 2048
+    assert counts["mtp_total"] == attention + 2 * 7168 + moe + 3 * 7168 + 14336 * 7168 == 11_610_067_968
     embedding = config.vocab_size * config.hidden_size
     assert counts["checkpoint_total"] == counts["total_with_mtp"] + 2 * embedding
     assert round(counts["checkpoint_total"] / 1e9, 2) == 684.49  # the hub's "685B" adds 0.04B FP8 scale entries
@@ -343,9 +348,65 @@ def test_cli_module_runs() -> None:
     assert "MTP" in result.stdout and "KV cache" in result.stdout
 
 
-def test_every_preset_describes() -> None:
-    for name in PRESETS:
-        assert describe(load_config(name))
+# The summary rows of each official architecture, written from the reference (§2.1), not from the code.
+DESCRIPTIONS = {
+    "deepseek-moe-16b": {
+        "architecture": "DeepSeekMoE-style, hidden 2048, vocab 102400",
+        "attention": "multi-head, 16 heads (16 KV), head dim 128",
+        "layers": "28 (1 dense, 27 MoE)",
+        "experts": "64 routed + 2 shared, 6 routed active per token, expert width 1408",
+        "routing": "greedy: softmax, top-6; weights unnormalised, scaled by 1",
+        "KV cache": "229,376 bytes per token in bf16 (4096 values x 28 layers)",
+    },
+    "deepseek-v2-lite": {
+        "architecture": "DeepSeek-V2-style, hidden 2048, vocab 102400",
+        "attention": "MLA, 16 heads, kv_lora_rank 512, q_lora_rank none (q_proj), head dims nope/rope/v 128/64/128",
+        "layers": "27 (1 dense, 26 MoE)",
+        "experts": "64 routed + 2 shared, 6 routed active per token, expert width 1408",
+        "routing": "greedy: softmax, top-6; weights unnormalised, scaled by 1",
+        "KV cache": "31,104 bytes per token in bf16 (576 values x 27 layers)",
+    },
+    "deepseek-v2": {
+        "architecture": "DeepSeek-V2-style, hidden 5120, vocab 102400",
+        "attention": "MLA, 128 heads, kv_lora_rank 512, q_lora_rank 1536, head dims nope/rope/v 128/64/128",
+        "layers": "60 (1 dense, 59 MoE)",
+        "experts": "160 routed + 2 shared, 6 routed active per token, expert width 1536",
+        "routing": "group_limited_greedy: softmax, top-6, within the best 3 of 8 groups (group score: max); "
+        "weights unnormalised, scaled by 16",
+        "KV cache": "69,120 bytes per token in bf16 (576 values x 60 layers)",
+    },
+    "deepseek-v3": {
+        "architecture": "DeepSeek-V3-style, hidden 7168, vocab 129280",
+        "attention": "MLA, 128 heads, kv_lora_rank 512, q_lora_rank 1536, head dims nope/rope/v 128/64/128",
+        "layers": "61 (3 dense, 58 MoE) + 1 MTP",
+        "experts": "256 routed + 1 shared, 8 routed active per token, expert width 2048",
+        "routing": "noaux_tc: sigmoid + correction bias, top-8, within the best 4 of 8 groups "
+        "(group score: top-2 sum); weights normalised, scaled by 2.5",
+        "KV cache": "70,272 bytes per token in bf16 (576 values x 61 layers)",
+    },
+}
+
+
+@pytest.mark.parametrize("preset", DESCRIPTIONS)
+def test_describe_states_the_architecture(preset: str) -> None:
+    rows = dict(summary(load_config(preset)))
+    for label, expected in DESCRIPTIONS[preset].items():
+        assert rows[label] == expected, label
+    assert describe(load_config(preset)).splitlines()[0] == f"architecture: {DESCRIPTIONS[preset]['architecture']}"
+
+
+def test_small_presets_keep_their_family() -> None:
+    families = {
+        "tiny-16b": "DeepSeekMoE",
+        "tiny-v2-lite": "DeepSeek-V2",
+        "tiny-v2": "DeepSeek-V2",
+        "tiny-v3": "DeepSeek-V3",
+    }
+    assert sorted(families) == sorted(name for name in PRESETS if name.startswith("tiny-"))
+    for name, family in families.items():
+        rows = dict(summary(load_config(name)))
+        assert rows["architecture"] == f"{family}-style, hidden 64, vocab 512", name
+        assert rows["layers"].startswith("3 (1 dense, 2 MoE)"), name
 
 
 def test_demo_command_generates_and_checks_the_cache(capsys) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize_
+from conftest import tiny_model
 from hub_server import FakeHub
 from huggingface_hub import constants
 
@@ -43,7 +43,7 @@ def hub() -> Iterator[FakeHub]:
 def model_dir(tmp_path_factory) -> tuple[Path, torch.Tensor]:
     """A sharded tiny V3 (with an MTP layer) as a training run leaves it, and its logits on PROMPT."""
     directory = tmp_path_factory.mktemp("model")
-    model = randomize_(DeepseekMoeForCausalLM(DeepseekMoeConfig.from_preset("tiny-v3"))).eval()
+    model = tiny_model(DeepseekMoeConfig.from_preset("tiny-v3")).eval()
     model.save_pretrained(directory, max_shard_size="200KB")
     history = [{"step": step, "loss": 6.0 - 0.2 * step} for step in range(1, 11)]
     (directory / "trainer_state.json").write_text(json.dumps({"global_step": 10, "epoch": 1.0, "log_history": history}))

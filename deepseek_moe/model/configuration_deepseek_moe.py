@@ -430,7 +430,7 @@ class DeepseekMoeConfig(PreTrainedConfig):
     @property
     def num_experts_allowed(self) -> int:
         """How many routed experts a token can reach once group-limited routing has kept `topk_group` groups."""
-        if self.topk_method == "greedy":
+        if not self.uses_group_limited_routing:
             return self.n_routed_experts
         return self.topk_group * (self.n_routed_experts // self.n_group)
 
