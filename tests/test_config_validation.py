@@ -275,3 +275,19 @@ def test_family_switches() -> None:
     assert normalised.expert_balance_alpha == normalised.aux_loss_alpha == 0.001
     v3 = DeepseekMoeConfig.from_preset("tiny-v3")
     assert v3.expert_balance_alpha == v3.seq_aux_alpha == 1e-4
+
+
+@pytest.mark.parametrize("preset", ["deepseek-moe-16b", "deepseek-v2-lite", "deepseek-v2", "deepseek-v3"])
+def test_official_config_json_loads_without_warnings(preset: str, tmp_path) -> None:
+    """DeepSeek's own files (ep_size, pretraining_tp, auto_map, an FP8 quantization_config, ...) are not typos."""
+    from test_config import OFFICIAL_CONFIGS
+
+    _write_config(tmp_path, OFFICIAL_CONFIGS[preset])
+    loggers = [logging.get_logger(configuration_deepseek_moe.__name__), logging.get_logger("transformers")]
+    with CaptureLogger(loggers[0]) as ours, CaptureLogger(loggers[1]) as theirs:
+        config = DeepseekMoeConfig.from_pretrained(tmp_path)
+    assert ours.out == "" and theirs.out == ""
+    # The same architecture as the preset, field by field; nothing of DeepSeek's remote code or FP8 form kept.
+    expected = DeepseekMoeConfig.from_preset(preset)
+    assert {f: getattr(config, f) for f in OUR_FIELDS} == {f: getattr(expected, f) for f in OUR_FIELDS}
+    assert not hasattr(config, "auto_map") and getattr(config, "quantization_config", None) is None

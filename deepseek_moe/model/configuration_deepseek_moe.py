@@ -59,9 +59,10 @@ def normalize_config_dict(config_dict: dict[str, Any]) -> dict[str, Any]:
 
     The original `model_type` picks the defaults of absent keys; the remote code's `None` counts (no shared or
     routed experts, no groups) become explicit numbers; `gready` (early V2 spelling) becomes `greedy`; keys nothing
-    reads are dropped; an FP8 `quantization_config` is dropped, because the model's checkpoint conversion
-    dequantizes FP8 weights while loading (transformers' own FP8 loader mis-handles partial edge blocks on CPU) and
-    the loaded model holds and saves plain weights.
+    reads are dropped, and so is an official `auto_map` (it names DeepSeek's remote code). An FP8
+    `quantization_config` is dropped too: the model's checkpoint conversion dequantizes FP8 weights while loading
+    (transformers' own FP8 loader mis-handles partial edge blocks on CPU), and the loaded model holds and saves plain
+    weights.
     """
     family = config_dict.get("model_type", DeepseekMoeConfig.model_type)
     if family not in FAMILY_DEFAULTS:
@@ -72,6 +73,8 @@ def normalize_config_dict(config_dict: dict[str, Any]) -> dict[str, Any]:
     values = {**FAMILY_DEFAULTS[family], **config_dict, "model_type": DeepseekMoeConfig.model_type}
     for key in UNUSED_OFFICIAL_KEYS:
         values.pop(key, None)
+    if family != DeepseekMoeConfig.model_type:
+        values.pop("auto_map", None)  # names DeepSeek's remote code, which is not what loads this config
     if values.get("topk_method") == "gready":
         values["topk_method"] = "greedy"
     for key in ("n_routed_experts", "n_shared_experts"):
