@@ -181,13 +181,14 @@ def load_config(preset_or_path: str | os.PathLike) -> DeepseekMoeConfig:
     from .model import DeepseekMoeConfig
 
     name = os.fspath(preset_or_path)
-    if name in PRESETS:
-        return DeepseekMoeConfig.from_preset(name)
+    # A local path wins over a preset of the same name, as in transformers.
     if os.path.isfile(name) or os.path.isfile(os.path.join(name, "config.json")):
         try:
             return DeepseekMoeConfig.from_pretrained(name)
         except (OSError, TypeError) as error:  # unreadable file, JSON that is not an object
             raise ValueError(f"{name}: not a readable config.json ({error})") from error
+    if name in PRESETS:
+        return DeepseekMoeConfig.from_preset(name)
     raise ValueError(
         f"{name!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a config.json or a directory with one"
     )

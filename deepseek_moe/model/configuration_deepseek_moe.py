@@ -391,11 +391,6 @@ class DeepseekMoeConfig(PreTrainedConfig):
         return self.kv_lora_rank is not None
 
     @property
-    def use_mla(self) -> bool:
-        """Old name of `uses_mla`, still read by `hub.py` (split on another branch); remove once that uses the new."""
-        return self.uses_mla
-
-    @property
     def uses_bias_balancing(self) -> bool:
         """V3's router (`noaux_tc`): a correction bias steers selection (auxiliary-loss-free balancing), groups score
         by their top two experts, weights are normalised and then always scaled, and the balance loss is the
