@@ -14,7 +14,8 @@ from .presets import SMALL_PRESETS
 
 
 def _info(args: argparse.Namespace) -> int:
-    from .info import count_parameters, describe, kv_cache_bytes_per_token, load_config
+    from .info import count_parameters, describe, kv_cache_bytes_per_token
+    from .presets import load_config
 
     config = load_config(args.model)
     if args.json:
