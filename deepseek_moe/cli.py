@@ -304,7 +304,7 @@ def _add_finetune(subparsers: argparse._SubParsersAction) -> None:
         "(never the router); the V3 correction bias stays frozen unless --update-bias.",
     )
     flag = parser.add_argument
-    flag("model", help="saved model directory or Hub id (a preset name builds a random model)")
+    flag("model", help="saved model directory (a preset name builds a random model)")
     flag("--data", nargs="+", required=True, help="JSONL/JSON/CSV/parquet/text files or a saved dataset directory")
     flag("--eval-data", nargs="+", help="evaluation files")
     flag("--tokenizer", help="tokenizer directory or Hub name (default: the model's)")
