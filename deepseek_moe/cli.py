@@ -13,7 +13,8 @@ from .dtypes import DTYPE_NAMES
 
 
 def _info(args: argparse.Namespace) -> int:
-    from .info import count_parameters, describe, kv_cache_bytes_per_token, load_config
+    from .info import count_parameters, describe, kv_cache_bytes_per_token
+    from .presets import load_config
 
     config = load_config(args.model)
     if args.json:
@@ -319,7 +320,7 @@ def _add_finetune(subparsers: argparse._SubParsersAction) -> None:
         "(never the router); the V3 correction bias stays frozen unless --update-bias.",
     )
     flag = parser.add_argument
-    flag("model", help="saved model directory or Hub id (a preset name builds a random model)")
+    flag("model", help="saved model directory (a preset name builds a random model)")
     flag("--data", nargs="+", required=True, help="JSONL/JSON/CSV/parquet/text files or a saved dataset directory")
     flag("--eval-data", nargs="+", help="evaluation files")
     flag("--tokenizer", help="tokenizer directory or Hub name (default: the model's)")

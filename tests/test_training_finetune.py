@@ -153,3 +153,26 @@ def test_lora_keeps_bias_frozen_by_default(base_and_data, tmp_path) -> None:
     biases = [key for key in base if key.endswith("e_score_correction_bias")]
     assert biases and all(torch.equal(trained[k], base[k]) for k in biases)
     assert Path(result.model_path, "adapter_config.json").exists()
+
+
+def test_full_finetune_on_text_moves_bias_and_saves_a_model(base_and_data, tmp_path) -> None:
+    root = base_and_data
+    (tmp_path / "notes.txt").write_text("\n\n".join(QUESTIONS + ANSWERS) + "\n")
+    args = FinetuneArguments(
+        model=str(root / "base"),
+        data=[str(tmp_path / "notes.txt")],
+        method="full",
+        per_device_train_batch_size=4,
+        max_steps=3,
+        learning_rate=1e-3,
+        save_steps=1000,
+        output_dir=str(tmp_path / "run"),
+    )
+    result = finetune(args)
+    saved = DeepseekMoeForCausalLM.from_pretrained(result.model_path).state_dict()
+    base = DeepseekMoeForCausalLM.from_pretrained(root / "base").state_dict()
+    biases = [key for key in base if key.endswith("e_score_correction_bias")]
+    assert biases and all(not torch.equal(saved[k], base[k]) for k in biases)  # full fine-tuning: config's speed
+    assert not torch.equal(
+        saved["model.layers.1.mlp.experts.gate_up_proj"], base["model.layers.1.mlp.experts.gate_up_proj"]
+    )

@@ -55,10 +55,13 @@ def _final_state(result) -> dict[str, torch.Tensor]:
     return load_file(str(Path(result.model_path) / "model.safetensors"))
 
 
-def test_resume_from_mid_run_checkpoint_is_exact(corpus, tmp_path) -> None:
+@pytest.mark.parametrize("streaming", [False, True])
+def test_resume_from_mid_run_checkpoint_is_exact(corpus, tmp_path, streaming: bool) -> None:
     """A run stopped after step 3 (checkpoint at step 2) and re-run ends bit-identical to the uninterrupted run; a
-    half-written checkpoint left by a killed save is ignored and removed."""
-    uninterrupted = train(_args(corpus, tmp_path / "a", save_every=2, eval_holdout_rows=4, eval_every=2))
+    half-written checkpoint left by a killed save is ignored and removed. Streaming data resumes by skipping the
+    rows already consumed."""
+    options = {"streaming": True} if streaming else {"eval_holdout_rows": 4, "eval_every": 2}
+    uninterrupted = train(_args(corpus, tmp_path / "a", save_every=2, **options))
     assert len(uninterrupted.losses) == 4 and uninterrupted.losses[-1] < uninterrupted.losses[0]
 
     class Stop(Exception):
@@ -68,7 +71,7 @@ def test_resume_from_mid_run_checkpoint_is_exact(corpus, tmp_path) -> None:
         if record.step == 3:
             raise Stop
 
-    args = _args(corpus, tmp_path / "b", save_every=2, eval_holdout_rows=4, eval_every=2)
+    args = _args(corpus, tmp_path / "b", save_every=2, **options)
     with pytest.raises(Stop):
         train(args, on_step=stop_at_3)
     checkpoints = tmp_path / "b" / "checkpoints"
@@ -132,8 +135,8 @@ def test_config_file_and_overrides(tmp_path) -> None:
     [
         (["--data", "MISSING.txt"], "data file not found"),
         (["--config-overrides", '{"vocab_size": 200}'], "tokenizer has 259 tokens but the model's vocab_size is 200"),
-        (["--ep-size", "3"], "does not divide the model's 16 routed experts"),
-        (["--ep-size", "2"], "does not divide the number of processes (1)"),
+        (["--ep-size", "3"], "ep_size=3 does not divide the 16 routed experts"),
+        (["--ep-size", "2"], "ep_size=2 does not divide the world size 1"),
         (["--seq-length", "200000"], "exceeds the model's max_position_embeddings 163840"),
         (["--global-batch-size", "3", "--micro-batch-size", "2"], "not divisible by processes (1)"),
     ],
@@ -154,14 +157,16 @@ COMMON_FLAGS += ["--global-batch-size", "4", "--max-steps", "3", "--warmup-steps
 COMMON_FLAGS += ["--bias-update-speed", "0.01", "--no-progress", "--no-tensorboard"]
 
 
-def _assert_two_processes_match_one(corpus: str, tmp_path: Path, launch: list[str], env: dict, flags: list[str]):
-    """Run `train` with `flags` in one process and through `launch` in two; the same global batches (each process
-    takes 2 of the 4 micro-batches, or shares them in an expert/tensor-parallel group) must give the same losses
-    (1e-5), the identical bias and the same final weights."""
+def _assert_two_processes_match_one(
+    corpus: str, tmp_path: Path, launch: list[str], env: dict, flags: list[str], layout: list[str] = ()
+):
+    """Run `train` with `flags` in one process and through `launch` in two (with the parallel `layout` flags); the
+    same global batches (each process takes 2 of the 4 micro-batches, or shares them in an expert/tensor-parallel
+    group) must give the same losses (1e-5), the identical bias and the same final weights."""
     common = [*COMMON_FLAGS, "--data", corpus, *flags]
     single = train(load_train_arguments(None, **_flags_to_settings([*common, "--output-dir", str(tmp_path / "one")])))
     completed = subprocess.run(
-        [*launch, "-m", "deepseek_moe.cli", "train", *common, "--output-dir", str(tmp_path / "two")],
+        [*launch, "-m", "deepseek_moe.cli", "train", *common, *layout, "--output-dir", str(tmp_path / "two")],
         env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **env},
         capture_output=True,
         text=True,
@@ -206,9 +211,8 @@ def test_two_processes_match_one(corpus, tmp_path, sync_each_batch: bool) -> Non
 def test_parallel_layouts_match_one_process(corpus, tmp_path, layout: list[str]) -> None:
     """`torchrun --nproc_per_node 2 -m deepseek_moe.cli train --fsdp [--ep-size 2] / --tp-size 2 --ep-size 2` (the
     distributed engine through deepseek_moe.training.parallel; gloo, one thread each): as one process."""
-    pytest.importorskip("deepseek_moe.training.parallel")
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _free_port()]
-    _assert_two_processes_match_one(corpus, tmp_path, launch, {}, layout)
+    _assert_two_processes_match_one(corpus, tmp_path, launch, {}, [], layout)
 
 
 def _free_port() -> str:
@@ -228,7 +232,6 @@ def _flags_to_settings(flags: list[str]) -> dict:
 def test_parallel_resume_is_exact(corpus, tmp_path) -> None:
     """FSDP2 + EP(2) with a checkpoint at step 2 (torch's distributed checkpoint of the sharded model and optimizer):
     re-running after the run's end resumes from it and ends bit-identical."""
-    pytest.importorskip("deepseek_moe.training.parallel")
     flags = [*COMMON_FLAGS, "--data", corpus, "--max-steps", "4", "--save-every", "2", "--fsdp", "--ep-size", "2"]
     flags += ["--output-dir", str(tmp_path)]
 

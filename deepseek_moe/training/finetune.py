@@ -39,7 +39,7 @@ class FinetuneArguments:
     defaults, and `trainer_overrides` passes any of them through."""
 
     model: str = ""
-    """A saved model directory (or Hub id); a preset name builds a random model (for trying the pipeline)."""
+    """A saved model directory; a preset name builds a random model (for trying the pipeline)."""
     data: list[str] = field(default_factory=list)
     eval_data: list[str] = field(default_factory=list)
     tokenizer: str | None = None
@@ -325,10 +325,10 @@ def _load_model(name: str, config, seed: int):
         return DeepseekMoeForCausalLM.from_pretrained(str(Path(name).expanduser()), dtype=torch.float32)
     from ..presets import PRESETS
 
-    if name in PRESETS:
-        set_seed(seed)
-        return DeepseekMoeForCausalLM(config)
-    return DeepseekMoeForCausalLM.from_pretrained(name, dtype=torch.float32)
+    if name not in PRESETS:
+        raise ValueError(f"{name} has a config but no weights; fine-tuning needs a saved model or a preset")
+    set_seed(seed)
+    return DeepseekMoeForCausalLM(config)
 
 
 # --------------------------------------------------------------------------------------------------------- merge

@@ -35,8 +35,6 @@ from typing import Any
 
 import torch
 
-from ..presets import PRESETS
-
 # DeepSeek-V3 (reference §3b/§3c): λ = 0.3 for the first 10T of 14.8T tokens, γ = 0.001 until 14.3T, then 0.
 MTP_SWITCH_FRACTION = 10.0 / 14.8
 BIAS_UPDATE_STOP_FRACTION = 14.3 / 14.8
@@ -177,10 +175,11 @@ class StepRecord:
     """One optimizer step, as given to `train(on_step=...)` and logged.
 
     `loss` is the optimised objective (LM + λ·MTP + balance losses) over the global batch; `lm_loss` its
-    cross-entropy part; `mtp_loss` the unweighted MTP loss; `aux_loss` the balance losses (0 for aux-free V3 with
-    no sequence-wise loss). `expert_load` maps each router (module name) to its [E] routed-token counts this step,
-    over all processes (`update_expert_bias`'s counts without the dropped column); `load_cv` is the mean over layers
-    of their coefficient of variation (`layer_cv`: per router; std/mean of the counts, 0 = balanced).
+    cross-entropy part (mean over the label tokens); `mtp_loss` the unweighted MTP loss (mean over depths of each
+    depth's cross-entropy sum divided by the same label-token count); `aux_loss` the balance losses (0 for aux-free
+    V3 with no sequence-wise loss). `expert_load` maps each router (module name) to its [E] routed-token counts this
+    step, over all processes (`update_expert_bias`'s counts without the dropped column); `load_cv` is the mean over
+    layers of their coefficient of variation (`layer_cv`: per router; std/mean of the counts, 0 = balanced).
     """
 
     step: int
@@ -238,18 +237,6 @@ def resolve_batch(args: TrainArguments, world_size: int) -> tuple[int, int]:
     return args.global_batch_size, accumulation
 
 
-def check_parallel_sizes(config, args: TrainArguments, world_size: int) -> None:
-    if args.ep_size > 1:
-        if config.n_routed_experts % args.ep_size:
-            raise ValueError(
-                f"--ep-size {args.ep_size} does not divide the model's {config.n_routed_experts} routed experts"
-            )
-        if world_size % args.ep_size:
-            raise ValueError(f"--ep-size {args.ep_size} does not divide the number of processes ({world_size})")
-    if args.tp_size > 1 and world_size % args.tp_size:
-        raise ValueError(f"--tp-size {args.tp_size} does not divide the number of processes ({world_size})")
-
-
 def check_model_fits(config, tokenizer, seq_length: int) -> None:
     if seq_length > config.max_position_embeddings:
         raise ValueError(
@@ -270,19 +257,11 @@ def _is_pretrained_dir(path: Path) -> bool:
 
 
 def load_config(model: str, overrides: dict[str, Any]):
-    """The config of a preset, a config.json (or a directory holding one)."""
-    from ..model import DeepseekMoeConfig
+    """The config of a preset, a config.json or a model directory (`presets.load_config`), with `overrides` set."""
+    from ..presets import load_config as read_config
 
-    if model in PRESETS:
-        return DeepseekMoeConfig.from_preset(model, **overrides)
-    path = Path(model).expanduser()
-    if path.is_dir():
-        path = path / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"model {model!r} is neither a preset ({', '.join(PRESETS)}) nor a config or directory")
-    config = DeepseekMoeConfig.from_json_file(str(path))
-    for key, value in overrides.items():
-        setattr(config, key, value)
+    config = read_config(model)
+    config.update(overrides)
     return config
 
 
@@ -616,7 +595,12 @@ def train(
 def _tensorboard_available() -> bool:
     from accelerate.utils import is_tensorboard_available
 
-    return is_tensorboard_available()
+    if is_tensorboard_available():
+        return True
+    from transformers.utils import logging
+
+    logging.get_logger(__name__).warning("no TensorBoard logs: tensorboard is not installed (pip install tensorboard)")
+    return False
 
 
 def _reset_accelerate_state() -> None:
@@ -646,13 +630,9 @@ def _train(accelerator, args: TrainArguments, model, tokenizer, on_step) -> Trai
     if args.eval_data:
         check_data_paths(args.eval_data)
     config = model.config if model is not None else load_config(args.model, args.config_overrides)
-    check_parallel_sizes(config, args, world)
-    if engine:
-        try:
-            from .parallel import data_parallel_layout, distributed_config, prepare_model_for_parallelism
-        except ImportError as error:
-            raise ValueError(f"--fsdp, --ep-size and --tp-size need deepseek_moe.training.parallel: {error}") from error
-        distributed_config(config, fsdp=args.fsdp, ep_size=args.ep_size, tp_size=args.tp_size)  # validates sizes
+    from .parallel import data_parallel_layout, distributed_config, prepare_model_for_parallelism
+
+    distributed_config(config, fsdp=args.fsdp, ep_size=args.ep_size, tp_size=args.tp_size)  # validates the sizes
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(args.tokenizer, args.model)
     check_model_fits(config, tokenizer, args.seq_length)
     fp8_training = None
