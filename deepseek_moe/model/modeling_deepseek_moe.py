@@ -8,10 +8,9 @@ back to the per-expert layout on disk (see `register_checkpoint_conversion_mappi
 This file and its siblings are also the remote code of uploaded models: imports of siblings are single-dot.
 """
 
-from __future__ import annotations
-
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +21,6 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import ConversionOps, WeightConverter
-from transformers.generation import GenerationMixin
 from transformers.integrations import use_experts_implementation
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
@@ -38,6 +36,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from .configuration_deepseek_moe import DeepseekMoeConfig
 from .mla_kernels import mla_decode_triton, triton_decode_available
 from .moe_kernels import IMPLEMENTATION_NAME, kernels_default
+from .speculative import MtpGenerationMixin
 
 
 class DeepseekMoeRMSNorm(nn.Module):
@@ -212,6 +211,24 @@ class DeepseekMoeAttention(nn.Module):
         return self.o_proj(attn_output), attn_weights
 
 
+@contextmanager
+def loaded_weights(module: nn.Module) -> Iterator[None]:
+    """Holds an offloaded module's weights in place while code outside its `forward` reads them.
+
+    accelerate's offloading hooks (`device_map` with "cpu"/"disk") load a module's weights only for its own forward
+    and put meta tensors back after it; this runs the module's hook around the block instead. Nothing keeps the
+    weights afterwards, so they stay owned (and offloaded) by their module. Without a hook it does nothing."""
+    hook = getattr(module, "_hf_hook", None)
+    if hook is None:
+        yield
+        return
+    hook.pre_forward(module)
+    try:
+        yield
+    finally:
+        hook.post_forward(module, None)
+
+
 class DeepseekMoeLatentAttention(nn.Module):
     """Multi-head latent attention (DeepSeek-V2/V3).
 
@@ -297,7 +314,8 @@ class DeepseekMoeLatentAttention(nn.Module):
         dropout = 0.0 if not self.training else self.attention_dropout
         mode = kwargs.pop("mla_attention_mode", None) or self.config.mla_attention_mode
         if self.use_absorbed(mode, seq_length, c_kv.shape[2]):
-            attn_output, attn_weights = self.absorbed_attention(q_nope, q_pe, c_kv, k_pe, attention_mask, dropout)
+            with loaded_weights(self.kv_b_proj):  # absorbed attention reads W_UK and W_UV directly
+                attn_output, attn_weights = self.absorbed_attention(q_nope, q_pe, c_kv, k_pe, attention_mask, dropout)
         else:
             attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
                 self.config._attn_implementation, eager_attention_forward
@@ -842,7 +860,7 @@ class DeepseekMoeModel(DeepseekMoePreTrainedModel):
         return MoeModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache)
 
 
-class DeepseekMoeForCausalLM(DeepseekMoePreTrainedModel, GenerationMixin):
+class DeepseekMoeForCausalLM(DeepseekMoePreTrainedModel, MtpGenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
     _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
@@ -946,33 +964,6 @@ class DeepseekMoeForCausalLM(DeepseekMoePreTrainedModel, GenerationMixin):
                 state_dict[prefix + "embed_tokens.weight"] = state_dict["model.embed_tokens.weight"].clone()
                 state_dict[prefix + "shared_head.head.weight"] = state_dict["lm_head.weight"].clone()
         super().save_pretrained(save_directory, is_main_process=is_main_process, state_dict=state_dict, **kwargs)
-
-    def generate(self, inputs: torch.Tensor | None = None, *args, use_mtp: bool = False, **kwargs):
-        """`generate(..., use_mtp=True)` decodes greedily with the MTP modules drafting tokens (self-speculative
-        decoding; same tokens as plain greedy). Returns the sequences, or with `return_dict_in_generate=True` an
-        `MtpGenerateOutput` that also carries the draft acceptance rate. Other calls are transformers' `generate`."""
-        if not use_mtp:
-            return super().generate(inputs, *args, **kwargs)
-        from .speculative import mtp_greedy_generate
-
-        if args:
-            raise ValueError("generate(use_mtp=True) takes keyword arguments only")
-        generation_config = kwargs.pop("generation_config", None) or self.generation_config
-        options = {
-            "max_new_tokens": kwargs.pop("max_new_tokens", generation_config.max_new_tokens) or 20,
-            "eos_token_id": kwargs.pop("eos_token_id", generation_config.eos_token_id),
-            "pad_token_id": kwargs.pop("pad_token_id", generation_config.pad_token_id),
-            "num_draft_tokens": kwargs.pop("num_draft_tokens", None),
-        }
-        input_ids = kwargs.pop("input_ids", inputs)
-        attention_mask = kwargs.pop("attention_mask", None)
-        return_dict = kwargs.pop("return_dict_in_generate", False)
-        if kwargs.pop("do_sample", False) or generation_config.do_sample:
-            raise ValueError("generate(use_mtp=True) supports greedy decoding only (do_sample=False)")
-        if kwargs:
-            raise ValueError(f"generate(use_mtp=True) does not support {sorted(kwargs)}")
-        output = mtp_greedy_generate(self, input_ids, attention_mask, **options)
-        return output if return_dict else output.sequences
 
     def mtp_hidden_states(
         self,
