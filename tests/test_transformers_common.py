@@ -1,7 +1,8 @@
 """transformers' own common model tests (ModelTesterMixin, TrainingTesterMixin, ConfigTester) on our classes.
 
 The mixins come from the transformers sdist of the installed version (`scripts/fetch_transformers_tests.py`, run by
-`scripts/test.sh`); generation tests are not in the sdist and are covered by our own generation tests.
+`scripts/test.sh`); `GenerationTesterMixin` is not in the sdist (our own generation tests cover generate), but the
+mixins' tests that iterate over `all_generative_model_classes` (e.g. `test_moe_models_record_router_logits`) run here.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ class DeepseekMoeModelTester:
 
 class DeepseekMoeCommonTest(ModelTesterMixin, TrainingTesterMixin, unittest.TestCase):
     all_model_classes = (DeepseekMoeModel, DeepseekMoeForCausalLM, DeepseekMoeForSequenceClassification)
-    all_generative_model_classes = ()  # GenerationTesterMixin is not in the sdist
+    all_generative_model_classes = (DeepseekMoeForCausalLM,)  # GenerationTesterMixin itself is not in the sdist
     test_all_params_have_gradient = False  # experts no token picked get no gradient
 
     def setUp(self) -> None:
@@ -87,6 +88,13 @@ class DeepseekMoeCommonTest(ModelTesterMixin, TrainingTesterMixin, unittest.Test
 
     def test_config(self) -> None:
         self.config_tester.run_common_tests()
+
+    @unittest.skip(
+        "asks for GenerationTesterMixin, which the sdist does not ship (scripts/fetch_transformers_tests.py stubs it "
+        "empty); generate is tested by tests/test_generation.py and tests/test_mtp.py"
+    )
+    def test_generation_tester_mixin_inheritance(self) -> None:
+        pass
 
     def test_reverse_loading_mapping(self) -> None:
         """The mixin requires every source pattern to reappear on save; the FP8 `weight_scale_inv` companions exist

@@ -21,6 +21,7 @@ Model-code sibling (imported by the modeling file), so it only depends on torch 
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -67,7 +68,7 @@ class DraftStatistics:
         self.draft_steps += other.draft_steps
         self.plain_steps += other.plain_steps
         self.emitted += other.emitted
-        self.decisions += [f"{label}: {decision}" for decision in other.decisions]
+        self.decisions += [label + decision for decision in other.decisions]
 
 
 class AdaptiveDrafting:
@@ -75,10 +76,13 @@ class AdaptiveDrafting:
 
     Speeds are means over the last `WINDOW` steps of each kind. Before any plain step was run, the plain step's time is
     estimated as the draft step's time minus its drafting (the verify pass, an over-estimate: verifying D + 1 tokens
-    costs at least a one-token step). The first decision comes after `PROBE_STEPS` draft steps; a pause lasts
-    `FIRST_PAUSE` plain steps and doubles (up to `MAX_PAUSE`) after every probe that still does not pay."""
+    costs at least a one-token step). The first decision comes after `FIRST_STEPS` draft steps; a pause lasts
+    `FIRST_PAUSE` plain steps, then one draft step probes (with the steps before it in the window) and the pause
+    doubles (up to `MAX_PAUSE`) after every probe that still does not pay. A draft step after a pause also runs the
+    MTP modules over the positions passed while paused (one batched pass per depth), and is timed with them."""
 
-    PROBE_STEPS = 2
+    FIRST_STEPS = 2
+    PROBE_STEPS = 1
     WINDOW = 8
     FIRST_PAUSE = 16
     MAX_PAUSE = 512
@@ -87,6 +91,7 @@ class AdaptiveDrafting:
         self.enabled = enabled
         self.drafting = True
         self.steps_in_mode = 0
+        self.steps_before_decision = self.FIRST_STEPS
         self.pause = self.FIRST_PAUSE
         self.draft_steps: deque[tuple[int, float]] = deque(maxlen=self.WINDOW)  # (tokens, seconds)
         self.verify_seconds: deque[float] = deque(maxlen=self.WINDOW)
@@ -101,31 +106,31 @@ class AdaptiveDrafting:
             self.plain_seconds.append(seconds)
 
     def speeds(self) -> tuple[float, float]:
-        """Tokens per second of a draft step and of a plain step."""
-        tokens = sum(t for t, _ in self.draft_steps)
-        draft = tokens / max(sum(s for _, s in self.draft_steps), 1e-9)
-        plain_times = self.plain_seconds or self.verify_seconds
-        plain = len(plain_times) / max(sum(plain_times), 1e-9)
+        """Tokens per second of a draft step and of a plain step: mean tokens over median seconds (a busy machine
+        stalls single steps now and then; medians ignore those)."""
+        tokens = sum(t for t, _ in self.draft_steps) / len(self.draft_steps)
+        draft = tokens / max(statistics.median(s for _, s in self.draft_steps), 1e-9)
+        plain = 1 / max(statistics.median(self.plain_seconds or self.verify_seconds), 1e-9)
         return draft, plain
 
     def decide(self, position: int) -> tuple[bool, str | None]:
         """Whether to draft this step, and a line saying why when the decision changes."""
         if not self.enabled:
             return True, None
-        if self.drafting and self.steps_in_mode >= self.PROBE_STEPS:
+        if self.drafting and self.steps_in_mode >= self.steps_before_decision:
             draft, plain = self.speeds()
-            tokens_per_step = sum(t for t, _ in self.draft_steps) / len(self.draft_steps)
             if draft < plain:
                 self.drafting, self.steps_in_mode = False, 0
                 return False, (
-                    f"pause at length {position}: {tokens_per_step:.2f} tokens per draft step, "
+                    f"pause at length {position}: "
                     f"{draft:.0f} tok/s drafting < {plain:.0f} tok/s plain; probe again after {self.pause} steps"
                 )
-            self.pause = self.FIRST_PAUSE
+            if self.steps_before_decision == self.PROBE_STEPS:  # the first decision after a probe
+                self.pause, self.steps_before_decision = self.FIRST_PAUSE, 0
+                return True, f"drafting resumes at length {position}: {draft:.0f} tok/s drafting >= {plain:.0f} plain"
         elif not self.drafting and self.steps_in_mode >= self.pause:
-            self.drafting, self.steps_in_mode = True, 0
+            self.drafting, self.steps_in_mode, self.steps_before_decision = True, 0, self.PROBE_STEPS
             self.pause = min(2 * self.pause, self.MAX_PAUSE)
-            self.draft_steps.clear()
             return True, f"probe at length {position}"
         return self.drafting, None
 
@@ -147,10 +152,11 @@ class MtpCandidateGenerator(CandidateGenerator):
     predicts the token k + 1 steps ahead; the last position of each depth drafts one token.
 
     Each depth keeps its own cache over the positions whose inputs are all real (verified) tokens; drafted positions
-    are recomputed next step. The main model's final hidden states h^0 arrive through `output_hidden_states=-1`."""
+    are recomputed next step. The main model's final hidden states h^0 are read by a forward hook on its final norm
+    (cheaper than `output_hidden_states`, which records every layer); `close` removes the hook."""
 
     requires_model_outputs = True
-    model_kwargs_overrides = {"output_hidden_states": -1}
+    model_kwargs_overrides: dict = {}
 
     def __init__(
         self,
@@ -173,9 +179,17 @@ class MtpCandidateGenerator(CandidateGenerator):
         self.schedule = AdaptiveDrafting(adaptive)
         self.statistics = DraftStatistics()
         self.step_start: float | None = None
-        self.step_drafted = "plain"  # how the running step was made: "plain", "timed" draft, "catching up" draft
+        self.step_drafted = False
         self.step_drafting_seconds = 0.0
         self.step_tokens = 0
+        self.last_hidden: torch.Tensor | None = None
+        self.hook = model.model.norm.register_forward_hook(self.keep_last_hidden)
+
+    def keep_last_hidden(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+        self.last_hidden = output
+
+    def close(self) -> None:
+        self.hook.remove()
 
     def get_candidates(
         self,
@@ -189,12 +203,11 @@ class MtpCandidateGenerator(CandidateGenerator):
         now = time.perf_counter()
         if is_first_iteration:  # the main model's prefill comes first: drafts need its hidden states
             return input_ids, None
-        if self.step_start is not None and self.step_drafted != "catching up":
-            drafted = self.step_drafted == "timed"
-            self.schedule.record(drafted, self.step_tokens, now - self.step_start, self.step_drafting_seconds)
-        self.step_start, self.step_drafted, self.step_drafting_seconds = now, "plain", 0.0
+        if self.step_start is not None:
+            self.schedule.record(self.step_drafted, self.step_tokens, now - self.step_start, self.step_drafting_seconds)
+        self.step_start, self.step_drafted, self.step_drafting_seconds = now, False, 0.0
 
-        hidden = model_outputs.hidden_states[-1]  # the prefill's positions, else [t_n, accepted drafts, rejected ones]
+        hidden = self.last_hidden  # the prefill's positions, else [t_n, accepted drafts, rejected ones]
         if self.main_hidden is None:
             self.main_hidden = hidden
         else:
@@ -208,8 +221,7 @@ class MtpCandidateGenerator(CandidateGenerator):
             self.statistics.decisions.append(decision)
         if not draft or depths < 1:
             return input_ids, None
-        # A step that first catches up on positions passed while paused (or the prompt) is not a typical step: untimed.
-        self.step_drafted = "timed" if input_ids.shape[1] - 1 - self.processed[0] <= depths + 1 else "catching up"
+        self.step_drafted = True
         candidate_ids, candidate_logits = self.draft(input_ids, model_kwargs.get("attention_mask"), depths)
         self.step_drafting_seconds = time.perf_counter() - now
         return candidate_ids, candidate_logits
@@ -289,18 +301,22 @@ class MtpGenerationMixin(GenerationMixin):
             raise ValueError(
                 f"use_mtp needs 1 <= num_draft_tokens <= num_nextn_predict_layers={depth}, got {num_draft_tokens}"
             )
-        self._mtp_options = {"num_draft_tokens": num_draft_tokens, "adaptive": adaptive, "statistics": []}
+        self._mtp_options = {"num_draft_tokens": num_draft_tokens, "adaptive": adaptive, "generators": []}
         try:
             input_ids = kwargs.get("input_ids", inputs)
             if input_ids is not None and input_ids.shape[0] > 1:
                 output = self._generate_rows(input_ids, args, kwargs)
             else:
                 output = super().generate(inputs, *args, **kwargs)
-            statistics = DraftStatistics()
-            for row, row_statistics in enumerate(self._mtp_options["statistics"]):
-                statistics.merge(row_statistics, f"row {row}" if input_ids is not None and len(input_ids) > 1 else "")
         finally:
+            generators = self._mtp_options["generators"]
+            for generator in generators:
+                generator.close()
             del self._mtp_options
+        statistics = DraftStatistics()
+        for row, generator in enumerate(generators):
+            label = f"row {row}: " if len(generators) > 1 else ""
+            statistics.merge(generator.statistics, label)
         if not isinstance(output, GenerateDecoderOnlyOutput):
             return output
         steps = statistics.draft_steps + statistics.plain_steps
@@ -312,7 +328,7 @@ class MtpGenerationMixin(GenerationMixin):
             draft_steps=statistics.draft_steps,
             plain_steps=statistics.plain_steps,
             tokens_per_step=statistics.emitted / steps if steps else 0.0,
-            mtp_decisions=[d.removeprefix(": ") for d in statistics.decisions],
+            mtp_decisions=statistics.decisions,
         )
 
     def _generate_rows(self, input_ids: torch.LongTensor, args: tuple, kwargs: dict):
@@ -363,5 +379,5 @@ class MtpGenerationMixin(GenerationMixin):
             num_draft_tokens=options["num_draft_tokens"],
             adaptive=options["adaptive"],
         )
-        options["statistics"].append(generator.statistics)
+        options["generators"].append(generator)
         return generator
