@@ -8,10 +8,14 @@ back to the per-expert layout on disk (see `register_checkpoint_conversion_mappi
 This file and its siblings are also the remote code of uploaded models: imports of siblings are single-dot.
 """
 
+import json
 import math
+import os
+import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -782,6 +786,28 @@ class DeepseekMoePreTrainedModel(PreTrainedModel):
             requested_experts = IMPLEMENTATION_NAME
         return super().get_correct_experts_implementation(requested_experts)
 
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, *args, official_format: bool = False, **kwargs
+    ) -> None:
+        """Saves a folder that loads without this package.
+
+        By default: `model_type` `deepseek_moe` with `auto_map` and the model code beside the weights, so
+        `trust_remote_code=True` loads it on a machine without the package. With `official_format=True`: DeepSeek's
+        own config.json (`official_config`) and no code of ours, for transformers' built-ins, vLLM and SGLang."""
+        if not official_format:
+            self.config.auto_map = dict(AUTO_MAP)
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if not kwargs.get("is_main_process", True):
+            return
+        directory = Path(save_directory)
+        if official_format:
+            temporary = directory / "config.json.tmp"
+            temporary.write_text(json.dumps(official_config(self.config), indent=2, sort_keys=True) + "\n")
+            os.replace(temporary, directory / "config.json")
+        else:
+            for path in remote_code_files():
+                shutil.copyfile(path, directory / path.name)
+
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         std = self.config.initializer_range
@@ -1031,6 +1057,57 @@ class DeepseekMoeForCausalLM(DeepseekMoePreTrainedModel, MtpGenerationMixin):
 
 class DeepseekMoeForSequenceClassification(GenericForSequenceClassification, DeepseekMoePreTrainedModel):
     pass
+
+
+# ------------------------------------------------------------------------------------------- saved folders
+
+# Where transformers' Auto classes find this code in a saved folder (the files of `remote_code_files`).
+AUTO_MAP = {
+    "AutoConfig": "configuration_deepseek_moe.DeepseekMoeConfig",
+    "AutoModel": "modeling_deepseek_moe.DeepseekMoeModel",
+    "AutoModelForCausalLM": "modeling_deepseek_moe.DeepseekMoeForCausalLM",
+    "AutoModelForSequenceClassification": "modeling_deepseek_moe.DeepseekMoeForSequenceClassification",
+}
+# DeepSeekMoE-16B has no transformers built-in: its releases point at DeepSeek's own remote code (not shipped here).
+DEEPSEEK_16B_AUTO_MAP = {
+    "AutoConfig": "configuration_deepseek.DeepseekConfig",
+    "AutoModel": "modeling_deepseek.DeepseekModel",
+    "AutoModelForCausalLM": "modeling_deepseek.DeepseekForCausalLM",
+}
+
+
+def remote_code_files() -> list[Path]:
+    """The modules of this folder (a package `__init__` excepted), which a saved folder carries flat beside its
+    weights; also right when this file itself runs as remote code from transformers' module cache."""
+    return sorted(path for path in Path(__file__).resolve().parent.glob("*.py") if path.name != "__init__.py")
+
+
+def official_family(config: DeepseekMoeConfig) -> tuple[str, str]:
+    """DeepSeek's `model_type` and architecture for this config: multi-head attention is DeepSeekMoE-16B, MLA with
+    auxiliary-loss-free routing (`noaux_tc`) is V3, other MLA models are V2 / V2-Lite."""
+    if not config.use_mla:
+        return "deepseek", "DeepseekForCausalLM"
+    if config.topk_method == "noaux_tc":
+        return "deepseek_v3", "DeepseekV3ForCausalLM"
+    return "deepseek_v2", "DeepseekV2ForCausalLM"
+
+
+def official_config(config: DeepseekMoeConfig) -> dict:
+    """config.json as DeepSeek's releases write it: their `model_type` and `architectures`, RoPE as `rope_theta` +
+    `rope_scaling` (None without scaling), none of our derived keys (`head_dim`, `rope_interleave`), and for 16B
+    DeepSeek's `auto_map`. Our training options stay (other loaders ignore unknown keys; ours reads them back)."""
+    values = config.to_dict()
+    for key in ("head_dim", "rope_interleave", "auto_map", "architectures", "rope_parameters"):
+        values.pop(key, None)
+    rope = dict(config.rope_parameters)
+    values["rope_theta"] = rope.pop("rope_theta")
+    rope_type = rope.pop("rope_type", "default")
+    values["rope_scaling"] = {"type": rope_type, **rope} if rope_type != "default" else None
+    model_type, architecture = official_family(config)
+    values.update(model_type=model_type, architectures=[architecture])
+    if model_type == "deepseek":
+        values["auto_map"] = dict(DEEPSEEK_16B_AUTO_MAP)
+    return values
 
 
 # -------------------------------------------------------------------------------------------- checkpoint layout
