@@ -40,8 +40,9 @@ def hub() -> Iterator[FakeHub]:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> tuple[Path, torch.Tensor]:
-    """A sharded tiny V3 (with an MTP layer) as a training run leaves it, and its logits on PROMPT."""
+def model_dir(tmp_path_factory) -> tuple[Path, torch.Tensor, dict[str, bytes]]:
+    """A sharded tiny V3 (with an MTP layer) as a training run leaves it, its logits on PROMPT and its files' bytes
+    (`save_pretrained` already writes `auto_map` and the model code)."""
     directory = tmp_path_factory.mktemp("model")
     model = randomize_(DeepseekMoeForCausalLM(DeepseekMoeConfig.from_preset("tiny-v3"))).eval()
     model.save_pretrained(directory, max_shard_size="200KB")
@@ -51,7 +52,7 @@ def model_dir(tmp_path_factory) -> tuple[Path, torch.Tensor]:
     (directory / "conversion.json").write_text(json.dumps({"source": "deepseek-ai/DeepSeek-V3", "dtype": "float32"}))
     with torch.no_grad():
         logits = model(torch.tensor(PROMPT)).logits
-    return directory, logits
+    return directory, logits, {path.name: path.read_bytes() for path in directory.iterdir()}
 
 
 def client_env(hub: FakeHub, home: Path, token: str | None = None) -> dict[str, str]:
@@ -130,8 +131,7 @@ def test_upload_publishes_weights_remote_code_and_card(hub, model_dir, uploaded)
         name.endswith(".safetensors") for name in before_last
     )
     # The user's folder is untouched.
-    assert not (directory / "README.md").exists() and not list(directory.glob("*.py"))
-    assert "auto_map" not in json.loads((directory / "config.json").read_text())
+    assert {path.name: path.read_bytes() for path in directory.iterdir()} == model_dir[2]
 
 
 def test_uploaded_model_loads_where_the_package_is_not_installed(hub, model_dir, uploaded, tmp_path) -> None:
