@@ -10,11 +10,10 @@ import sys
 
 import pytest
 import torch
-from conftest import randomize_
+from conftest import REMOTE_CODE_LOGITS, randomize_
 from transformers import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 
 from deepseek_moe import DeepseekMoeConfig, DeepseekMoeForCausalLM
-from deepseek_moe.hub import HIDE_PACKAGE
 from deepseek_moe.remote_code import AUTO_MAP, remote_code_files
 
 PROMPT = [[3, 14, 15, 92, 65, 35, 89, 79]]
@@ -80,16 +79,16 @@ def test_saved_folder_loads_as_remote_code_without_the_package(tmp_path):
     saved = json.loads((tmp_path / "model" / "config.json").read_text())
     assert saved["auto_map"] == AUTO_MAP
     assert sorted(p.name for p in (tmp_path / "model").glob("*.py")) == [p.name for p in remote_code_files()]
-    script = HIDE_PACKAGE + (
-        "import torch\n"
-        "from transformers import AutoModelForCausalLM\n"
-        "model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()\n"
-        "with torch.no_grad():\n"
-        "    torch.save(model(torch.tensor(eval(sys.argv[2]))).logits, sys.argv[3])\n"
-        "print(type(model).__module__)\n"
-    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    command = [sys.executable, "-I", "-c", script, str(tmp_path / "model"), repr(PROMPT), str(tmp_path / "logits.pt")]
+    command = [
+        sys.executable,
+        "-I",
+        "-c",
+        REMOTE_CODE_LOGITS,
+        str(tmp_path / "model"),
+        repr(PROMPT),
+        str(tmp_path / "logits.pt"),
+    ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().startswith("transformers_modules.")

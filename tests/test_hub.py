@@ -17,14 +17,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize_
+from conftest import REMOTE_CODE_LOGITS, randomize_
 from hub_server import FakeHub
 from huggingface_hub import constants
 
 from deepseek_moe import DeepseekMoeConfig, DeepseekMoeForCausalLM
 from deepseek_moe import hub as hub_module
 from deepseek_moe.cli import main
-from deepseek_moe.hub import HIDE_PACKAGE
 from deepseek_moe.remote_code import AUTO_MAP, remote_code_files
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,16 +134,8 @@ def test_upload_publishes_weights_remote_code_and_card(hub, model_dir, uploaded)
 
 
 def test_uploaded_model_loads_where_the_package_is_not_installed(hub, model_dir, uploaded, tmp_path) -> None:
-    script = HIDE_PACKAGE + (
-        "import torch\n"
-        "from transformers import AutoModelForCausalLM\n"
-        "model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()\n"
-        "with torch.no_grad():\n"
-        "    torch.save(model(torch.tensor(eval(sys.argv[2]))).logits, sys.argv[3])\n"
-        "print(type(model).__module__)\n"
-    )
     env = client_env(hub, tmp_path / "hf_home", hub.token)
-    command = [sys.executable, "-I", "-c", script, REPO, repr(PROMPT), str(tmp_path / "logits.pt")]
+    command = [sys.executable, "-I", "-c", REMOTE_CODE_LOGITS, REPO, repr(PROMPT), str(tmp_path / "logits.pt")]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().startswith("transformers_modules.")
