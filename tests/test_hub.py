@@ -295,3 +295,15 @@ def test_lora_adapter_uploads_with_a_peft_card(hub_in_process, model_dir, monkey
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= files.keys()
     card = files["README.md"].decode()
     assert "library_name: peft" in card and f"base_model: {REPO}" in card and "PeftModel.from_pretrained" in card
+
+
+def test_card_uses_the_tokenizer_saved_beside_the_model(tmp_path) -> None:
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    config = DeepseekMoeConfig.from_preset("tiny-v3")
+    without = hub_module.model_card(tmp_path, REPO, config, "deepseek-ai/DeepSeek-V3", None, None)
+    assert "has no tokenizer: prompt it with the tokenizer of [deepseek-ai/DeepSeek-V3]" in without
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE())).save_pretrained(tmp_path)
+    card = hub_module.model_card(tmp_path, REPO, config, None, None, None)
+    assert f'AutoTokenizer.from_pretrained("{REPO}")' in card and "has no tokenizer" not in card
