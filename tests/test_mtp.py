@@ -282,3 +282,40 @@ def test_mtp_loss_weight_schedule_follows_the_paper(tmp_path):
     )  # fmt: skip
     Trainer(model=model, args=args, train_dataset=data, callbacks=[Record(switch_at=0.5)]).train()
     assert seen == [0.3, 0.3, 0.1, 0.1]
+
+
+def test_drafts_equal_the_mtp_chain_recomputed_without_cache(monkeypatch):
+    """Each step's drafts must be what the MTP chain gives over the whole verified sequence, recomputed from scratch:
+    depth k reads h^{k-1} and the embedding k tokens ahead at every position, then drafts from the last one. Checked
+    through pauses (an untrained model pauses, and each probe catches the MTP caches up on the skipped positions)."""
+    from deepseek_moe.model import speculative
+
+    model = _model(depth=2, seed=6).eval()
+    recorded = []
+    draft = speculative.MtpCandidateGenerator.draft
+
+    def recording_draft(self, input_ids, attention_mask, depths):
+        candidates, logits = draft(self, input_ids, attention_mask, depths)
+        recorded.append((input_ids, candidates[:, input_ids.shape[1] :]))
+        return candidates, logits
+
+    monkeypatch.setattr(speculative.MtpCandidateGenerator, "draft", recording_draft)
+    out = model.generate(
+        torch.tensor([[3, 1, 4, 1, 5]]),
+        max_new_tokens=40,
+        use_mtp=True,
+        eos_token_id=None,
+        return_dict_in_generate=True,
+    )
+    assert any(d.startswith("probe") for d in out.mtp_decisions) and len(recorded) >= 3
+    with torch.no_grad():
+        for input_ids, drafts in recorded:
+            n = input_ids.shape[1] - 1
+            positions = torch.arange(n)[None]
+            previous, known = model.model(input_ids[:, :n]).last_hidden_state, input_ids
+            for k in (1, 2):
+                embeds = model.model.embed_tokens(known[:, k : n + k])
+                previous = model.mtp_hidden_states(k, previous, embeds, torch.ones_like(positions), positions)
+                token = model.mtp_logits(k, previous[:, -1]).argmax(-1, keepdim=True)
+                known = torch.cat([known, token], 1)
+            assert torch.equal(known[:, n + 1 :], drafts)

@@ -147,6 +147,32 @@ def _crop_layer(cache: Cache, index: int, length: int) -> None:
             cache.layers[index].crop(-extra)
 
 
+class PositionBuffer:
+    """Hidden states of the positions [start, end), written at the end and dropped from the front, so a long
+    generation does not copy its whole history every step."""
+
+    def __init__(self) -> None:
+        self.start = 0
+        self.states: torch.Tensor | None = None
+
+    def write(self, position: int, states: torch.Tensor) -> None:
+        """Replaces the positions from `position` on with `states`."""
+        kept = None if self.states is None else self.states[:, : position - self.start]
+        self.states = states if kept is None or kept.shape[1] == 0 else torch.cat([kept, states], 1)
+        self.start = position - (0 if kept is None else kept.shape[1])
+
+    def read(self, begin: int, end: int) -> torch.Tensor:
+        return self.states[:, begin - self.start : end - self.start]
+
+    def drop_before(self, position: int) -> None:
+        self.states = self.states[:, position - self.start :]
+        self.start = position
+
+    @property
+    def end(self) -> int:
+        return self.start + (0 if self.states is None else self.states.shape[1])
+
+
 class MtpCandidateGenerator(CandidateGenerator):
     """Drafts with the MTP chain: depth k turns h^{k-1} and the embedding of the token k steps ahead into h^k and
     predicts the token k + 1 steps ahead; the last position of each depth drafts one token.
@@ -173,8 +199,8 @@ class MtpCandidateGenerator(CandidateGenerator):
         self.do_sample = do_sample
         self.logits_processor = logits_processor
         self.cache = DynamicCache()
-        self.main_hidden: torch.Tensor | None = None  # h^0 of positions 0..n-1
-        self.mtp_hidden: list[torch.Tensor] = []  # h^k of positions 0..processed[k]-1
+        self.main_hidden = PositionBuffer()  # h^0 up to position n-1, from the first one depth 1 has not processed
+        self.mtp_hidden = [PositionBuffer() for _ in range(num_draft_tokens)]  # h^k, from where depth k+1 resumes
         self.processed = [0] * num_draft_tokens
         self.schedule = AdaptiveDrafting(adaptive)
         self.statistics = DraftStatistics()
@@ -208,11 +234,10 @@ class MtpCandidateGenerator(CandidateGenerator):
         self.step_start, self.step_drafted, self.step_drafting_seconds = now, False, 0.0
 
         hidden = self.last_hidden  # the prefill's positions, else [t_n, accepted drafts, rejected ones]
-        if self.main_hidden is None:
-            self.main_hidden = hidden
-        else:
-            self.main_hidden = torch.cat([self.main_hidden, hidden[:, : n_last_matches + 1]], 1)
-        if self.main_hidden.shape[1] != input_ids.shape[1] - 1:
+        if self.main_hidden.states is not None:
+            hidden = hidden[:, : n_last_matches + 1]
+        self.main_hidden.write(self.main_hidden.end, hidden)
+        if self.main_hidden.end != input_ids.shape[1] - 1:
             raise RuntimeError("MTP drafting lost track of the main model's positions (chunked prefill?)")
 
         depths = min(self.depths, self.max_length - input_ids.shape[1] - 1)
@@ -240,15 +265,15 @@ class MtpCandidateGenerator(CandidateGenerator):
             _crop_layer(self.cache, model.config.num_hidden_layers + k - 1, start)
             hidden_k = model.mtp_hidden_states(
                 k,
-                previous[:, start:n],
+                previous.read(start, n),
                 embed(known[:, start + k : n + k]),
                 mask[:, :n],
                 positions[:, start:n],
                 cache=self.cache,
             )
-            if len(self.mtp_hidden) < k:
-                self.mtp_hidden.append(hidden_k[:, :0])
-            self.mtp_hidden[k - 1] = previous = torch.cat([self.mtp_hidden[k - 1][:, :start], hidden_k], 1)
+            previous.drop_before(n - k + 1)  # depth k resumes there next step; nothing reads h^{k-1} before it
+            previous = self.mtp_hidden[k - 1]
+            previous.write(start, hidden_k)
             self.processed[k - 1] = n - k + 1  # position i used t_{i+k}, real only while i + k <= n
             next_logits = model.mtp_logits(k, hidden_k[:, -1]).float()
             if self.logits_processor:
