@@ -7,13 +7,19 @@ every arm once per prompt, arms alternating, so load on a shared machine hits th
 rounds. Greedy MTP outputs must equal plain greedy outputs.
 
     OMP_NUM_THREADS=1 python benchmarks/mtp_speculative.py --steps 300 --depth 1
+
+`--baseline-loop FILE` adds an arm running `mtp_greedy_generate` from an older `speculative.py` (the hand-written
+greedy loop this package had before MTP went through transformers' assisted generation) on the same model:
+`git show 7acead3:deepseek_moe/model/speculative.py > /tmp/old_speculative.py`.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import platform
 import statistics
+import sys
 import sysconfig
 import time
 from pathlib import Path
@@ -63,6 +69,20 @@ def run_arms(arms: dict, prompts: list[torch.Tensor], rounds: int, new_tokens: i
     return {name: statistics.median(times) for name, times in seconds.items()}
 
 
+class BaselineLoop:
+    """`generate`-like access to an older file's `mtp_greedy_generate`, so it runs as one more arm."""
+
+    def __init__(self, path: str, model: DeepseekMoeForCausalLM) -> None:
+        spec = importlib.util.spec_from_file_location("old_speculative", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # its dataclasses look their module up
+        spec.loader.exec_module(module)
+        self.loop, self.model = module.mtp_greedy_generate, model
+
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int, eos_token_id=None, **options):
+        return self.loop(self.model, prompt, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
@@ -70,6 +90,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--baseline-loop", metavar="FILE", help="an older speculative.py to time as one more arm")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -91,6 +112,10 @@ def main() -> None:
     arms = {
         "trained greedy plain": (model, {"do_sample": False}),
         "trained greedy MTP": (model, {"do_sample": False, "use_mtp": True}),
+    }
+    if args.baseline_loop:
+        arms["trained greedy MTP (older loop)"] = (BaselineLoop(args.baseline_loop, model), {})
+    arms |= {
         "trained sampling plain": (model, sample),
         "trained sampling MTP": (model, {**sample, "use_mtp": True}),
         "untrained greedy plain": (untrained, {"do_sample": False}),
@@ -104,8 +129,9 @@ def main() -> None:
                  for m in (model, untrained)}  # fmt: skip
         for name in stats:
             model_, options = arms[name]
+            model_ = model_.model if isinstance(model_, BaselineLoop) else model_
             torch.manual_seed(0)
-            out = model_.generate(
+            out = arms[name][0].generate(
                 prompt, max_new_tokens=args.new_tokens, eos_token_id=None, return_dict_in_generate=True, **options
             )
             if "greedy" in name:
@@ -113,8 +139,8 @@ def main() -> None:
             counts = stats[name]
             counts[0] += out.accepted_tokens
             counts[1] += out.drafted_tokens
-            counts[2] += out.draft_steps
-            counts[3] += out.plain_steps
+            counts[2] += getattr(out, "draft_steps", None) or 0  # the older loop drafts at every step
+            counts[3] += getattr(out, "plain_steps", None) or 0
     timings = run_arms(arms, prompts, args.rounds, args.new_tokens)
 
     tokens = args.prompts * args.new_tokens
