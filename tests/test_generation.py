@@ -83,3 +83,16 @@ def test_generation_with_half_the_layers_offloaded_to_disk_equals_in_memory(tmp_
     prompt = torch.tensor([[5, 3, 8, 1, 9, 2]])
     options = {"max_new_tokens": 6, "do_sample": False, "eos_token_id": None, "mla_attention_mode": mode}
     assert torch.equal(offloaded.generate(prompt, **options), model.generate(prompt, **options))
+
+
+def test_generation_with_max_memory_offloading_equals_in_memory(tmp_path):
+    config = DeepseekMoeConfig.from_preset("tiny-v3", num_nextn_predict_layers=0)
+    model = randomize_(DeepseekMoeForCausalLM(config), seed=6).eval()
+    model.save_pretrained(tmp_path / "model")
+    offloaded = DeepseekMoeForCausalLM.from_pretrained(
+        tmp_path / "model", device_map="auto", max_memory={"cpu": "200KB"}, offload_folder=str(tmp_path / "offload")
+    ).eval()
+    assert "disk" in offloaded.hf_device_map.values()
+    prompt = torch.tensor([[5, 3, 8, 1, 9, 2]])
+    options = {"max_new_tokens": 6, "do_sample": False, "eos_token_id": None}
+    assert torch.equal(offloaded.generate(prompt, **options), model.generate(prompt, **options))
