@@ -6,10 +6,13 @@ the last known one, the main model verifies them in one forward pass, and transf
 accepts them (greedy: the longest prefix equal to the main model's choices; sampling: speculative sampling, which
 keeps the main model's distribution). Logits processors, stopping criteria and streamers are transformers' own.
 
-transformers' `MTPCandidateGenerator` cannot serve this model: it reads `num_mtp_layers` from the config, rebuilds
-the MTP layers with its own layer class and reloads their weights from the checkpoint named by `name_or_path`; ours
-are DeepSeek's modules (embedding first in `eh_proj`, a MoE block, `shared_head.norm`) already in memory. So the
-draft chain here is a `CandidateGenerator` that runs `DeepseekMoeForCausalLM.mtp_hidden_states` / `mtp_logits`.
+transformers' `MTPCandidateGenerator` cannot serve this model (why `GenerationMixin.generate(use_mtp=True)` fails
+for it): it reads `num_mtp_layers` from the config ("Could not find `num_mtp_layers`"; our config, like DeepSeek's,
+says `num_nextn_predict_layers`), and given that, it rebuilds the MTP layers as its own `MtpLayer` around the class of
+`layers[-1]` and reloads their weights from the checkpoint files named by `name_or_path` (an `AttributeError` for a
+model built in memory). Ours are DeepSeek's modules (embedding first in `eh_proj`, a MoE block, `shared_head.norm`),
+already loaded with the model. So the draft chain here is a `CandidateGenerator` of our own that runs
+`DeepseekMoeForCausalLM.mtp_hidden_states` / `mtp_logits`, plugged in through `_get_candidate_generator`.
 
 Drafting adapts: a draft step pays only if it emits more tokens per second than a plain step. The generator measures
 both (the plain step from the verify pass, and from real plain steps once paused), pauses drafting when drafts do not
