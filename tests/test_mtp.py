@@ -152,6 +152,8 @@ def test_use_mtp_needs_mtp_modules_and_a_valid_draft_length():
         _model(depth=0).generate(torch.tensor([[1, 2]]), use_mtp=True)
     with pytest.raises(ValueError, match="num_draft_tokens"):
         _model(depth=1).generate(torch.tensor([[1, 2]]), use_mtp=True, num_draft_tokens=2)
+    with pytest.raises(ValueError, match="beam search"):
+        _model(depth=1).generate(torch.tensor([[1, 2]]), use_mtp=True, num_beams=2)
 
 
 class _Collect(BaseStreamer):

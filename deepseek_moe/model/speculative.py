@@ -323,6 +323,8 @@ class MtpGenerationMixin(GenerationMixin):
             raise ValueError(
                 "use_mtp needs multi-token prediction modules, and this model has none (num_nextn_predict_layers=0)"
             )
+        if (kwargs.get("num_beams") or generation_config.num_beams or 1) > 1:
+            raise ValueError("use_mtp drafts for greedy decoding and sampling; beam search (num_beams > 1) takes none")
         if num_draft_tokens is None:
             num_draft_tokens = min(kwargs.get("num_assistant_tokens") or depth, depth)
         if not 1 <= num_draft_tokens <= depth:
