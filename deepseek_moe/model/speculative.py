@@ -78,12 +78,12 @@ class AdaptiveDrafting:
     """When to draft: while a draft step emits tokens at least as fast as a plain step would.
 
     Drafting pauses when it is slower than `MARGIN` times the plain speed. Speeds are over the last `WINDOW` steps
-    of each kind. Before any plain step was run, the plain step's time is
-    estimated as the draft step's time minus its drafting (the verify pass, an over-estimate: verifying D + 1 tokens
-    costs at least a one-token step). The first decision comes after `FIRST_STEPS` draft steps; a pause lasts
-    `FIRST_PAUSE` plain steps, then one draft step probes (with the steps before it in the window) and the pause
-    doubles (up to `MAX_PAUSE`) after every probe that still does not pay. A draft step after a pause also runs the
-    MTP modules over the positions passed while paused (one batched pass per depth), and is timed with them."""
+    of each kind. Before any plain step was run, the plain step's time is estimated as the draft step's time minus
+    its drafting (the verify pass, an over-estimate: verifying D + 1 tokens costs at least a one-token step). The
+    first decision comes after `FIRST_STEPS` draft steps; a pause lasts `FIRST_PAUSE` plain steps, then one draft
+    step probes (with the steps before it in the window) and the pause doubles (up to `MAX_PAUSE`) after every probe
+    that still does not pay. A draft step after a pause also runs the MTP modules over the positions passed while
+    paused (one batched pass per depth), and is timed with them."""
 
     FIRST_STEPS = 3
     PROBE_STEPS = 1
