@@ -14,10 +14,10 @@ model built in memory). Ours are DeepSeek's modules (embedding first in `eh_proj
 already loaded with the model. So the draft chain here is a `CandidateGenerator` of our own that runs
 `DeepseekMoeForCausalLM.mtp_hidden_states` / `mtp_logits`, plugged in through `_get_candidate_generator`.
 
-Drafting adapts: a draft step pays only if it emits more tokens per second than a plain step. The generator measures
-both (the plain step from the verify pass, and from real plain steps once paused), pauses drafting when drafts do not
-pay, and probes again after a pause that doubles after every failed probe. The acceptance rate and every decision are
-reported on the output of `generate(..., return_dict_in_generate=True)`.
+Drafting adapts: a draft step pays only if it emits more tokens than it costs in plain steps (its time over the time of
+its own verify pass). The generator measures both, pauses drafting when drafts do not pay, and probes again after a
+pause that doubles after every failed probe. The acceptance rate and every decision are reported on the output of
+`generate(..., return_dict_in_generate=True)`.
 
 Model-code sibling (imported by the modeling file), so it only depends on torch and transformers.
 """
@@ -75,21 +75,21 @@ class DraftStatistics:
 
 
 class AdaptiveDrafting:
-    """When to draft: while a draft step emits tokens at least as fast as a plain step would.
+    """When to draft: while a draft step emits more tokens than it costs, in units of its own verify pass.
 
-    Drafting pauses when it is slower than `MARGIN` times the plain speed. Speeds are over the last `WINDOW` steps
-    of each kind. Before any plain step was run, the plain step's time is estimated as the draft step's time minus
-    its drafting (the verify pass, an over-estimate: verifying D + 1 tokens costs at least a one-token step). The
-    first decision comes after `FIRST_STEPS` draft steps; a pause lasts `FIRST_PAUSE` plain steps, then one draft
-    step probes (with the steps before it in the window) and the pause doubles (up to `MAX_PAUSE`) after every probe
-    that still does not pay. A draft step after a pause also runs the MTP modules over the positions passed while
-    paused (one batched pass per depth), and is timed with them."""
+    A draft step costs its drafting plus one main-model pass over D + 1 tokens; a plain step costs one pass over one
+    token, which the verify pass of the same step stands in for (timed at the same moment, so a busy machine's
+    changing load cancels out; it is an over-estimate, so borderline drafts are kept rather than dropped). Drafting
+    pays while the mean tokens per draft step is at least the median of (step time / verify time) over the last
+    `WINDOW` draft steps. The first decision comes after `FIRST_STEPS` draft steps; a pause lasts `FIRST_PAUSE` plain
+    steps, then one draft step probes (judged with the draft steps before it) and the pause doubles (up to
+    `MAX_PAUSE`) after every probe that still does not pay. A probe also runs the MTP modules over the positions
+    passed while paused (one batched pass per depth), and is timed with them."""
 
-    FIRST_STEPS = 3
+    FIRST_STEPS = 2
     PROBE_STEPS = 1
-    MARGIN = 0.95  # pause only when drafting is clearly slower: single steps on a busy machine are noisy
     WINDOW = 8
-    FIRST_PAUSE = 16
+    FIRST_PAUSE = 32
     MAX_PAUSE = 512
 
     def __init__(self, enabled: bool) -> None:
@@ -98,41 +98,29 @@ class AdaptiveDrafting:
         self.steps_in_mode = 0
         self.steps_before_decision = self.FIRST_STEPS
         self.pause = self.FIRST_PAUSE
-        self.draft_steps: deque[tuple[int, float]] = deque(maxlen=self.WINDOW)  # (tokens, seconds)
-        self.verify_seconds: deque[float] = deque(maxlen=self.WINDOW)
-        self.plain_seconds: deque[float] = deque(maxlen=self.WINDOW)
+        self.draft_steps: deque[tuple[int, float]] = deque(maxlen=self.WINDOW)  # (tokens, step time / verify time)
 
     def record(self, drafted: bool, tokens: int, seconds: float, drafting_seconds: float) -> None:
         self.steps_in_mode += 1
         if drafted:
-            self.draft_steps.append((tokens, seconds))
-            self.verify_seconds.append(seconds - drafting_seconds)
-        else:
-            self.plain_seconds.append(seconds)
-
-    def speeds(self) -> tuple[float, float]:
-        """Tokens per second of a draft step and of a plain step: mean tokens over median seconds (a busy machine
-        stalls single steps now and then; medians ignore those)."""
-        tokens = sum(t for t, _ in self.draft_steps) / len(self.draft_steps)
-        draft = tokens / max(statistics.median(s for _, s in self.draft_steps), 1e-9)
-        plain = 1 / max(statistics.median(self.plain_seconds or self.verify_seconds), 1e-9)
-        return draft, plain
+            self.draft_steps.append((tokens, seconds / max(seconds - drafting_seconds, 1e-9)))
 
     def decide(self, position: int) -> tuple[bool, str | None]:
         """Whether to draft this step, and a line saying why when the decision changes."""
         if not self.enabled:
             return True, None
         if self.drafting and self.steps_in_mode >= self.steps_before_decision:
-            draft, plain = self.speeds()
-            if draft < self.MARGIN * plain:
+            tokens = sum(t for t, _ in self.draft_steps) / len(self.draft_steps)
+            cost = statistics.median(c for _, c in self.draft_steps)
+            if tokens < cost:
                 self.drafting, self.steps_in_mode = False, 0
                 return False, (
-                    f"pause at length {position}: "
-                    f"{draft:.0f} tok/s drafting < {plain:.0f} tok/s plain; probe again after {self.pause} steps"
+                    f"pause at length {position}: {tokens:.2f} tokens per draft step < its cost of {cost:.2f} "
+                    f"plain steps; probe again after {self.pause} steps"
                 )
             if self.steps_before_decision == self.PROBE_STEPS:  # the first decision after a probe
                 self.pause, self.steps_before_decision = self.FIRST_PAUSE, 0
-                return True, f"drafting resumes at length {position}: {draft:.0f} tok/s drafting >= {plain:.0f} plain"
+                return True, f"drafting resumes at length {position}: {tokens:.2f} tokens per draft step >= {cost:.2f}"
         elif not self.drafting and self.steps_in_mode >= self.pause:
             self.drafting, self.steps_in_mode, self.steps_before_decision = True, 0, self.PROBE_STEPS
             self.pause = min(2 * self.pause, self.MAX_PAUSE)
