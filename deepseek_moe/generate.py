@@ -51,13 +51,10 @@ def resolve_source(model: str) -> str:
 
 
 def check_shards(folder: Path) -> None:
-    """Every safetensors file in `folder` holds all the bytes its header promises (a copy cut short names itself)."""
+    """Every safetensors file in `folder` has a sound header and all the bytes it promises (the converter's header
+    reader checks both and names the file, e.g. a copy cut short)."""
     for shard in sorted(folder.glob("*.safetensors")):
-        tensors = read_header(shard).values()
-        needed = max((info.offset + info.nbytes for info in tensors), default=0)
-        size = shard.stat().st_size
-        if size < needed:
-            raise ValueError(f"{shard} is truncated: {size} bytes, its header describes {needed}")
+        read_header(shard)
 
 
 def load_tokenizer(source: str, revision: str | None = None):
