@@ -83,8 +83,8 @@ class AdaptiveDrafting:
     pays while the mean tokens per draft step is at least the median of (step time / verify time) over the last
     `WINDOW` draft steps. The first decision comes after `FIRST_STEPS` draft steps; a pause lasts `FIRST_PAUSE` plain
     steps, then one draft step probes (judged with the draft steps before it) and the pause doubles (up to
-    `MAX_PAUSE`) after every probe that still does not pay. A probe also runs the MTP modules over the positions
-    passed while paused (one batched pass per depth), and is timed with them."""
+    `MAX_PAUSE`) after every probe that still does not pay. A draft step that first runs the MTP modules over the
+    prompt or the positions passed while paused (one batched pass per depth) is not judged: it is not typical."""
 
     FIRST_STEPS = 2
     PROBE_STEPS = 1
@@ -222,7 +222,7 @@ class MtpCandidateGenerator(CandidateGenerator):
         now = time.perf_counter()
         if is_first_iteration:  # the main model's prefill comes first: drafts need its hidden states
             return input_ids, None
-        if self.step_start is not None:
+        if self.step_start is not None and self.step_drafted != "catching up":
             self.schedule.record(self.step_drafted, self.step_tokens, now - self.step_start, self.step_drafting_seconds)
         self.step_start, self.step_drafted, self.step_drafting_seconds = now, False, 0.0
 
@@ -239,7 +239,8 @@ class MtpCandidateGenerator(CandidateGenerator):
             self.statistics.decisions.append(decision)
         if not draft or depths < 1:
             return input_ids, None
-        self.step_drafted = True
+        # A step that first runs the MTP modules over the prompt or the positions passed while paused is not timed.
+        self.step_drafted = "catching up" if input_ids.shape[1] - 1 - self.processed[0] > depths + 1 else True
         candidate_ids, candidate_logits = self.draft(input_ids, model_kwargs.get("attention_mask"), depths)
         self.step_drafting_seconds = time.perf_counter() - now
         return candidate_ids, candidate_logits
