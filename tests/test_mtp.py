@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randomize_
+from conftest import randomize_, tiny_model
 from safetensors.torch import load_file
 from transformers.generation.streamers import BaseStreamer
 
@@ -13,8 +13,7 @@ from deepseek_moe import DeepseekMoeConfig, DeepseekMoeForCausalLM
 
 
 def _model(depth: int, seed: int = 0, **overrides) -> DeepseekMoeForCausalLM:
-    config = DeepseekMoeConfig.from_preset("tiny-v3", num_nextn_predict_layers=depth, **overrides)
-    return randomize_(DeepseekMoeForCausalLM(config), seed=seed)
+    return tiny_model("tiny-v3", seed=seed, num_nextn_predict_layers=depth, **overrides)
 
 
 def _block(layer, x: torch.Tensor, model: DeepseekMoeForCausalLM) -> torch.Tensor:
@@ -23,7 +22,7 @@ def _block(layer, x: torch.Tensor, model: DeepseekMoeForCausalLM) -> torch.Tenso
     cos_sin = model.model.rotary_emb(x, torch.arange(seq)[None])
     causal = torch.full((seq, seq), float("-inf")).triu(1)[None, None]
     h = x + layer.self_attn(layer.input_layernorm(x), position_embeddings=cos_sin, attention_mask=causal)[0]
-    return h + layer.mlp(layer.post_attention_layernorm(h))
+    return h + layer.mlp(layer.post_attention_layernorm(h))[0]
 
 
 def test_mtp_loss_equals_hand_computation_for_two_depths():
@@ -47,8 +46,8 @@ def test_mtp_loss_equals_hand_computation_for_two_depths():
         losses.append(F.cross_entropy(logits[:, : seq - k - 1].reshape(-1, config.vocab_size), targets.reshape(-1)))
     expected_mtp = torch.stack(losses).mean()
     main = F.cross_entropy(out.logits[:, :-1].reshape(-1, config.vocab_size), labels[:, 1:].reshape(-1))
-    assert torch.allclose(out.mtp_loss, expected_mtp, rtol=1e-5)
-    assert torch.allclose(out.loss, main + config.mtp_loss_weight * expected_mtp, rtol=1e-5)
+    assert out.mtp_loss.item() == pytest.approx(expected_mtp.item(), rel=1e-5)
+    assert out.loss.item() == pytest.approx((main + config.mtp_loss_weight * expected_mtp).item(), rel=1e-5)
 
 
 def test_gradients_reach_every_mtp_parameter():
@@ -317,7 +316,9 @@ def test_drafts_equal_the_mtp_chain_recomputed_without_cache(monkeypatch):
             previous, known = model.model(input_ids[:, :n]).last_hidden_state, input_ids
             for k in (1, 2):
                 embeds = model.model.embed_tokens(known[:, k : n + k])
-                previous = model.mtp_hidden_states(k, previous, embeds, torch.ones_like(positions), positions)
-                token = model.mtp_logits(k, previous[:, -1]).argmax(-1, keepdim=True)
+                previous, head_input = model.mtp_hidden_states(
+                    k, previous, embeds, torch.ones_like(positions), positions
+                )
+                token = model.lm_head(head_input[:, -1]).argmax(-1, keepdim=True)
                 known = torch.cat([known, token], 1)
             assert torch.equal(known[:, n + 1 :], drafts)

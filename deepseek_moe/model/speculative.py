@@ -257,7 +257,7 @@ class MtpCandidateGenerator(CandidateGenerator):
         for k in range(1, depths + 1):
             start = self.processed[k - 1]
             _crop_layer(self.cache, model.config.num_hidden_layers + k - 1, start)
-            hidden_k = model.mtp_hidden_states(
+            hidden_k, head_input = model.mtp_hidden_states(
                 k,
                 previous.read(start, n),
                 embed(known[:, start + k : n + k]),
@@ -269,7 +269,7 @@ class MtpCandidateGenerator(CandidateGenerator):
             previous = self.mtp_hidden[k - 1]
             previous.write(start, hidden_k)
             self.processed[k - 1] = n - k + 1  # position i used t_{i+k}, real only while i + k <= n
-            next_logits = model.mtp_logits(k, hidden_k[:, -1]).float()
+            next_logits = model.lm_head(head_input[:, -1]).float()
             if self.logits_processor:
                 next_logits = self.logits_processor(known, next_logits)
             if self.do_sample:
