@@ -26,7 +26,8 @@ from safetensors import safe_open
 
 from ..dtypes import torch_dtype
 from ..model.configuration_deepseek_moe import DeepseekMoeConfig
-from ..model.modeling_deepseek_moe import FP8_BLOCK, DeepseekMoeForCausalLM, dequantize_fp8_blockwise
+from ..model.modeling_deepseek_moe import DeepseekMoeForCausalLM
+from ..model.quantization_deepseek_moe import FP8_BLOCK, dequantize_fp8_blockwise
 from ..remote_code import AUTO_MAP, CONVERSION_RECORD, remote_code_files
 from .layouts import (
     INDEX_FILE,

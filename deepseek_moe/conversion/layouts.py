@@ -21,7 +21,8 @@ from transformers.core_model_loading import revert_weight_conversion
 from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
 from ..model.configuration_deepseek_moe import DeepseekMoeConfig
-from ..model.modeling_deepseek_moe import FP8_BLOCK, DeepseekMoeForCausalLM
+from ..model.modeling_deepseek_moe import DeepseekMoeForCausalLM
+from ..model.quantization_deepseek_moe import FP8_BLOCK
 from .safetensors_io import ConversionError, TensorInfo, read_header, read_tensor
 
 SCALE_SUFFIX = "_scale_inv"

@@ -11,6 +11,8 @@ from typing import Any
 
 from transformers import PreTrainedConfig
 
+from .quantization_deepseek_moe import QUANT_METHOD, DeepseekFp8Config
+
 # Defaults for keys an official config.json may leave out, per original `model_type`.
 # V3 values are also the defaults of a bare `DeepseekMoeConfig()`, as in transformers' built-in V3 config.
 _V3_DEFAULTS: dict[str, Any] = {
@@ -195,7 +197,7 @@ class DeepseekMoeConfig(PreTrainedConfig):
         **kwargs,
     ) -> None:
         explicit = dict(locals())
-        self._drop_fp8_quantization(kwargs)
+        self._fp8_quantization(kwargs)
         # The official model_type decides the defaults of absent keys; ours is always "deepseek_moe".
         original_type = kwargs.pop("model_type", None)
         family = kwargs.pop("_family", None) or original_type or "deepseek_moe"
@@ -269,19 +271,13 @@ class DeepseekMoeConfig(PreTrainedConfig):
         )
 
     @staticmethod
-    def _drop_fp8_quantization(kwargs: dict[str, Any]) -> None:
-        """Official FP8 checkpoints (128×128 block scales) are dequantized while loading by the model's checkpoint
-        conversion, so their `quantization_config` must not reach transformers' own FP8 loader, which mis-handles
-        partial edge blocks on CPU. The loaded model holds plain weights and saves without it."""
+    def _fp8_quantization(kwargs: dict[str, Any]) -> None:
+        """Official FP8 checkpoints (`quant_method: "fp8"`, block scales) load through our own quantizer, which
+        dequantizes partial edge blocks right and into the requested dtype; transformers' "fp8" quantizer stays in
+        charge of every other model. The entry is written back in DeepSeek's form."""
         quantization = kwargs.get("quantization_config")
-        if not isinstance(quantization, dict) or quantization.get("quant_method") != "fp8":
-            return
-        block = list(quantization.get("weight_block_size") or [])
-        if block != [128, 128]:
-            raise ValueError(
-                f"DeepseekMoeConfig.quantization_config: only 128x128 FP8 blocks are supported, got {block or None}"
-            )
-        del kwargs["quantization_config"]
+        if isinstance(quantization, dict) and quantization.get("quant_method") in ("fp8", QUANT_METHOD):
+            kwargs["quantization_config"] = DeepseekFp8Config.from_official(quantization)
 
     @property
     def use_mla(self) -> bool:

@@ -38,6 +38,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from .configuration_deepseek_moe import DeepseekMoeConfig
 from .mla_kernels import mla_decode_triton, triton_decode_available
 from .moe_kernels import IMPLEMENTATION_NAME, kernels_default
+from .quantization_deepseek_moe import SCALE_SUFFIX, block_size, dequantize_fp8_blockwise, target_dtype
 
 
 class DeepseekMoeRMSNorm(nn.Module):
@@ -1044,65 +1045,36 @@ class DeepseekMoeForSequenceClassification(GenericForSequenceClassification, Dee
 
 # -------------------------------------------------------------------------------------------- checkpoint layout
 
-FP8_BLOCK = 128
-
-
-def dequantize_fp8_blockwise(weight: torch.Tensor, scale_inv: torch.Tensor, block: int = FP8_BLOCK) -> torch.Tensor:
-    """W = w_fp8 · s per (block × block) tile; `weight_scale_inv` is the multiplier despite its name.
-
-    The scale grid is ceil(rows/block) × ceil(cols/block): edge tiles are partial (e.g. V3's 576-row
-    `kv_a_proj_with_mqa`), so the expanded grid is cut to the weight's shape rather than inferring the block size.
-    """
-    rows, cols = weight.shape[-2:]
-    expected = (math.ceil(rows / block), math.ceil(cols / block))
-    if tuple(scale_inv.shape[-2:]) != expected:
-        raise ValueError(
-            f"FP8 weight of shape {tuple(weight.shape)} needs a weight_scale_inv grid of {expected} for "
-            f"{block}x{block} blocks, got {tuple(scale_inv.shape)}"
-        )
-    scale = scale_inv.float().repeat_interleave(block, dim=-2)[..., :rows, :]
-    scale = scale.repeat_interleave(block, dim=-1)[..., :cols]
-    return weight.float() * scale
-
-
-def _weights_and_scales(input_dict: dict, patterns: list[str]) -> list[tuple[list, list | None]]:
-    """(weights, scales or None) per weight pattern, in pattern order."""
-    pairs = []
-    for pattern in patterns:
-        weights = input_dict[pattern]
-        weights = weights if isinstance(weights, list) else [weights]
-        scales = input_dict.get(f"{pattern}_scale_inv")
-        pairs.append((weights, scales if scales is None or isinstance(scales, list) else [scales]))
-    return pairs
-
-
-def _dequantized(weights: list[torch.Tensor], scales: list[torch.Tensor] | None) -> list[torch.Tensor]:
-    if scales is None:
-        return weights
-    return [dequantize_fp8_blockwise(w, s) for w, s in zip(weights, scales, strict=True)]
-
-
-class Fp8BlockDequantize(ConversionOps):
-    """Loads a weight, dequantizing it when the checkpoint stores FP8 with a `weight_scale_inv` companion, so
-    official FP8 checkpoints load on any machine. The reverse writes the plain weight and no scale."""
-
-    def convert(self, input_dict: dict, source_patterns: list[str], target_patterns: list[str], **kwargs) -> dict:
-        [(weights, scales)] = _weights_and_scales(input_dict, [p for p in source_patterns if p in input_dict][:1])
-        return {target_patterns[0]: _dequantized(weights, scales)[0]}
-
-    @property
-    def reverse_op(self) -> ConversionOps:
-        return Fp8BlockDequantize()
-
 
 class MergeExperts(ConversionOps):
-    """Per-expert projections (FP8 ones dequantized) → one fused [E, n·rows, cols] tensor: experts stacked on dim 0,
-    projections (gate, up) concatenated on dim 1."""
+    """Per-expert projections → one fused [E, n·rows, cols] tensor: experts stacked on dim 0, projections (gate, up)
+    concatenated on dim 1. Each expert's weight is copied once, straight into its slot and cast on the way; FP8 ones
+    (with a `weight_scale_inv` companion, collected by the FP8 quantizer) are dequantized into it in fp32."""
 
-    def convert(self, input_dict: dict, source_patterns: list[str], target_patterns: list[str], **kwargs) -> dict:
-        weight_patterns = [p for p in source_patterns if not p.endswith("_scale_inv")]
-        stacked = [torch.stack(_dequantized(w, s)) for w, s in _weights_and_scales(input_dict, weight_patterns)]
-        return {target_patterns[0]: torch.cat(stacked, dim=1)}
+    def convert(
+        self,
+        input_dict: dict,
+        source_patterns: list[str],
+        target_patterns: list[str],
+        model: nn.Module | None = None,
+        full_layer_name: str | None = None,
+        config: DeepseekMoeConfig | None = None,
+        **kwargs,
+    ) -> dict:
+        projections = [
+            (input_dict[p], input_dict.get(p + SCALE_SUFFIX)) for p in source_patterns if not p.endswith(SCALE_SUFFIX)
+        ]
+        first = projections[0][0][0]
+        rows, cols = first.shape
+        fused = first.new_empty(
+            (len(projections[0][0]), len(projections) * rows, cols), dtype=target_dtype(model, full_layer_name, first)
+        )
+        for index, (weights, scales) in enumerate(projections):
+            for expert, weight in enumerate(weights):
+                if scales is not None:
+                    weight = dequantize_fp8_blockwise(weight, scales[expert], block_size(config))
+                fused[expert, index * rows : (index + 1) * rows].copy_(weight)
+        return {target_patterns[0]: fused}
 
     @property
     def reverse_op(self) -> ConversionOps:
@@ -1115,9 +1087,8 @@ class SplitExperts(ConversionOps):
     def convert(self, input_dict: dict, source_patterns: list[str], target_patterns: list[str], **kwargs) -> dict:
         fused = next(iter(input_dict.values()))
         fused = fused[0] if isinstance(fused, list) else fused
-        weight_patterns = [p for p in target_patterns if not p.endswith("_scale_inv")]
         output = {}
-        for pattern, projection in zip(weight_patterns, fused.chunk(len(weight_patterns), dim=1), strict=True):
+        for pattern, projection in zip(target_patterns, fused.chunk(len(target_patterns), dim=1), strict=True):
             output.update({pattern.replace("*", str(e)): w.contiguous() for e, w in enumerate(projection.unbind(0))})
         return output
 
@@ -1126,34 +1097,22 @@ class SplitExperts(ConversionOps):
         return MergeExperts()
 
 
-def checkpoint_conversions(fp8_scales: bool = True) -> list[WeightConverter]:
+def checkpoint_conversions() -> list[WeightConverter]:
     """On disk: one tensor per expert (`mlp.experts.{e}.{gate,up,down}_proj.weight`), as DeepSeek, transformers'
-    built-ins, vLLM and SGLang expect; in memory: fused 3D tensors. With `fp8_scales`, each weight pattern also
-    collects its `weight_scale_inv` companion so official FP8 checkpoints load dequantized; the companions exist only
-    on the way in (saving writes plain weights)."""
-
-    def sources(*patterns: str) -> list[str]:
-        return [name for p in patterns for name in ((p, f"{p}_scale_inv") if fp8_scales else (p,))]
-
-    conversions = [
+    built-ins, vLLM and SGLang expect; in memory: fused 3D tensors. FP8 checkpoints add their `weight_scale_inv`
+    companions through the quantizer (quantization_deepseek_moe.py), so plain checkpoints load without that path."""
+    return [
         WeightConverter(
-            source_patterns=sources("mlp.experts.*.gate_proj.weight", "mlp.experts.*.up_proj.weight"),
+            source_patterns=["mlp.experts.*.gate_proj.weight", "mlp.experts.*.up_proj.weight"],
             target_patterns="mlp.experts.gate_up_proj",
             operations=[MergeExperts()],
         ),
         WeightConverter(
-            source_patterns=sources("mlp.experts.*.down_proj.weight"),
+            source_patterns="mlp.experts.*.down_proj.weight",
             target_patterns="mlp.experts.down_proj",
             operations=[MergeExperts()],
         ),
     ]
-    if fp8_scales:
-        conversions.append(
-            WeightConverter(
-                source_patterns=sources("weight"), target_patterns="weight", operations=[Fp8BlockDequantize()]
-            )
-        )
-    return conversions
 
 
 # transformers skips conversions for code outside its own package unless they are registered for the model type.
