@@ -287,6 +287,8 @@ def plan_conversion(
     dropped = [name for name, mtp in zip(weights, is_mtp, strict=True) if mtp]
     kept = [name for name, mtp in zip(weights, is_mtp, strict=True) if not mtp]
     output_config = copy.deepcopy(source_config)
+    if hasattr(output_config, "quantization_config"):  # the FP8 target writes DeepSeek's entry itself
+        del output_config.quantization_config
     if drop_mtp:
         output_config.num_nextn_predict_layers = 0
 
