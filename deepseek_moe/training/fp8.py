@@ -10,8 +10,8 @@ promotion of partial sums; master weights stay in the model's (fp32) parameters.
 norms and the attention core stay in high precision.
 
 On CPU the GEMMs are emulated: quantize → dequantize → fp32 matmul, the same bits a block-scaled FP8 GEMM sees, so the
-emulation is what the tests check against an fp64 reference. A Triton kernel for the block-scaled GEMM is in
-`fp8_kernels.py`.
+emulation is what the tests check against an fp64 reference. On a GPU with FP8 tensor cores the same GEMMs run in
+the Triton block-scaled kernel of `fp8_kernels.py` (tested here under the interpreter only).
 
     model = enable_fp8_training(model, recipe="blockwise", scale_format="ue8m0")
 """
@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+from .fp8_kernels import block_scaled_gemm, triton_gemm_available
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max  # 448
@@ -63,37 +65,53 @@ def fake_quantize(x: torch.Tensor, block: tuple[int, int], scale_format: str) ->
     return dequantize_blocks(*quantize_blocks(x, block, scale_format), block)
 
 
-ACTIVATION_TILE = (1, TILE)  # per token, 128 channels (Fprop input, Dgrad output gradient)
-TOKEN_TILE = (TILE, 1)  # 128 tokens, per channel (both Wgrad operands)
+ACTIVATION_TILE = (1, TILE)  # per token, 128 channels along K
 WEIGHT_BLOCK = (TILE, TILE)
+BACKENDS = ("auto", "emulated", "triton")
+
+
+def scaled_gemm(
+    a: torch.Tensor, b: torch.Tensor, b_block: tuple[int, int], scale_format: str, backend: str = "auto"
+) -> torch.Tensor:
+    """A·Bᵀ in fp32 from E4M3 operands: A in 1×128 tiles along K, B in `b_block` blocks (128×128 for weights,
+    1×128 for token-tiled operands). `auto` takes the Triton kernel on an FP8-capable GPU, else emulates."""
+    use_kernel = backend == "triton" or (backend == "auto" and triton_gemm_available(a))
+    if use_kernel:
+        (a_q, a_scale), (b_q, b_scale) = (
+            quantize_blocks(a, ACTIVATION_TILE, scale_format),
+            quantize_blocks(b, b_block, scale_format),
+        )
+        return block_scaled_gemm(a_q, a_scale, b_q, b_scale, b_rows=b_block[0])
+    return fake_quantize(a, ACTIVATION_TILE, scale_format) @ fake_quantize(b, b_block, scale_format).T
 
 
 class _BlockwiseFp8Linear(torch.autograd.Function):
-    """Y = X·Wᵀ with Fprop, Dgrad and Wgrad on blockwise-quantized E4M3 inputs, fp32 accumulation."""
+    """Y = X·Wᵀ with Fprop, Dgrad and Wgrad on blockwise-quantized E4M3 inputs, fp32 accumulation. Wgrad's K is the
+    token dimension, so both of its operands are tiled along tokens (128×1 tiles of dY and X)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, scale_format: str) -> torch.Tensor:
-        w = fake_quantize(weight, WEIGHT_BLOCK, scale_format)
-        ctx.save_for_backward(x, w)
-        ctx.scale_format, ctx.weight_dtype = scale_format, weight.dtype
-        return (fake_quantize(x, ACTIVATION_TILE, scale_format) @ w.T).to(x.dtype)
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, scale_format: str, backend: str) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.scale_format, ctx.backend = scale_format, backend
+        return scaled_gemm(x, weight, WEIGHT_BLOCK, scale_format, backend).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, w = ctx.saved_tensors
-        scale_format = ctx.scale_format
+        x, weight = ctx.saved_tensors
         grad_x = grad_weight = None
         if ctx.needs_input_grad[0]:
-            grad_x = (fake_quantize(grad_output, ACTIVATION_TILE, scale_format) @ w).to(x.dtype)
+            grad_x = scaled_gemm(grad_output, weight.T, WEIGHT_BLOCK, ctx.scale_format, ctx.backend).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            dy = fake_quantize(grad_output, TOKEN_TILE, scale_format)
-            grad_weight = (dy.T @ fake_quantize(x, TOKEN_TILE, scale_format)).to(ctx.weight_dtype)
-        return grad_x, grad_weight, None
+            grad_weight = scaled_gemm(grad_output.T, x.T, ACTIVATION_TILE, ctx.scale_format, ctx.backend)
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_x, grad_weight, None, None
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_format: str = "fp32") -> torch.Tensor:
+def fp8_linear(
+    x: torch.Tensor, weight: torch.Tensor, scale_format: str = "fp32", backend: str = "auto"
+) -> torch.Tensor:
     """`F.linear(x, weight)` (no bias) with the three GEMMs in blockwise FP8; any leading dims of `x`."""
-    out = _BlockwiseFp8Linear.apply(x.reshape(-1, x.shape[-1]), weight, scale_format)
+    out = _BlockwiseFp8Linear.apply(x.reshape(-1, x.shape[-1]), weight, scale_format, backend)
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -109,12 +127,12 @@ class Fp8BlockwiseLinear(nn.Linear):
 
 
 def fp8_grouped_linear(
-    x: torch.Tensor, weight: torch.Tensor, counts: list[int], scale_format: str = "fp32"
+    x: torch.Tensor, weight: torch.Tensor, counts: list[int], scale_format: str = "fp32", backend: str = "auto"
 ) -> torch.Tensor:
     """Grouped GEMM of rows sorted by group: rows `counts[g]` of `x` times `weight[g]ᵀ` ([G, N, K]), each group in
     blockwise FP8 on its own (activation tiles never straddle two groups). Empty groups cost nothing."""
     outputs = [
-        fp8_linear(rows, w, scale_format)
+        fp8_linear(rows, w, scale_format, backend)
         for rows, w in zip(x.split(counts), weight.unbind(0), strict=True)
         if rows.shape[0]
     ]
