@@ -176,8 +176,9 @@ def test_enable_fp8_training_swaps_linears_and_experts_only():
 
 
 def train_losses(steps: int, fp8: bool, seed: int = 0) -> list[float]:
-    """A tiny V3 (MLA, 8 experts, a dense first layer, MTP) trained with AdamW on a fixed, learnable stream:
-    fp32 master weights; FP8 GEMMs or bf16 autocast."""
+    """A tiny V3 (MLA, 8 experts, a dense first layer) trained with AdamW on a stream with an entropy floor (each
+    token is the previous one plus 1, 2 or 3 at random, so the loss settles near log 3 instead of zero and relative
+    gaps stay meaningful): fp32 master weights; FP8 GEMMs or bf16 autocast, same initialisation and data."""
     torch.manual_seed(seed)
     config = DeepseekMoeConfig.from_preset("tiny-v3", vocab_size=128, num_nextn_predict_layers=0)
     model = DeepseekMoeForCausalLM(config).train()
@@ -185,11 +186,11 @@ def train_losses(steps: int, fp8: bool, seed: int = 0) -> list[float]:
         enable_fp8_training(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     generator = torch.Generator().manual_seed(seed)
-    period = torch.randint(0, config.vocab_size, (8,), generator=generator)
     losses = []
     for _ in range(steps):
-        offsets = torch.randint(0, 8, (4, 1), generator=generator)
-        input_ids = period[(offsets + torch.arange(32)) % 8]
+        steps_between = torch.randint(1, 4, (4, 32), generator=generator)
+        input_ids = torch.randint(0, config.vocab_size, (4, 1), generator=generator) + steps_between.cumsum(1)
+        input_ids = input_ids % config.vocab_size
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not fp8):
             loss = model(input_ids, labels=input_ids).loss
         loss.backward()
@@ -208,12 +209,12 @@ def relative_final_loss_gap(steps: int) -> tuple[float, float, float]:
 
 def test_fp8_training_tracks_bf16_for_30_steps():
     gap, first, final = relative_final_loss_gap(30)
-    assert final < 0.8 * first  # it learns
+    assert final < 0.85 * first  # it learns
     assert gap < 0.01, gap
 
 
 @pytest.mark.slow
 def test_fp8_training_tracks_bf16_for_200_steps():
     gap, first, final = relative_final_loss_gap(200)
-    assert final < 0.5 * first
+    assert final < 0.5 * first and final > math.log(3)  # near the stream's entropy floor, not below it
     assert gap < 0.01, gap
