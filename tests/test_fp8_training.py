@@ -218,3 +218,27 @@ def test_fp8_training_tracks_bf16_for_200_steps():
     gap, first, final = relative_final_loss_gap(200)
     assert final < 0.5 * first and final > math.log(3)  # near the stream's entropy floor, not below it
     assert gap < 0.01, gap
+
+
+def test_accelerate_fp8_mixed_precision_trains_our_model_on_cpu():
+    """Accelerate's FP8 route (torchao float8 on the `nn.Linear` layers; it does not touch the 3D experts) works
+    with our model as it is."""
+    pytest.importorskip("torchao")
+    from accelerate import Accelerator
+
+    torch.manual_seed(0)
+    config = DeepseekMoeConfig.from_preset("tiny-v3", hidden_size=64, num_nextn_predict_layers=0)
+    accelerator = Accelerator(mixed_precision="fp8", cpu=True)
+    model = DeepseekMoeForCausalLM(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    assert any(type(m).__name__ == "Float8Linear" for m in model.modules())
+    input_ids = torch.randint(0, config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(8):
+        loss = model(input_ids, labels=input_ids).loss
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
