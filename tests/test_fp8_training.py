@@ -223,7 +223,7 @@ def test_fp8_training_tracks_bf16_for_200_steps():
 def test_accelerate_fp8_mixed_precision_trains_our_model_on_cpu():
     """Accelerate's FP8 route (torchao float8 on the `nn.Linear` layers; it does not touch the 3D experts) works
     with our model as it is."""
-    pytest.importorskip("torchao")
+    pytest.importorskip("torchao", reason="optional: pip install .[fp8]")
     from accelerate import Accelerator
 
     torch.manual_seed(0)
