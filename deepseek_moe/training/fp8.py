@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
+from ..model.quantization_deepseek_moe import dequantize_fp8_blockwise
 from .fp8_kernels import block_scaled_gemm, triton_gemm_available
 
 E4M3 = torch.float8_e4m3fn
@@ -53,16 +54,9 @@ def quantize_blocks(
     return quantized[..., :rows, :cols], scale
 
 
-def dequantize_blocks(quantized: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """fp32 values: each E4M3 element times its block's multiplier (partial edge blocks cut to shape)."""
-    rows, cols = quantized.shape[-2:]
-    expanded = scale.repeat_interleave(block[0], dim=-2)[..., :rows, :].repeat_interleave(block[1], dim=-1)
-    return quantized.float() * expanded[..., :cols]
-
-
 def fake_quantize(x: torch.Tensor, block: tuple[int, int], scale_format: str) -> torch.Tensor:
     """What an FP8 GEMM sees of `x`: quantized per block and dequantized, in fp32."""
-    return dequantize_blocks(*quantize_blocks(x, block, scale_format), block)
+    return dequantize_fp8_blockwise(*quantize_blocks(x, block, scale_format), block)
 
 
 ACTIVATION_TILE = (1, TILE)  # per token, 128 channels along K
@@ -111,6 +105,8 @@ def fp8_linear(
     x: torch.Tensor, weight: torch.Tensor, scale_format: str = "fp32", backend: str = "auto"
 ) -> torch.Tensor:
     """`F.linear(x, weight)` (no bias) with the three GEMMs in blockwise FP8; any leading dims of `x`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"fp8_linear: backend must be one of {BACKENDS}, got {backend!r}")
     out = _BlockwiseFp8Linear.apply(x.reshape(-1, x.shape[-1]), weight, scale_format, backend)
     return out.view(*x.shape[:-1], weight.shape[0])
 
@@ -186,7 +182,6 @@ def enable_fp8_training(model: nn.Module, recipe: str = "blockwise", scale_forma
 
 __all__ = [
     "Fp8BlockwiseLinear",
-    "dequantize_blocks",
     "enable_fp8_training",
     "fp8_experts_forward",
     "fp8_grouped_linear",
