@@ -85,6 +85,19 @@ def tmp_dir(tmp_path):
     return str(tmp_path)
 
 
+class CausalLMRows(torch.utils.data.Dataset):
+    """Rows of token ids as a Trainer dataset: each row is its own input and labels."""
+
+    def __init__(self, ids: torch.Tensor) -> None:
+        self.ids = ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
 def file_tree(directory: Path) -> dict[str, str]:
     """Every entry under `directory`: files by the sha256 of their bytes, symlinks by their target; equal trees mean
     nothing was written, deleted or re-pointed."""

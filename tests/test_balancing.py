@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import CausalLMRows
 from torch.utils.checkpoint import checkpoint
-from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
 
 from deepseek_moe import DeepseekMoeConfig, DeepseekMoeForCausalLM
@@ -197,7 +197,7 @@ def test_capacity_dropping_matches_brute_force() -> None:
         (~keep).sum().item() / idx.numel()
     )
     model.eval()
-    router.drop_tokens_at_inference = True
+    model.config.drop_tokens_at_inference = True
     torch.testing.assert_close(router(hidden)[1], full_weights * keep)
 
 
@@ -378,17 +378,6 @@ def test_bias_update_balances_skewed_routing() -> None:
     assert balanced < 0.5 * frozen
 
 
-class _Tokens(Dataset):
-    def __init__(self, ids: torch.Tensor) -> None:
-        self.ids = ids
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
-
-
 def _train(model, tmp_path, batch_size: int, accumulation: int, steps: int = 1, callbacks=None) -> Trainer:
     args = TrainingArguments(
         output_dir=str(tmp_path),
@@ -408,7 +397,7 @@ def _train(model, tmp_path, batch_size: int, accumulation: int, steps: int = 1, 
         disable_tqdm=True,
         seed=0,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=_Tokens(batch(4 * steps)), callbacks=callbacks)
+    trainer = Trainer(model=model, args=args, train_dataset=CausalLMRows(batch(4 * steps)), callbacks=callbacks)
     trainer.train()
     return trainer
 

@@ -43,7 +43,7 @@ def test_router_logits_are_recorded_for_every_moe_layer():
         position_embeddings = model.model.rotary_emb(hidden, torch.arange(4)[None])
         mask = create_causal_mask(config=config, inputs_embeds=hidden, attention_mask=None, cache=None,
                                   position_ids=torch.arange(4)[None])  # fmt: skip
-        h1 = layer0(hidden, attention_mask=mask, position_embeddings=position_embeddings)
+        h1, _ = layer0(hidden, attention_mask=mask, position_embeddings=position_embeddings)
         x = model.model.layers[1].self_attn(
             model.model.layers[1].input_layernorm(h1), position_embeddings=position_embeddings, attention_mask=mask
         )[0]

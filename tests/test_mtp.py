@@ -22,7 +22,7 @@ def _block(layer, x: torch.Tensor, model: DeepseekMoeForCausalLM) -> torch.Tenso
     cos_sin = model.model.rotary_emb(x, torch.arange(seq)[None])
     causal = torch.full((seq, seq), float("-inf")).triu(1)[None, None]
     h = x + layer.self_attn(layer.input_layernorm(x), position_embeddings=cos_sin, attention_mask=causal)[0]
-    return h + layer.mlp(layer.post_attention_layernorm(h))
+    return h + layer.mlp(layer.post_attention_layernorm(h))[0]
 
 
 def test_mtp_loss_equals_hand_computation_for_two_depths():
