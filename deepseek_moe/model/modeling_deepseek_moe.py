@@ -613,8 +613,9 @@ class DeepseekMoeExperts(nn.Module):
             for part, pattern in enumerate(patterns):
                 key = pattern.format(expert)
                 if key in state_dict:
-                    scale = state_dict.pop(key + "_scale_inv", None)
-                    [weight] = _dequantized([state_dict.pop(key)], None if scale is None else [scale])
+                    weight, scale = state_dict.pop(key), state_dict.pop(key + SCALE_SUFFIX, None)
+                    if scale is not None:
+                        weight = dequantize_fp8_blockwise(weight, scale)
                     fused[expert, part * rows : (part + 1) * rows].copy_(weight)
 
 
