@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -122,7 +123,7 @@ def remote_code_fp8_folder(fp8_checkpoint, tmp_path_factory):
     loaded = DeepseekMoeConfig.from_pretrained(folder)
     assert loaded.to_dict()["quantization_config"] == QUANTIZATION_CONFIG  # written back in DeepSeek's form
     for path in [*folder.glob("*.safetensors"), folder / "model.safetensors.index.json"]:
-        os.symlink(path, tmp_path / path.name)
+        shutil.copyfile(path, tmp_path / path.name)  # upload publishes only files inside the folder
     for path in remote_code_files():
         (tmp_path / path.name).write_text(path.read_text())
     config.update(model_type="deepseek_moe", auto_map=AUTO_MAP)
