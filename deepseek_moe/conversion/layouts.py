@@ -19,15 +19,16 @@ from pathlib import Path
 import torch
 from transformers.core_model_loading import revert_weight_conversion
 from transformers.modeling_utils import remove_tied_weights_from_state_dict
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from ..model.configuration_deepseek_moe import DeepseekMoeConfig
-from ..model.modeling_deepseek_moe import DeepseekMoeForCausalLM
+from ..model.modeling_deepseek_moe import DeepseekMoeForCausalLM, mtp_copies
 from ..model.quantization_deepseek_moe import FP8_BLOCK
 from .safetensors_io import ConversionError, TensorInfo, read_header, read_tensor
 
 SCALE_SUFFIX = "_scale_inv"
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
+INDEX_FILE = SAFE_WEIGHTS_INDEX_NAME  # model.safetensors.index.json
+SINGLE_FILE = SAFE_WEIGHTS_NAME  # model.safetensors
 _MP_FILE = re.compile(r"^model(\d+)-mp(\d+)\.safetensors$")
 
 # DeepSeek-V3 `inference/convert.py`: official module name → (inference name, dimension sliced across ranks).
@@ -242,10 +243,6 @@ def expected_shapes(config: DeepseekMoeConfig) -> tuple[dict[str, tuple[int, ...
         model = DeepseekMoeForCausalLM(config)
     state = revert_weight_conversion(model, remove_tied_weights_from_state_dict(model.state_dict(), model))
     shapes = {name: tuple(tensor.shape) for name, tensor in state.items()}
-    optional = set()
-    for k in range(config.num_nextn_predict_layers):
-        layer = f"model.layers.{config.num_hidden_layers + k}."
-        shapes[layer + "embed_tokens.weight"] = shapes["model.embed_tokens.weight"]
-        shapes[layer + "shared_head.head.weight"] = shapes["lm_head.weight"]
-        optional |= {layer + "embed_tokens.weight", layer + "shared_head.head.weight"}
-    return shapes, optional
+    copies = mtp_copies(config)
+    shapes.update({copy: shapes[source] for copy, source in copies.items()})
+    return shapes, set(copies)

@@ -11,6 +11,7 @@ This file and its siblings are also the remote code of uploaded models: imports 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,15 +31,18 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils import TransformersKwargs, can_return_tuple, logging
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_deepseek_moe import DeepseekMoeConfig
-from .mla_kernels import mla_decode_triton, triton_decode_available
+from .mla_kernels import mla_decode_triton
 from .moe_kernels import IMPLEMENTATION_NAME, kernels_default
 from .quantization_deepseek_moe import SCALE_SUFFIX, block_size, dequantize_fp8_blockwise, target_dtype
+from .triton_support import triton_runs_on
+
+logger = logging.get_logger(__name__)
 
 
 class DeepseekMoeRMSNorm(nn.Module):
@@ -232,7 +236,7 @@ class DeepseekMoeLatentAttention(nn.Module):
         self.kv_lora_rank = config.kv_lora_rank
         self.qk_nope_head_dim = config.qk_nope_head_dim
         self.qk_rope_head_dim = config.qk_rope_head_dim
-        self.qk_head_dim = config.qk_nope_head_dim + config.qk_rope_head_dim
+        self.qk_head_dim = config.qk_head_dim
         self.v_head_dim = config.v_head_dim
         self.attention_dropout = config.attention_dropout
         self.is_causal = True
@@ -325,7 +329,7 @@ class DeepseekMoeLatentAttention(nn.Module):
     def can_use_decode_kernel(self, query: torch.Tensor) -> bool:
         """The Triton decode kernel serves inference (no autograd) when Triton can run and its tiles fit."""
         dims_fit = all(d >= 16 and d & (d - 1) == 0 for d in (self.kv_lora_rank, self.qk_rope_head_dim))
-        return dims_fit and not torch.is_grad_enabled() and triton_decode_available(query)
+        return dims_fit and not torch.is_grad_enabled() and triton_runs_on(query.device)
 
     def absorbed_attention(
         self,
@@ -436,14 +440,16 @@ class DeepseekMoeTopkRouter(nn.Module):
         self.config = config
         self.top_k = config.num_experts_per_tok
         self.num_experts = config.n_routed_experts
-        self.topk_method = config.topk_method
+        self.uses_bias_balancing = config.uses_bias_balancing
+        self.uses_group_limited_routing = config.uses_group_limited_routing
+        self.scales_routing_weights = config.scales_routing_weights
         self.scoring_func = config.scoring_func
         self.n_group = config.n_group
         self.topk_group = config.topk_group
         self.norm_topk_prob = config.norm_topk_prob
         self.routed_scaling_factor = config.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size, dtype=torch.float32))
-        if self.topk_method == "noaux_tc":
+        if self.uses_bias_balancing:
             self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts, dtype=torch.float32))
         self.reset_counts()
 
@@ -461,7 +467,7 @@ class DeepseekMoeTopkRouter(nn.Module):
     def mask_groups(self, scores_for_choice: torch.Tensor) -> torch.Tensor:
         """Set every expert outside the `topk_group` best groups to -inf."""
         grouped = scores_for_choice.view(-1, self.n_group, self.num_experts // self.n_group)
-        if self.topk_method == "noaux_tc":
+        if self.uses_bias_balancing:
             group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
         else:
             group_scores = grouped.amax(dim=-1)
@@ -507,15 +513,15 @@ class DeepseekMoeTopkRouter(nn.Module):
         """Affinities s [T, E], routing weights [T, k] and expert indices [T, k] from the logits (no dropping)."""
         scores = self.affinities(router_logits)
         scores_for_choice = scores
-        if self.topk_method == "noaux_tc":
+        if self.uses_bias_balancing:
             scores_for_choice = scores + self.e_score_correction_bias
-        if self.topk_method != "greedy" and self.n_group > 1:
+        if self.uses_group_limited_routing:
             scores_for_choice = self.mask_groups(scores_for_choice)
         topk_indices = scores_for_choice.topk(self.top_k, dim=-1, sorted=False).indices
         topk_weights = scores.gather(1, topk_indices)
         if self.norm_topk_prob and self.top_k > 1:
             topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20)
-        if self.topk_method == "noaux_tc" or not self.norm_topk_prob:
+        if self.scales_routing_weights:
             topk_weights = topk_weights * self.routed_scaling_factor
         return scores, topk_weights, topk_indices
 
@@ -681,7 +687,7 @@ def balance_losses(
     selected = torch.zeros_like(scores).scatter_(2, topk_indices, 1.0) * mask  # [U, T, N'], no gradient
     f = selected.sum(dim=1) * num_experts / (top_k * tokens)
     P = (scores * mask).sum(dim=1) / tokens
-    alpha = config.seq_aux_alpha if router.topk_method == "noaux_tc" else config.aux_loss_alpha
+    alpha = config.expert_balance_alpha
     losses = {}
     if alpha > 0:
         losses["expert"] = alpha * mean_over_units((f * P).sum(dim=-1))
@@ -721,7 +727,7 @@ class DeepseekMoeDecoderLayer(GradientCheckpointingLayer):
 
     def __init__(self, config: DeepseekMoeConfig, layer_idx: int) -> None:
         super().__init__()
-        attention_class = DeepseekMoeLatentAttention if config.use_mla else DeepseekMoeAttention
+        attention_class = DeepseekMoeLatentAttention if config.uses_mla else DeepseekMoeAttention
         self.self_attn = attention_class(config, layer_idx)
         is_moe = config.is_moe_layer(layer_idx) or layer_idx >= config.num_hidden_layers
         self.mlp = DeepseekMoeSparseBlock(config) if is_moe else DeepseekMoeMLP(config)
@@ -756,6 +762,20 @@ class DeepseekMoeDecoderLayer(GradientCheckpointingLayer):
         else:
             ffn_output, router_logits = self.mlp(ffn_input), None
         return hidden_states + ffn_output, router_logits
+
+
+# Official checkpoints give every MTP layer its own copy of the embedding and of the output head (DeepSeek's loaders,
+# vLLM and SGLang expect them); in memory ours share the model's. Copy name (inside the MTP layer) -> tensor copied.
+MTP_COPIES = {"embed_tokens.weight": "model.embed_tokens.weight", "shared_head.head.weight": "lm_head.weight"}
+
+
+def mtp_copies(config: DeepseekMoeConfig) -> dict[str, str]:
+    """Full name of every copy an official checkpoint of this config holds -> name of the tensor it copies."""
+    return {
+        f"model.layers.{config.num_hidden_layers + k}.{copy}": source
+        for k in range(config.num_nextn_predict_layers)
+        for copy, source in MTP_COPIES.items()
+    }
 
 
 class DeepseekMoeSharedHead(nn.Module):
@@ -842,8 +862,8 @@ class DeepseekMoePreTrainedModel(PreTrainedModel):
         "router_logits": OutputRecorder(DeepseekMoeDecoderLayer, index=1),
     }
     _keep_in_fp32_modules_strict = ["e_score_correction_bias", "gate.weight"]
-    # Official MTP layers carry copies of the shared embedding and head; ours share the model's own.
-    _keys_to_ignore_on_load_unexpected = [r"model\.layers\.\d+\.(embed_tokens|shared_head\.head)\.weight"]
+    # Official MTP layers carry copies of the shared embedding and head (`MTP_COPIES`); ours share the model's own.
+    _keys_to_ignore_on_load_unexpected = [r"model\.layers\.\d+\.(" + "|".join(map(re.escape, MTP_COPIES)) + ")$"]
 
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
         """Unless the user chose one, run the experts with our Triton kernels (`"deepseek_triton"`, registered by
@@ -857,7 +877,7 @@ class DeepseekMoePreTrainedModel(PreTrainedModel):
         std = self.config.initializer_range
         if isinstance(module, DeepseekMoeTopkRouter):
             init.normal_(module.weight, mean=0.0, std=std)
-            if module.topk_method == "noaux_tc":
+            if module.uses_bias_balancing:
                 init.zeros_(module.e_score_correction_bias)
         elif isinstance(module, DeepseekMoeExperts):
             init.normal_(module.gate_up_proj, mean=0.0, std=std)
@@ -901,8 +921,13 @@ class DeepseekMoeModel(DeepseekMoePreTrainedModel):
             cache = DynamicCache(config=self.config)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+        past_seen_tokens = cache.get_seq_length() if cache is not None else 0
+        if past_seen_tokens + inputs_embeds.shape[1] > self.config.max_position_embeddings:
+            logger.warning_once(
+                f"Sequence length {past_seen_tokens + inputs_embeds.shape[1]} exceeds max_position_embeddings="
+                f"{self.config.max_position_embeddings}; positions beyond it were never trained and may degrade output"
+            )
         if position_ids is None:
-            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
 
@@ -1029,14 +1054,11 @@ class DeepseekMoeForCausalLM(DeepseekMoePreTrainedModel, GenerationMixin):
     def save_pretrained(
         self, save_directory: str, is_main_process: bool = True, state_dict: dict | None = None, **kwargs
     ) -> None:
-        """Saves the official MTP layout too: DeepSeek's checkpoints (and vLLM/SGLang loaders) expect every MTP layer
-        to carry its own `embed_tokens` and `shared_head.head`; in memory ours share the model's."""
+        """Saves the official MTP layout too: every MTP layer with its own copies (`mtp_copies`)."""
         if state_dict is None and self.config.num_nextn_predict_layers > 0:
             state_dict = self.state_dict()
-            for k in range(self.config.num_nextn_predict_layers):
-                prefix = f"model.layers.{self.config.num_hidden_layers + k}."
-                state_dict[prefix + "embed_tokens.weight"] = state_dict["model.embed_tokens.weight"].clone()
-                state_dict[prefix + "shared_head.head.weight"] = state_dict["lm_head.weight"].clone()
+            for copy, source in mtp_copies(self.config).items():
+                state_dict[copy] = state_dict[source].clone()
         super().save_pretrained(save_directory, is_main_process=is_main_process, state_dict=state_dict, **kwargs)
 
     def generate(self, inputs: torch.Tensor | None = None, *args, use_mtp: bool = False, **kwargs):
