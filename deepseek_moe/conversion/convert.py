@@ -26,7 +26,6 @@ from safetensors import safe_open
 
 from ..dtypes import torch_dtype
 from ..model.configuration_deepseek_moe import DeepseekMoeConfig
-from ..model.modeling_deepseek_moe import FP8_BLOCK, DeepseekMoeForCausalLM, dequantize_fp8_blockwise
 from ..remote_code import AUTO_MAP, CONVERSION_RECORD, remote_code_files
 from .layouts import (
     INDEX_FILE,
@@ -35,6 +34,7 @@ from .layouts import (
     TensorInfo,
     expected_shapes,
     expert_index,
+    fp8_block,
     is_scale,
     layer_index,
     load_weight,
@@ -176,9 +176,16 @@ def _plain_dtype(name: str, source: torch.dtype, requested: torch.dtype | None) 
     return torch.bfloat16 if source.itemsize == 1 else source
 
 
+def _dequantize(weight: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
+    """FP8 block dequantization from the model code, loaded only when a conversion reads FP8 weights."""
+    from ..model.modeling_deepseek_moe import dequantize_fp8_blockwise
+
+    return dequantize_fp8_blockwise(weight, scale_inv)
+
+
 def _plain(dtype: torch.dtype) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
     def make(weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-        return (dequantize_fp8_blockwise(weight, scale) if scale is not None else weight).to(dtype)
+        return (_dequantize(weight, scale) if scale is not None else weight).to(dtype)
 
     return make
 
@@ -236,7 +243,7 @@ def _mp_steps(
         else:
             ranks = list(range(mp))
         if dim is not None:
-            if tensor.shape[dim] % (mp * (FP8_BLOCK if keep_fp8 else 1)):
+            if tensor.shape[dim] % (mp * (fp8_block() if keep_fp8 else 1)):
                 raise ConversionError(
                     f"{name}: dimension {dim} of size {tensor.shape[dim]} cannot be split into {mp} ranks"
                     + (" of whole 128-row FP8 blocks" if keep_fp8 else "")
@@ -384,14 +391,14 @@ def verify_conversion(plan: ConversionPlan, directory: Path) -> float | None:
     exact = True
     for name in sorted(expected):
         weight, scale = load_weight(plan.source, name)
-        reference = dequantize_fp8_blockwise(weight, scale) if scale is not None else weight
+        reference = _dequantize(weight, scale) if scale is not None else weight
         out, out_scale = load_weight(output, name, reader=_read_with_safetensors)
         if out_scale is None:
             ok = torch.equal(out, reference.to(out.dtype))
             exact &= torch.equal(out.to(reference.dtype), reference)
         else:
-            error = (dequantize_fp8_blockwise(out, out_scale) - reference.float()).abs()
-            block_scale = dequantize_fp8_blockwise(torch.ones(out.shape), out_scale)
+            error = (_dequantize(out, out_scale) - reference.float()).abs()
+            block_scale = _dequantize(torch.ones(out.shape), out_scale)
             ok = bool((error <= (reference.float().abs() * 2**-4 + block_scale * 2**-10) * 1.0001).all())
             exact &= bool((error == 0).all())
         if not ok:
@@ -406,6 +413,8 @@ def _compare_logits(source: Path, output: Path, exact: bool) -> float:
     1e-5 of max |logit|. After rounding (bf16, FP8) near-ties route some tokens to other experts and errors compound
     through small random models (FP8 gives 10-20%), so there the mean |Δ| only has to stay under half the mean
     |logit|: a coarse end-to-end check against gross errors, the per-tensor checks being the precise ones."""
+    from ..model.modeling_deepseek_moe import DeepseekMoeForCausalLM  # only `--verify` runs the model
+
     logits = []
     for directory in (source, output):
         model = DeepseekMoeForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
