@@ -8,13 +8,15 @@ after one warm-up step, alternating the two models within every round (the machi
 the other jobs' load over both arms), and reports medians. Both models feed back their own argmax, and the tokens
 they produce are compared.
 
-The floor of one step is max(bytes / read bandwidth, FLOPs / matmul throughput), both measured here before each
-configuration with the same thread count:
+The floor of one step is max(bytes / read bandwidth, FLOPs / matmul throughput), both measured in every round right
+before its two steps, with the same thread count (the shared machine's load drifts within seconds); "ours / floor" is
+the median over rounds of that round's floor over its step time:
 - bytes: every weight the step touches (all but the routed experts, plus min(experts, batch × top-k) experts per MoE
-  layer, plus one embedding row per sequence) and the whole latent cache, at the bandwidth of a sum over 512 MB;
+  layer, plus one embedding row per sequence) and the whole latent cache, at the bandwidth of a sum over 256 MB
+  (best of 3);
 - FLOPs: 2 × batch × the matrix parameters each token uses (top-k of the routed experts) plus, per layer, the scores
   over the cache (2·B·H·T·(kv_lora_rank + qk_rope_head_dim)) and the weighted sum (2·B·H·T·kv_lora_rank), at the
-  throughput of a 2048 × 2048 fp32 matmul.
+  throughput of a 1024 × 1024 fp32 matmul (best of 3).
 
     OMP_NUM_THREADS=1 python benchmarks/mla_decode.py --contexts 512 2048 8192 16384 --batches 1 8
 """
@@ -26,6 +28,7 @@ import platform
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 
 import torch
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, DynamicCache
@@ -78,28 +81,23 @@ def filled_caches(config, batch: int, context: int, room: int) -> tuple[LatentCa
     return ours, builtin
 
 
-def measured_bandwidth(repeats: int = 7) -> float:
-    """Bytes/s of a one-pass read (a sum) over 512 MB, median of `repeats`."""
-    data = torch.ones(128 * 2**20)
-    data.sum()
+def measured_bandwidth(data: torch.Tensor, repeats: int = 3) -> float:
+    """Bytes/s of a one-pass read (a sum) over `data`, the best of `repeats`."""
+    return data.nbytes / _best_seconds(data.sum, repeats)
+
+
+def measured_matmul(a: torch.Tensor, b: torch.Tensor, repeats: int = 3) -> float:
+    """FLOP/s of a square fp32 matmul, the best of `repeats`."""
+    return 2 * a.shape[0] ** 3 / _best_seconds(lambda: a @ b, repeats)
+
+
+def _best_seconds(work, repeats: int) -> float:
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        data.sum()
+        work()
         times.append(time.perf_counter() - start)
-    return data.nbytes / statistics.median(times)
-
-
-def measured_matmul(repeats: int = 5, size: int = 2048) -> float:
-    """FLOP/s of a square fp32 matmul, median of `repeats`."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - start)
-    return 2 * size**3 / statistics.median(times)
+    return min(times)
 
 
 def step_work(model: DeepseekMoeForCausalLM, batch: int, context: int) -> tuple[float, float]:
@@ -123,24 +121,45 @@ def step_work(model: DeepseekMoeForCausalLM, batch: int, context: int) -> tuple[
     return weight_bytes + cache_bytes, flops
 
 
+@dataclass
+class Round:
+    ours: float  # seconds per step
+    builtin: float
+    floor: float  # seconds, from this round's measurements
+    memory_floor: float
+    compute_floor: float
+    bandwidth: float  # bytes/s
+    throughput: float  # FLOP/s
+
+
 @torch.no_grad()
-def race(ours, builtin, batch: int, context: int, rounds: int) -> tuple[list[float], list[float], bool]:
-    """Seconds per step for each model over `rounds` alternating greedy steps, and whether their tokens agree."""
+def race(ours, builtin, batch: int, context: int, rounds: int) -> tuple[list[Round], bool]:
+    """`rounds` rounds of: measure the floor, one greedy step of ours, one of the built-in (after a warm-up round).
+
+    The floor is measured inside every round, next to the steps it is compared with, because the machine's load (and
+    so its bandwidth and matmul throughput) drifts within seconds. Returns the rounds and whether the tokens agree."""
     cache_ours, cache_builtin = filled_caches(ours.config, batch, context, rounds + 1)
     arms = {"ours": (ours, cache_ours), "builtin": (builtin, cache_builtin)}
     tokens = {name: [torch.zeros(batch, 1, dtype=torch.long)] for name in arms}
-    times = {name: [] for name in arms}
+    step_bytes, step_flops = step_work(ours, batch, context)
+    data, a, b = torch.ones(64 * 2**20), torch.randn(1024, 1024), torch.randn(1024, 1024)
+    results = []
     for step in range(rounds + 1):
+        bandwidth, throughput = measured_bandwidth(data), measured_matmul(a, b)
+        seconds = {}
         for name, (model, cache) in arms.items():
             position = torch.full((batch, 1), context + step)
             start = time.perf_counter()
             logits = model(tokens[name][-1], cache=cache, position_ids=position, use_cache=True).logits
-            elapsed = time.perf_counter() - start
+            seconds[name] = time.perf_counter() - start
             tokens[name].append(logits[:, -1:].argmax(-1))
-            if step:  # the first step warms up
-                times[name].append(elapsed)
+        memory_floor, compute_floor = step_bytes / bandwidth, step_flops / throughput
+        floor = max(memory_floor, compute_floor)
+        if step:  # the first round warms up
+            results.append(Round(**seconds, floor=floor, memory_floor=memory_floor, compute_floor=compute_floor,
+                                 bandwidth=bandwidth, throughput=throughput))  # fmt: skip
     same = torch.equal(torch.cat(tokens["ours"], dim=1), torch.cat(tokens["builtin"], dim=1))
-    return times["ours"], times["builtin"], same
+    return results, same
 
 
 @torch.no_grad()
@@ -169,19 +188,21 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for batch in args.batches:
         for context in args.contexts:
-            bandwidth, throughput = measured_bandwidth(), measured_matmul()
-            step_bytes, step_flops = step_work(ours, batch, context)
-            memory_floor, compute_floor = step_bytes / bandwidth, step_flops / throughput
-            floor = max(memory_floor, compute_floor)
-            mine, theirs, same = race(ours, builtin, batch, context, args.rounds)
-            mine, theirs = statistics.median(mine), statistics.median(theirs)
+            rounds, same = race(ours, builtin, batch, context, args.rounds)
+            ms = {field: 1e3 * _median(rounds, field) for field in ("ours", "builtin", "floor", "memory_floor")}
+            ms["compute_floor"] = 1e3 * _median(rounds, "compute_floor")
             print(
-                f"| {batch} | {context} | {theirs * 1e3:.1f} | {mine * 1e3:.1f} | {theirs / mine:.1f}x"
-                f" | {bandwidth / 1e9:.1f} | {throughput / 1e9:.1f}"
-                f" | {floor * 1e3:.2f} ({memory_floor * 1e3:.2f} / {compute_floor * 1e3:.2f})"
-                f" | {floor / mine:.0%} | {'yes' if same else 'NO'} |",
+                f"| {batch} | {context} | {ms['builtin']:.1f} | {ms['ours']:.1f}"
+                f" | {statistics.median(r.builtin / r.ours for r in rounds):.1f}x"
+                f" | {_median(rounds, 'bandwidth') / 1e9:.1f} | {_median(rounds, 'throughput') / 1e9:.1f}"
+                f" | {ms['floor']:.2f} ({ms['memory_floor']:.2f} / {ms['compute_floor']:.2f})"
+                f" | {statistics.median(r.floor / r.ours for r in rounds):.0%} | {'yes' if same else 'NO'} |",
                 flush=True,
             )
+
+
+def _median(rounds: list[Round], field: str) -> float:
+    return statistics.median(getattr(r, field) for r in rounds)
 
 
 if __name__ == "__main__":
