@@ -13,10 +13,10 @@ before its two steps, with the same thread count (the shared machine's load drif
 the median over rounds of that round's floor over its step time:
 - bytes: every weight the step touches (all but the routed experts, plus min(experts, batch × top-k) experts per MoE
   layer, plus one embedding row per sequence) and the whole latent cache, at the bandwidth of a sum over 256 MB
-  (best of 3);
+  (median of 3);
 - FLOPs: 2 × batch × the matrix parameters each token uses (top-k of the routed experts) plus, per layer, the scores
   over the cache (2·B·H·T·(kv_lora_rank + qk_rope_head_dim)) and the weighted sum (2·B·H·T·kv_lora_rank), at the
-  throughput of a 1024 × 1024 fp32 matmul (best of 3).
+  throughput of a 1024 × 1024 fp32 matmul (median of 3).
 
     OMP_NUM_THREADS=1 python benchmarks/mla_decode.py --contexts 512 2048 8192 16384 --batches 1 8
 """
@@ -82,22 +82,22 @@ def filled_caches(config, batch: int, context: int, room: int) -> tuple[LatentCa
 
 
 def measured_bandwidth(data: torch.Tensor, repeats: int = 3) -> float:
-    """Bytes/s of a one-pass read (a sum) over `data`, the best of `repeats`."""
-    return data.nbytes / _best_seconds(data.sum, repeats)
+    """Bytes/s of a one-pass read (a sum) over `data`, median of `repeats`."""
+    return data.nbytes / _median_seconds(data.sum, repeats)
 
 
 def measured_matmul(a: torch.Tensor, b: torch.Tensor, repeats: int = 3) -> float:
-    """FLOP/s of a square fp32 matmul, the best of `repeats`."""
-    return 2 * a.shape[0] ** 3 / _best_seconds(lambda: a @ b, repeats)
+    """FLOP/s of a square fp32 matmul, median of `repeats`."""
+    return 2 * a.shape[0] ** 3 / _median_seconds(lambda: a @ b, repeats)
 
 
-def _best_seconds(work, repeats: int) -> float:
+def _median_seconds(work, repeats: int) -> float:
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         work()
         times.append(time.perf_counter() - start)
-    return min(times)
+    return statistics.median(times)
 
 
 def step_work(model: DeepseekMoeForCausalLM, batch: int, context: int) -> tuple[float, float]:
