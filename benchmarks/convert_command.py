@@ -11,7 +11,7 @@ output format, streamed tensor by tensor, with its checks). The floor arm is `im
 Arms alternate within every round (the machine is shared); each cell is the median over rounds. Peak memory is the
 process's maximum resident set (GNU time's %M).
 
-    OMP_NUM_THREADS=1 python benchmarks/convert_command.py --size-gb 0.05 0.5 --rounds 5
+    OMP_NUM_THREADS=1 python benchmarks/convert_command.py --size-gb 0.2 0.6 --rounds 5
 """
 
 from __future__ import annotations
@@ -29,9 +29,8 @@ from pathlib import Path
 
 import torch
 
-from deepseek_moe import DeepseekMoeConfig
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from conversion import benchmark_config  # noqa: E402  (the sibling benchmark's V2-Lite-like shapes)
 from synthetic import write_random_checkpoint  # noqa: E402  (a test helper)
 
 OFFICIAL_STANDIN = """
@@ -55,25 +54,6 @@ for path in glob(os.path.join(source, "*token*")):
 """
 
 
-def checkpoint_config(size_gb: float) -> DeepseekMoeConfig:
-    """V3-like routing with small experts (hidden 512, 32 experts of width 256) and as many layers as the size needs."""
-    moe_layer_bytes = 32 * 3 * 512 * 256 * 2
-    layers = max(1, round(size_gb * 1e9 / moe_layer_bytes))
-    return DeepseekMoeConfig.from_preset(
-        "tiny-v3",
-        vocab_size=16384,
-        hidden_size=512,
-        intermediate_size=1024,
-        moe_intermediate_size=256,
-        n_routed_experts=32,
-        num_experts_per_tok=4,
-        n_group=4,
-        topk_group=2,
-        num_hidden_layers=layers + 1,
-        first_k_dense_replace=1,
-    )
-
-
 def timed(command: list[str]) -> tuple[float, float]:
     """(wall seconds, peak RSS in MB) of one fresh process."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -87,7 +67,7 @@ def timed(command: list[str]) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size-gb", type=float, nargs="+", default=[0.05, 0.5])
+    parser.add_argument("--size-gb", type=float, nargs="+", default=[0.2, 0.6])
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
 
@@ -98,7 +78,7 @@ def main() -> None:
     for size_gb in args.size_gb:
         workdir = Path(tempfile.mkdtemp(prefix="convert-command-"))
         try:
-            config = checkpoint_config(size_gb)
+            config = benchmark_config(size_gb)
             size = write_random_checkpoint(workdir / "source", config, dtype=torch.bfloat16, max_shard_size="1GB")
             mtp_prefix = f"model.layers.{config.num_hidden_layers}."
             source = str(workdir / "source")
