@@ -82,7 +82,7 @@ def test_generate_uses_the_latent_cache_and_equals_dynamic_cache():
     mask[1, :3] = 0  # left padding
     out = model.generate(prompt, attention_mask=mask, max_new_tokens=6, return_dict_in_generate=True, **GREEDY)
     assert isinstance(out.cache, LatentCache)
-    assert out.cache.layers[0].capacity == 6 + 6  # sized for prompt + new tokens up front
+    assert out.cache.layers[0].capacity == 6 + 6 - 1  # sized up front: prompt + new tokens but the last
     reference = model.generate(
         prompt, attention_mask=mask, max_new_tokens=6, cache=DynamicCache(config=model.config), **GREEDY
     )
