@@ -1,6 +1,7 @@
 """Publish a model or LoRA adapter folder to the Hugging Face Hub: the same as `deepseek-moe upload`.
 
-python hub_upload.py MODEL_DIR REPO_ID [--private] [--revision R] [--create-pr] [--dry-run] ...
+python hub_upload.py MODEL_DIR REPO_ID [--private] [--revision R] [--create-pr] [--dry-run] [--include PATTERN]
+    [--delete-stale] [--debug] ...
 """
 
 import sys

@@ -102,8 +102,9 @@ def _add_convert(subparsers: argparse._SubParsersAction) -> None:
         "convert",
         help="convert official DeepSeek checkpoints (bf16/FP8, HF or model-parallel layout) to ours and back",
         description="Streams one tensor at a time into a temporary directory next to OUTPUT, moved into place when "
-        "complete. Sources: a directory with model.safetensors, a model.safetensors.index.json, or DeepSeek's "
-        "model{i}-mp{n}.safetensors files.",
+        "complete; an interrupted run (Ctrl-C, SIGTERM, SIGKILL) resumes from its complete shards when the same "
+        "command runs again. SOURCE is never written. Sources: a directory with model.safetensors, a "
+        "model.safetensors.index.json, or DeepSeek's model{i}-mp{n}.safetensors files.",
     )
     parser.add_argument("source", help="checkpoint directory")
     parser.add_argument("output", help="directory to create")
@@ -120,7 +121,11 @@ def _add_convert(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-shard-size", default="5GB", help="decimal units, e.g. 5GB or 100MB (default 5GB)")
     parser.add_argument("--config", help="config.json, its directory or a preset (default: SOURCE/config.json)")
     parser.add_argument("--verify", action="store_true", help="re-read the output and check it against the source")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUTPUT if it is an earlier conversion's output (refused if it holds other files)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the planned files and write nothing")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(run=_convert)
@@ -142,6 +147,8 @@ def _upload(args: argparse.Namespace) -> int:
         license=args.license,
         regenerate_card=args.regenerate_card,
         max_commit_size=args.max_commit_size,
+        include=args.include,
+        delete_stale=args.delete_stale,
     )
     return 0
 
@@ -151,7 +158,10 @@ def _add_upload(subparsers: argparse._SubParsersAction) -> None:
         "upload",
         help="validate a model or LoRA adapter folder and publish it to the Hub with remote code and a model card",
         description="Checks the config, the weights and that the folder loads as remote code before sending anything; "
-        "uploads in several commits for large folders and skips files already on the Hub, so a re-run resumes.",
+        "sends only the model's files (config, weights named by the index, tokenizer, chat template, generation "
+        "config, plots, conversion.json, adapter files, a card, the model code); deletes remote weights the upload "
+        "replaces in its last commit; uploads in several commits for large folders and skips files already on the "
+        "Hub, so a re-run resumes.",
     )
     parser.add_argument("model_dir", metavar="MODEL_DIR", help="a saved model (config.json) or adapter folder")
     parser.add_argument("repo_id", metavar="REPO_ID", help="the Hub repository, e.g. user/my-model")
@@ -167,7 +177,11 @@ def _add_upload(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
     parser.add_argument("--commit-message", help="commit title (several commits get ' (part i/n)')")
-    parser.add_argument("--dry-run", action="store_true", help="validate and print the plan; send nothing")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate and print the plan (with the remote files it would delete); write nothing",
+    )
     parser.add_argument("--token", help="Hub token (default: HF_TOKEN or the token saved by `hf auth login`)")
     parser.add_argument("--base-model", help="base model for the card (default: from the folder, if it names one)")
     parser.add_argument("--license", help="license for the card (default: mit for V3, DeepSeek's license otherwise)")
@@ -175,28 +189,62 @@ def _add_upload(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--max-commit-size", default="20GB", help="bytes per commit, HF-style units (default 20GB; decimal)"
     )
+    parser.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="also send files matching PATTERN (a path in the folder, wildcards allowed; repeatable). Only the model's "
+        "own files are sent otherwise; pickles (*.bin, *.pt, ...) only when PATTERN is their exact path",
+    )
+    parser.add_argument(
+        "--delete-stale",
+        action="store_true",
+        help="delete every remote file the upload does not contain (by default only those that change what loads: "
+        "other weights, stale shards, an old index, model code)",
+    )
     parser.set_defaults(run=_upload)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deepseek-moe", description="DeepSeek mixture-of-experts models.")
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
+    parser = argparse.ArgumentParser(
+        prog="deepseek-moe", description="DeepSeek mixture-of-experts models.", parents=[debug]
+    )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_info(subparsers)
     _add_demo(subparsers)
     _add_generate(subparsers)
     _add_convert(subparsers)
     _add_upload(subparsers)
+    for subparser in subparsers.choices.values():  # `--debug` also after the command (hub_upload.py passes it there)
+        subparser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one subcommand. Bad input (unknown preset, missing directory, invalid config) is reported as one line on
-    stderr with exit code 2, argparse's code for usage errors, instead of a traceback."""
+    """Run one subcommand. Every error is reported as one line on stderr with exit code 2 (argparse's code for usage
+    errors) instead of a traceback, which `--debug` shows; an interruption (Ctrl-C, SIGTERM) exits with 130."""
     args = build_parser().parse_args(argv)
+    if getattr(args, "debug", False):
+        return args.run(args)
     try:
         return args.run(args)
+    except KeyboardInterrupt as interruption:
+        print(f"deepseek-moe {args.command}: {interruption or 'interrupted'}", file=sys.stderr)
+        return 130
     except (ValueError, OSError) as error:
-        print(f"deepseek-moe {args.command}: error: {error}", file=sys.stderr)
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"deepseek-moe {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except Exception as error:  # a bug rather than bad input: still one line, the traceback on request
+        message = " ".join(str(error).split())
+        print(
+            f"deepseek-moe {args.command}: error: unexpected {type(error).__name__}: {message} (re-run with --debug "
+            "for the traceback)",
+            file=sys.stderr,
+        )
         return 2
 
 

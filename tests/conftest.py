@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
+from pathlib import Path
 
 # Triton kernels run through Triton's CPU interpreter when no GPU is present; it must be chosen before triton (and so
 # the model code, which imports it when available) is imported.
@@ -81,3 +83,16 @@ def builtin_config(config: DeepseekMoeConfig) -> DeepseekV2Config | DeepseekV3Co
 @pytest.fixture
 def tmp_dir(tmp_path):
     return str(tmp_path)
+
+
+def file_tree(directory: Path) -> dict[str, str]:
+    """Every entry under `directory`: files by the sha256 of their bytes, symlinks by their target; equal trees mean
+    nothing was written, deleted or re-pointed."""
+    entries = {}
+    for path in sorted(directory.rglob("*")):
+        key = path.relative_to(directory).as_posix()
+        if path.is_symlink():
+            entries[key] = "-> " + os.readlink(path)
+        elif path.is_file():
+            entries[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return entries

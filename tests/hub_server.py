@@ -61,6 +61,10 @@ class HubError(Exception):
         self.status, self.code, self.message, self.extra = status, code, message, extra
 
 
+class ServerDeath(Exception):
+    """Raised by a route to make the server drop the connection unanswered and stop listening."""
+
+
 class FakeHub:
     """Start with `FakeHub()`, point clients at `.endpoint`, stop with `.close()`."""
 
@@ -71,12 +75,26 @@ class FakeHub:
         self.requests: list[tuple[str, str]] = []
         # Set to n to make the commit after the next n fail, as if the connection dropped mid-upload.
         self.commits_before_failure: int | None = None
+        # Set to n to make the server die at the commit after the next n: the connection closes without an answer
+        # and the port refuses connections until `start()` (same port, same repositories).
+        self.commits_before_death: int | None = None
         self.lock = threading.Lock()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), type("Handler", (_Handler,), {"hub": self}))
-        self.endpoint = f"http://127.0.0.1:{self.server.server_port}"
+        self.port, self.dying = 0, None
+        self.start()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        if self.dying is not None:  # let a dying server release the port first
+            self.dying.join()
+            self.dying = None
+        self.running = True
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), type("Handler", (_Handler,), {"hub": self}))
+        self.port = self.server.server_port
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self) -> None:
+        """Stop listening; connections kept alive from earlier requests are dropped at their next request."""
+        self.running = False
         self.server.shutdown()
         self.server.server_close()
 
@@ -230,6 +248,11 @@ class FakeHub:
     def commit(self, repo_id: str, revision: str, create_pr: bool, body: bytes) -> Response:
         repo = self.repo(repo_id)
         base, files = self.tree(repo_id, revision)
+        if self.commits_before_death is not None:
+            self.commits_before_death -= 1
+            if self.commits_before_death < 0:
+                self.commits_before_death = None
+                raise ServerDeath
         if self.commits_before_failure is not None:
             self.commits_before_failure -= 1
             if self.commits_before_failure < 0:
@@ -313,10 +336,19 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _handle(self) -> None:
         self.body = self._read_body()
+        if not self.hub.running:  # a closed server answers nothing, even on a connection that was kept alive
+            self.close_connection = True
+            return
         with self.hub.lock:
             self.hub.requests.append((self.command, urlsplit(self.path).path))
             try:
                 status, payload, headers = self.hub.route(self)
+            except ServerDeath:
+                self.hub.running = False
+                self.close_connection = True
+                self.hub.dying = threading.Thread(target=self.hub.close, daemon=True)
+                self.hub.dying.start()
+                return
             except HubError as error:
                 status, payload = error.status, {"error": error.message, **error.extra}
                 headers = {"X-Error-Code": error.code, "X-Error-Message": error.message} if error.code else {}

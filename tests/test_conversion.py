@@ -41,6 +41,7 @@ from deepseek_moe.conversion import (
     quantize_fp8_blockwise,
     verify_conversion,
 )
+from deepseek_moe.conversion.streamed_logits import largest_layer_bytes, streamed_logits
 
 TOKENIZER_FILES = {"tokenizer.json": "{}", "tokenizer_config.json": '{"model_max_length": 16}'}
 # Partial 128-blocks everywhere: kv_a_proj_with_mqa has 136 + 8 rows, the dense MLP 200.
@@ -292,49 +293,96 @@ def test_resharding_follows_the_budget_and_writes_the_standard_index(tmp_path):
 
 
 # Peak RSS of the child itself: VmHWM, since Linux carries the parent's RSS into a child's ru_maxrss across fork+exec.
+# With a warm-up checkpoint (argv[5]) the same conversion first runs on it, so that the modules the code path imports
+# lazily count in the baseline and the measured growth is the data's.
 CHILD = """
 import json, sys
 from deepseek_moe.conversion import convert_checkpoint
 def peak_rss():
     return int(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1]) * 1024
+verify = sys.argv[4] == "verify"
+if len(sys.argv) > 5:
+    convert_checkpoint(sys.argv[5], sys.argv[5] + "-out", dtype="bf16", verify=verify, progress=False)
 baseline = peak_rss()
-convert_checkpoint(sys.argv[1], sys.argv[2], dtype="bf16", max_shard_size=sys.argv[3], progress=False)
+options = dict(dtype="bf16", max_shard_size=sys.argv[3], verify=verify, progress=False)
+report = convert_checkpoint(sys.argv[1], sys.argv[2], **options)
+assert (report.logits_error is not None) == verify
 print(json.dumps({"baseline": baseline, "peak": peak_rss()}))
 """
 
 
-def measure_conversion_memory(tmp_path: Path, config: DeepseekMoeConfig, budget: str) -> None:
+def measure_conversion_memory(tmp_path: Path, config: DeepseekMoeConfig, budget: str, verify: bool = False) -> None:
     """Converts a random fp32 checkpoint to bf16 in a fresh process and checks its peak RSS against
-    baseline (imports) + shard budget + 2 × the largest tensor (fp32 source and its bf16 copy) + 64 MB."""
+    baseline (imports) + shard budget + 2 × the largest tensor (fp32 source and its bf16 copy) + 64 MB. With `verify`
+    the bound adds the per-tensor comparison (a third copy of the largest tensor) and the layer-by-layer logits check
+    (3 × the largest layer in fp32: the layer, a stacked expert tensor being copied in, its parts), and must stay
+    below one whole fp32 model (the verification used to load two); the child then warms up on a tiny checkpoint, so
+    the lazily imported modules of verification are in its baseline."""
     size = write_random_checkpoint(tmp_path / "source", config, max_shard_size="100MB")
-    largest = max(info.nbytes for info in Checkpoint.open(tmp_path / "source").tensors.values())
+    source = Checkpoint.open(tmp_path / "source")
+    largest = max(info.nbytes for info in source.tensors.values())
+    warm_up = []
+    if verify:
+        write_random_checkpoint(tmp_path / "tiny", memory_config(vocab_size=256, moe_layers=1, experts=4))
+        warm_up = [str(tmp_path / "tiny")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
     result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(CHILD), str(tmp_path / "source"), str(tmp_path / "out"), budget],
+        [sys.executable, "-c", textwrap.dedent(CHILD), str(tmp_path / "source"), str(tmp_path / "out"), budget,
+         "verify" if verify else "convert", *warm_up],
         capture_output=True, text=True, env=env, check=True,
     )  # fmt: skip
     rss = json.loads(result.stdout.strip().splitlines()[-1])
     bound = parse_size(budget) + 2 * largest + 64 * 10**6
-    assert bound < size / 2, "the checkpoint must be large enough for the bound to mean something"
+    if verify:
+        bound += largest + 3 * largest_layer_bytes(source)
+        assert bound < size, "the bound must be below one whole fp32 model"
+    else:
+        assert bound < size / 2, "the checkpoint must be large enough for the bound to mean something"
     assert rss["peak"] - rss["baseline"] <= bound, (rss, size, largest, bound)
     print(
         f"peak RSS {rss['peak'] / 1e6:.0f} MB = baseline {rss['baseline'] / 1e6:.0f} MB + "
         f"{(rss['peak'] - rss['baseline']) / 1e6:.0f} MB (bound {bound / 1e6:.0f} MB) for {size / 1e6:.0f} MB"
     )
-    assert Checkpoint.open(tmp_path / "out").tensors.keys() == Checkpoint.open(tmp_path / "source").tensors.keys()
+    assert Checkpoint.open(tmp_path / "out").tensors.keys() == source.tensors.keys()
 
 
-def memory_config(vocab_size: int, moe_layers: int) -> DeepseekMoeConfig:
-    """About 16·vocab_size KB of embedding and head and 50 MB of fp32 experts per MoE layer."""
+def memory_config(vocab_size: int, moe_layers: int, experts: int = 32) -> DeepseekMoeConfig:
+    """About 16·vocab_size KB of embedding and head and 1.6·experts MB of fp32 experts per MoE layer."""
     return DeepseekMoeConfig.from_preset(
         "tiny-v2-lite", vocab_size=vocab_size, hidden_size=512, intermediate_size=2048, moe_intermediate_size=256,
-        n_routed_experts=32, num_hidden_layers=moe_layers + 1,
+        n_routed_experts=experts, num_hidden_layers=moe_layers + 1,
     )  # fmt: skip
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc")
 def test_peak_memory_is_bounded_by_shard_budget_and_largest_tensor(tmp_path):
     measure_conversion_memory(tmp_path, memory_config(vocab_size=8192, moe_layers=5), budget="50MB")  # ~300 MB
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc")
+def test_verify_runs_in_bounded_memory(tmp_path):
+    config = memory_config(vocab_size=8192, moe_layers=12, experts=16)  # ~350 MB, 25 MB per MoE layer
+    measure_conversion_memory(tmp_path, config, budget="50MB", verify=True)
+
+
+def test_streamed_logits_match_the_loaded_model(tmp_path):
+    """The layer-by-layer logits of `--verify` equal those of `from_pretrained` on an official FP8 checkpoint (fused
+    experts, dequantization, MTP layer present but not run) and on a model with tied embeddings."""
+    config = DeepseekMoeConfig.from_preset("tiny-v3", **EDGE_BLOCKS)
+    randomize_(DeepseekMoeForCausalLM(config), seed=8).save_pretrained(tmp_path / "plain")
+    fp8_state, _ = to_official_fp8(load_file(tmp_path / "plain" / "model.safetensors"))
+    (tmp_path / "fp8").mkdir()
+    write_sharded(fp8_state, tmp_path / "fp8", official_v3_config(config, quantization_config=QUANTIZATION_CONFIG))
+    tied = DeepseekMoeConfig.from_preset("tiny-v2", tie_word_embeddings=True)
+    randomize_(DeepseekMoeForCausalLM(tied), seed=9).save_pretrained(tmp_path / "tied")
+    input_ids = torch.randint(0, 512, (2, 7), generator=torch.Generator().manual_seed(1))
+    for directory in ("fp8", "tied"):
+        checkpoint = Checkpoint.open(tmp_path / directory)
+        model = DeepseekMoeForCausalLM.from_pretrained(tmp_path / directory, dtype=torch.float32).eval()
+        with torch.no_grad():
+            expected = model(input_ids).logits
+        streamed = streamed_logits(checkpoint, model.config, input_ids)
+        torch.testing.assert_close(streamed, expected, rtol=1e-6, atol=1e-6 * expected.abs().max().item())
 
 
 @pytest.mark.slow
@@ -390,40 +438,6 @@ def test_bad_input_gets_a_clear_error_and_leaves_no_output(tmp_path, monkeypatch
     cli_options = ["--dtype", options["dtype"]] if options else []
     assert main(["convert", str(tmp_path / "official"), str(tmp_path / "out"), "--no-progress", *cli_options]) == 2
     assert no_partial_output(tmp_path / "out")
-
-
-def test_existing_output_interruptions_and_leftovers(tmp_path, monkeypatch):
-    save_official(DeepseekMoeConfig.from_preset("tiny-v2-lite"), tmp_path / "official")
-    output = tmp_path / "out"
-    output.mkdir()
-    (output / "keep.txt").write_text("mine")
-    with pytest.raises(ConversionError, match="already exists; pass overwrite"):
-        convert_checkpoint(tmp_path / "official", output, progress=False)
-    assert (output / "keep.txt").read_text() == "mine"
-
-    # An interruption mid-write removes the temporary directory and leaves the old output untouched.
-    from deepseek_moe.conversion import convert as convert_module
-
-    real_load = convert_module.load_weight
-    calls = iter(range(10**6))
-
-    def interrupted(checkpoint, name, *args, **kwargs):
-        if next(calls) == 20:
-            raise KeyboardInterrupt
-        return real_load(checkpoint, name, *args, **kwargs)
-
-    monkeypatch.setattr(convert_module, "load_weight", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        convert_checkpoint(tmp_path / "official", output, overwrite=True, progress=False)
-    assert (output / "keep.txt").exists() and not list(tmp_path.glob(".out.*"))
-    monkeypatch.undo()
-
-    # A run killed outright leaves its temporary directory; the next run removes it and completes.
-    leftover = tmp_path / ".out.converting-1234-deadbeef"
-    leftover.mkdir()
-    (leftover / "model-00001-of-00002.safetensors").write_bytes(b"partial")
-    convert_checkpoint(tmp_path / "official", output, overwrite=True, verify=True, progress=False)
-    assert not leftover.exists() and not (output / "keep.txt").exists() and (output / "model.safetensors").exists()
 
 
 REMOTE_CODE_CHILD = """
@@ -486,5 +500,6 @@ def test_conversion_writes_a_record_for_the_model_card(tmp_path):
     randomize_(DeepseekMoeForCausalLM(config)).save_pretrained(tmp_path / "source")
     convert_checkpoint(tmp_path / "source", tmp_path / "out", dtype="bf16", progress=False)
     record = json.loads((tmp_path / "out" / CONVERSION_RECORD).read_text())
-    assert record["source"] == str(tmp_path / "source") and record["dtype"] == "bfloat16"
+    assert record["source"] == "source" and record["dtype"] == "bfloat16"  # no local path to publish
+    assert str(tmp_path) not in (tmp_path / "out" / CONVERSION_RECORD).read_text()
     assert record["target"] == "deepseek_moe" and record["mtp"] == "kept"

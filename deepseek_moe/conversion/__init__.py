@@ -11,6 +11,7 @@ from .convert import (
     plan_conversion,
     verify_conversion,
 )
+from .destination import ConversionInterrupted
 from .layouts import Checkpoint, from_mp_name, quantize_fp8_blockwise, to_mp_name
 from .safetensors_io import ConversionError, parse_size
 
@@ -20,6 +21,7 @@ __all__ = [
     "TARGETS",
     "Checkpoint",
     "ConversionError",
+    "ConversionInterrupted",
     "ConversionPlan",
     "ConversionReport",
     "convert_checkpoint",

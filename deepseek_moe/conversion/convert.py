@@ -4,18 +4,18 @@ model-parallel inference format, and resharding, streamed one tensor at a time.
 Everything that can be wrong with the input (missing shard, weight without scale, shape not matching the config,
 unknown dtype, too little disk) is found while planning, from headers alone, before anything is written. The output
 is written into a temporary directory next to it and moved into place only when complete (and verified, if asked),
-so a failed or interrupted run leaves no partial output; the next run removes leftovers.
+so a failed or interrupted run leaves no partial output; an interrupted one keeps its complete shards for the next run
+of the same conversion to resume from (`destination.py`: what may be written or deleted, lock, resume).
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import importlib.metadata
 import json
-import os
 import shutil
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +27,14 @@ from safetensors import safe_open
 from ..dtypes import torch_dtype
 from ..model.configuration_deepseek_moe import DeepseekMoeConfig
 from ..remote_code import AUTO_MAP, CONVERSION_RECORD, remote_code_files
+from .destination import (
+    WorkDirectory,
+    check_replaceable,
+    destination_lock,
+    move_into_place,
+    resolve_paths,
+    signals_interrupt,
+)
 from .layouts import (
     INDEX_FILE,
     SCALE_SUFFIX,
@@ -63,7 +71,7 @@ COPIED_FILES = (
     "merges.txt",
     "generation_config.json",
 )
-# Loading both models for the logits check is only done for small checkpoints.
+# The logits check holds one layer in fp32 at a time; it is skipped when a layer is larger than this.
 LOGITS_CHECK_MAX_BYTES = 2 * 10**9
 
 
@@ -324,29 +332,63 @@ def check_disk_space(output: Path, needed: int) -> None:
         )
 
 
-def write_conversion(plan: ConversionPlan, directory: Path, progress: bool = True) -> None:
-    """Stream every step: read one weight (and scale), write its outputs, drop them."""
-    bar = tqdm(total=plan.data_bytes, unit="B", unit_scale=True, desc="Converting", disable=not progress)
-    with bar, StreamingWriter(directory, plan.files) as writer:
-        for step in plan.steps:
-            bar.update(_write_step(plan.source, step, writer))
+def plan_fingerprint(plan: ConversionPlan) -> str:
+    """What a resumed run must share with the interrupted one: the same source files (name, size, modification time)
+    and the same planned output headers (names, dtypes, shapes, target)."""
+    sources = sorted({part.file for tensor in plan.source.tensors.values() for part in tensor.parts})
+    description = {
+        "source": str(plan.source.directory),
+        "target": plan.target,
+        "sources": [[path.name, path.stat().st_size, path.stat().st_mtime_ns] for path in sources],
+        "files": [[planned.name, hashlib.sha256(planned.header()).hexdigest()] for planned in plan.files],
+    }
+    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
+
+
+def write_conversion(plan: ConversionPlan, work: WorkDirectory, progress: bool = True) -> None:
+    """Stream every step that still has a file to fill (shards `work` already holds complete are skipped): read one
+    weight (and scale), write its outputs, drop them. Then the small files, rewritten on every run."""
+    directory = work.path
+    pending = [planned for planned in plan.files if planned.name not in work.complete]
+    names = {planned.name for planned in pending}
+    steps = [step for step in plan.steps if any(output.file in names for output in step.outputs)]
+    total = sum(planned.data_bytes for planned in pending)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="Converting", disable=not progress)
+    with bar, StreamingWriter(directory, pending, on_complete=work.shard_complete) as writer:
+        for step in steps:
+            bar.update(_write_step(plan.source, step, writer, names))
         writer.finish()
+    written = [planned.name for planned in plan.files]
     if plan.target != "mp" and len(plan.files) > 1:
         (directory / INDEX_FILE).write_text(index_json(plan.files))
+        written.append(INDEX_FILE)
     config = json.loads(plan.config.to_json_string())  # only what differs from the defaults, as save_pretrained
     if plan.target == "fp8":
         config["quantization_config"] = FP8_QUANTIZATION_CONFIG
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    for path in plan.copies:
-        shutil.copyfile(path, directory / path.name)
-    (directory / CONVERSION_RECORD).write_text(json.dumps(conversion_record(plan), indent=2) + "\n")
+    written.append("config.json")
+    copies = list(plan.copies)
     if plan.target != "mp":  # the auto_map's remote code, so trust_remote_code works without this package
-        for path in remote_code_files():
-            shutil.copyfile(path, directory / path.name)
+        copies += remote_code_files()
+    for path in copies:
+        shutil.copyfile(path, directory / path.name)
+    written += [path.name for path in copies]
+    record = conversion_record(plan, sorted(written))
+    (directory / CONVERSION_RECORD).write_text(json.dumps(record, indent=2) + "\n")
 
 
-def conversion_record(plan: ConversionPlan) -> dict[str, str]:
-    """How the output was made, kept beside it (`conversion.json`; the Hub model card shows it)."""
+def source_name(directory: Path) -> str:
+    """How a record names the source without publishing a local path: the Hub id of a Hugging Face cache snapshot
+    (`.../models--org--name/snapshots/<sha>`), else the folder's name."""
+    parts = directory.parts
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        return parts[-3].removeprefix("models--").replace("--", "/")
+    return directory.name
+
+
+def conversion_record(plan: ConversionPlan, files: list[str]) -> dict:
+    """How the output was made, kept beside it (`conversion.json`; the Hub model card shows it), and the files the
+    conversion wrote (so `--overwrite` knows what it may replace)."""
     source = plan.source
     scaled = any(is_scale(name) for name in source.tensors)
     try:
@@ -354,21 +396,26 @@ def conversion_record(plan: ConversionPlan) -> dict[str, str]:
     except importlib.metadata.PackageNotFoundError:
         tool = "deepseek-moe"
     return {
-        "source": str(source.directory),
+        "source": source_name(source.directory),
         "source_format": f"{'model-parallel' if source.layout == 'mp' else 'Hugging Face'}{' FP8' if scaled else ''}",
         "target": {"ours": "deepseek_moe", "fp8": "official FP8 (128x128 blocks)", "mp": "model-parallel"}[plan.target],
         "dtype": str(plan.config.dtype).removeprefix("torch."),
         "mtp": f"dropped ({len(plan.dropped)} tensors)" if plan.dropped else "kept",
         "converted_with": tool,
+        "files": files,
     }
 
 
-def _write_step(source: Checkpoint, step: Step, writer: StreamingWriter) -> int:
-    """One step, in its own frame so that its tensors are freed before the next step reads (peak = one step)."""
+def _write_step(source: Checkpoint, step: Step, writer: StreamingWriter, files: set[str]) -> int:
+    """One step, in its own frame so that its tensors are freed before the next step reads (peak = one step); only
+    its outputs into `files` are written."""
     tensors = step.make(*load_weight(source, step.weight))
+    written = 0
     for output, tensor in zip(step.outputs, tensors, strict=True):
-        writer.write(output.file, output.name, tensor)
-    return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+        if output.file in files:
+            writer.write(output.file, output.name, tensor)
+            written += tensor.numel() * tensor.element_size()
+    return written
 
 
 def _read_with_safetensors(info: TensorInfo) -> torch.Tensor:
@@ -380,7 +427,9 @@ def _read_with_safetensors(info: TensorInfo) -> torch.Tensor:
 def verify_conversion(plan: ConversionPlan, directory: Path) -> float | None:
     """Re-read the output and compare every tensor with the source: equal after the same cast, or within e4m3
     rounding (half an ulp, 2⁻⁴ relative, or 2⁻¹⁰·scale among subnormals) for FP8 written from other dtypes. On
-    small checkpoints, also load both with `DeepseekMoeForCausalLM` and compare logits; returns that error."""
+    Hugging Face layouts, also compare both checkpoints' logits, computed layer by layer; returns that error."""
+    from .streamed_logits import largest_layer_bytes  # runs the model code: imported only for `--verify`
+
     output = Checkpoint.open(directory)
     expected = {step.weight for step in plan.steps}
     written = {name for name in output.tensors if not is_scale(name)}
@@ -403,37 +452,30 @@ def verify_conversion(plan: ConversionPlan, directory: Path) -> float | None:
             exact &= bool((error == 0).all())
         if not ok:
             raise ConversionError(f"verification: {name} in {directory} does not match the source")
-    if plan.target == "mp" or plan.source.layout != "hf" or plan.data_bytes > LOGITS_CHECK_MAX_BYTES:
+    if plan.target == "mp" or plan.source.layout != "hf" or largest_layer_bytes(output) > LOGITS_CHECK_MAX_BYTES:
         return None
-    return _compare_logits(plan.source.directory, directory, exact)
+    return _compare_logits(plan, output, exact)
 
 
-def _compare_logits(source: Path, output: Path, exact: bool) -> float:
-    """Loads both checkpoints in fp32 and compares logits on a fixed batch. Equal weights must give max |Δ| within
-    1e-5 of max |logit|. After rounding (bf16, FP8) near-ties route some tokens to other experts and errors compound
-    through small random models (FP8 gives 10-20%), so there the mean |Δ| only has to stay under half the mean
-    |logit|: a coarse end-to-end check against gross errors, the per-tensor checks being the precise ones."""
-    from ..model.modeling_deepseek_moe import DeepseekMoeForCausalLM  # only `--verify` runs the model
+def _compare_logits(plan: ConversionPlan, output: Checkpoint, exact: bool) -> float:
+    """Both checkpoints' fp32 logits on a fixed batch, computed layer by layer (`streamed_logits`), the output's with
+    the config.json written beside it. Equal weights must give max |Δ| within 1e-5 of max |logit|. After rounding
+    (bf16, FP8) near-ties route some tokens to other experts and errors compound through small random models (FP8
+    gives 10-20%), so there the mean |Δ| only has to stay under half the mean |logit|: a coarse end-to-end check
+    against gross errors, the per-tensor checks being the precise ones."""
+    from .streamed_logits import streamed_logits
 
-    logits = []
-    for directory in (source, output):
-        model = DeepseekMoeForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-        input_ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            logits.append(model(input_ids).logits)
-        del model
-    difference = (logits[1] - logits[0]).abs()
+    output_config = DeepseekMoeConfig.from_pretrained(output.directory)
+    input_ids = torch.randint(0, plan.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    reference = streamed_logits(plan.source, plan.config, input_ids)
+    difference = (streamed_logits(output, output_config, input_ids) - reference).abs()
     if exact:
-        error, tolerance = (difference.max() / logits[0].abs().max()).item(), 1e-5
+        error, tolerance = (difference.max() / reference.abs().max()).item(), 1e-5
     else:
-        error, tolerance = (difference.mean() / logits[0].abs().mean()).item(), 0.5
+        error, tolerance = (difference.mean() / reference.abs().mean()).item(), 0.5
     if not error <= tolerance:
         raise ConversionError(f"verification: logits differ by {error:.3g} (relative), more than {tolerance}")
     return error
-
-
-def _temporary_prefix(output: Path) -> str:
-    return f".{output.name}.converting-"
 
 
 def convert_checkpoint(
@@ -455,40 +497,34 @@ def convert_checkpoint(
     target: `ours` (plain weights; FP8 dequantized), `fp8` (DeepSeek's FP8 form with 128×128 block scales) or
     `mp` (DeepSeek's inference-repo files `model{i}-mp{mp}.safetensors`; MTP layers dropped as its convert.py does).
     dtype: `bf16`/`fp16`/`fp32` for plain weights; None keeps each tensor's dtype (FP8 → bf16 for `ours`).
+    overwrite: replace `output` if it is an earlier conversion's output (files no conversion wrote are never deleted).
+    An interrupted run (Ctrl-C, SIGTERM, SIGHUP, SIGKILL) keeps its complete shards; running the same conversion
+    again resumes from them (see `destination.py`).
     """
     start = time.perf_counter()
-    output = Path(output).absolute()
+    source, output = resolve_paths(source, output)
     plan = plan_conversion(
         source, target=target, dtype=dtype, drop_mtp=drop_mtp, mp=mp, max_shard_size=max_shard_size, config=config
     )
-    if output == plan.source.directory.absolute():
-        raise ConversionError(f"{output}: the output must differ from the source")
-    if output.exists() and not overwrite:
-        raise ConversionError(f"{output} already exists; pass overwrite=True (--overwrite) to replace it")
-    check_disk_space(output, plan.disk_bytes)
-
     output.parent.mkdir(parents=True, exist_ok=True)
-    for leftover in output.parent.glob(_temporary_prefix(output) + "*"):  # from an interrupted run
-        shutil.rmtree(leftover, ignore_errors=True)
-    temporary = output.parent / f"{_temporary_prefix(output)}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    temporary.mkdir()
-    try:
-        write_conversion(plan, temporary, progress=progress)
-        logits_error = verify_conversion(plan, temporary) if verify else None
-        if output.exists():
-            replaced = temporary.with_name(temporary.name + "-replaced")
-            output.rename(replaced)
-            try:
-                temporary.rename(output)
-            except BaseException:
-                replaced.rename(output)  # the old output stays where it was
-                raise
-            shutil.rmtree(replaced)
-        else:
-            temporary.rename(output)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
+    with destination_lock(output), signals_interrupt():
+        check_replaceable(output, overwrite)
+        work = WorkDirectory.create(output, plan_fingerprint(plan))
+        try:  # the shards a resumed run keeps are on the disk already
+            check_disk_space(output, plan.disk_bytes - work.complete_bytes)
+        except ConversionError:
+            work.keep_for_resume()
+            raise
+        try:
+            write_conversion(plan, work, progress=progress)
+            logits_error = verify_conversion(plan, work.path) if verify else None
+            work.finish()
+        except KeyboardInterrupt as interruption:
+            raise work.interrupted(str(interruption) or "Ctrl-C", len(plan.files)) from None
+        except BaseException:
+            shutil.rmtree(work.path, ignore_errors=True)
+            raise
+        move_into_place(work.path, output)
     return ConversionReport(
         output,
         [planned.name for planned in plan.files],

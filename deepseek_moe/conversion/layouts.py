@@ -143,10 +143,7 @@ class Checkpoint:
 
     @classmethod
     def _open_sharded(cls, directory: Path) -> Checkpoint:
-        try:
-            weight_map: dict[str, str] = json.loads((directory / INDEX_FILE).read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise ConversionError(f"{directory / INDEX_FILE}: not a safetensors index ({error})") from error
+        weight_map = read_index(directory / INDEX_FILE)
         shards = sorted(set(weight_map.values()))
         missing = [shard for shard in shards if not (directory / shard).is_file()]
         if missing:
@@ -187,6 +184,24 @@ class Checkpoint:
                 if expert_index(name) is not None:
                     tensors[from_mp_name(name)[0]] = LogicalTensor((info,))
         return cls(directory, "mp", tensors)
+
+
+def read_index(path: Path) -> dict[str, str]:
+    """The `weight_map` of a safetensors index: tensor name → shard, every shard a plain file name in the index's own
+    folder (`../elsewhere/x`, `sub/x` or `/etc/passwd` would read or publish files from outside the checkpoint)."""
+    try:
+        weight_map = json.loads(path.read_text())["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
+        raise ConversionError(f"{path}: not a safetensors index ({type(error).__name__}: {error})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ConversionError(f"{path}: weight_map must map tensor names to shard file names")
+    for shard in sorted(set(weight_map.values())):
+        if shard in ("", ".", "..") or "/" in shard or "\\" in shard or "\0" in shard:
+            raise ConversionError(
+                f"{path}: shard {shard!r} is not a plain file name in the checkpoint's folder; an index may only name "
+                "files beside it"
+            )
+    return weight_map
 
 
 def load_weight(

@@ -8,9 +8,12 @@ writing streams bytes after a header planned in advance: peak memory is about on
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -41,7 +44,7 @@ SHARD_METADATA = {"format": "pt"}
 
 
 def nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
-    return torch.Size(shape).numel() * dtype.itemsize
+    return math.prod(shape) * dtype.itemsize
 
 
 @dataclass(frozen=True)
@@ -59,22 +62,67 @@ class TensorInfo:
         return nbytes(self.dtype, self.shape)
 
 
+# A header longer than this is not a checkpoint's (DeepSeek-V3's largest shard header is about 100 kB).
+MAX_HEADER_BYTES = 100 * 10**6
+
+
 def read_header(path: Path) -> dict[str, TensorInfo]:
-    """Tensor name → `TensorInfo`, from the header alone (no tensor data is read)."""
+    """Tensor name → `TensorInfo`, from the header alone (no tensor data is read). Everything the header claims is
+    checked against the file before it is trusted: a JSON object of known dtypes and whole shapes, byte ranges that
+    match shape × dtype, lie inside the file and do not overlap. Any failure is one `ConversionError` naming the
+    file."""
     try:
+        size = path.stat().st_size
         with open(path, "rb") as file:
-            (length,) = struct.unpack("<Q", file.read(8))
+            prefix = file.read(8)
+            if len(prefix) < 8:
+                raise ConversionError(f"{path}: not a safetensors file (truncated: {size} bytes)")
+            (length,) = struct.unpack("<Q", prefix)
+            if length < 2 or length > min(size - 8, MAX_HEADER_BYTES):
+                raise ConversionError(f"{path}: not a safetensors file (header length {length}, file size {size})")
             header = json.loads(file.read(length))
-    except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ConversionError(f"{path}: not a safetensors file ({error})") from error
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConversionError(f"{path}: not a safetensors file (header is not JSON: {error})") from None
+    if not isinstance(header, dict):
+        raise ConversionError(f"{path}: not a safetensors file (header is not a JSON object)")
     header.pop("__metadata__", None)
-    infos = {}
+    infos, spans = {}, []
     for name, entry in header.items():
-        if entry["dtype"] not in SAFETENSORS_DTYPES:
-            raise ConversionError(f"{path}: tensor {name!r} has unsupported dtype {entry['dtype']}")
-        offset = 8 + length + entry["data_offsets"][0]
-        infos[name] = TensorInfo(path, name, SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"]), offset)
+        begin, end, dtype, shape = _header_entry(path, name, entry)
+        if 8 + length + end > size:
+            raise ConversionError(f"{path}: tensor {name!r} ends at byte {8 + length + end}, the file has {size}")
+        infos[name] = TensorInfo(path, name, dtype, shape, 8 + length + begin)
+        spans.append((begin, end, name))
+    spans.sort()
+    for (_, previous_end, previous), (begin, _, name) in zip(spans, spans[1:], strict=False):
+        if begin < previous_end:
+            raise ConversionError(f"{path}: tensors {previous!r} and {name!r} overlap")
     return infos
+
+
+def _header_entry(path: Path, name: str, entry: object) -> tuple[int, int, torch.dtype, tuple[int, ...]]:
+    """(begin, end, dtype, shape) of one header entry, or a `ConversionError` saying what is wrong with it."""
+    if not isinstance(entry, dict):
+        raise ConversionError(f"{path}: header entry {name!r} is not an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+        raise ConversionError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
+        raise ConversionError(f"{path}: tensor {name!r} has an invalid shape {shape!r}")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(type(n) is int for n in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
+        raise ConversionError(f"{path}: tensor {name!r} has invalid data_offsets {offsets!r}")
+    torch_dtype = SAFETENSORS_DTYPES[dtype]
+    if offsets[1] - offsets[0] != nbytes(torch_dtype, tuple(shape)):
+        raise ConversionError(
+            f"{path}: tensor {name!r} spans {offsets[1] - offsets[0]} bytes, its shape {shape} of {dtype} needs "
+            f"{nbytes(torch_dtype, tuple(shape))}"
+        )
+    return offsets[0], offsets[1], torch_dtype, tuple(shape)
 
 
 def read_tensor(info: TensorInfo) -> torch.Tensor:
@@ -117,13 +165,20 @@ class PlannedFile:
 
 class StreamingWriter:
     """Writes planned files tensor by tensor, in planned order; a file is opened at its first tensor and closed at
-    its last, so several can be filled at once (model-parallel ranks) or one after the other (size shards)."""
+    its last, so several can be filled at once (model-parallel ranks) or one after the other (size shards). Each
+    file's sha256 is computed as it is written and passed with its size to `on_complete` once it is closed."""
 
-    def __init__(self, directory: Path, files: list[PlannedFile]) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        files: list[PlannedFile],
+        on_complete: Callable[[str, int, str], None] | None = None,
+    ) -> None:
         self.directory = directory
         self.files = {planned.name: planned for planned in files}
         self.pending = {planned.name: list(planned.tensors) for planned in files}
-        self.open_files: dict[str, BinaryIO] = {}
+        self.open_files: dict[str, tuple[BinaryIO, hashlib._Hash]] = {}
+        self.on_complete = on_complete
 
     def write(self, file_name: str, name: str, tensor: torch.Tensor) -> None:
         planned, pending = self.files[file_name], self.pending[file_name]
@@ -134,12 +189,21 @@ class StreamingWriter:
                 f"{pending[0] if pending else None} {expected}"
             )
         if file_name not in self.open_files:
-            self.open_files[file_name] = open(self.directory / file_name, "wb")  # noqa: SIM115 (closed below)
-            self.open_files[file_name].write(planned.header())
-        self.open_files[file_name].write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+            handle = open(self.directory / file_name, "wb")  # noqa: SIM115 (closed below)
+            self.open_files[file_name] = handle, hashlib.sha256()
+            self._write(file_name, planned.header())
+        self._write(file_name, tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
         pending.pop(0)
         if not pending:
-            self.open_files.pop(file_name).close()
+            handle, digest = self.open_files.pop(file_name)
+            handle.close()
+            if self.on_complete is not None:
+                self.on_complete(file_name, planned.file_bytes, digest.hexdigest())
+
+    def _write(self, file_name: str, data: bytes) -> None:
+        handle, digest = self.open_files[file_name]
+        handle.write(data)
+        digest.update(data)
 
     def finish(self) -> None:
         """Raises if a planned tensor was never written."""
@@ -151,7 +215,7 @@ class StreamingWriter:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        for handle in self.open_files.values():
+        for handle, _ in self.open_files.values():
             handle.close()
         self.open_files.clear()
 
