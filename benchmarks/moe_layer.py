@@ -20,6 +20,7 @@ from functools import partial
 import torch
 
 from deepseek_moe import DeepseekMoeConfig
+from deepseek_moe.dtypes import DTYPE_ALIASES, torch_dtype
 from deepseek_moe.model import moe_kernels
 from deepseek_moe.model.modeling_deepseek_moe import DeepseekMoeExperts
 
@@ -74,7 +75,7 @@ def _copy_bandwidth(device: str) -> float:
 
 def _implementations(device: str, training: bool) -> list[str]:
     names = ["eager", "grouped_mm"] + ([] if training else ["batched_mm"])
-    if moe_kernels.kernels_run_on(torch.device(device)) and device == "cuda":
+    if moe_kernels.triton_runs_on(torch.device(device)) and device == "cuda":
         names.append(moe_kernels.IMPLEMENTATION_NAME)
     return names
 
@@ -146,11 +147,11 @@ def main() -> None:
     parser.add_argument("--expert-scale", type=int, default=4, help="divide the number of experts by this")
     parser.add_argument("--tokens", type=int, default=1024, help="tokens per training step")
     parser.add_argument("--decode-batches", type=int, nargs="+", default=[1, 4, 16, 64])
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="float32", choices=DTYPE_ALIASES)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args()
-    dtype = getattr(torch, args.dtype)
+    dtype = torch_dtype(args.dtype)
     torch.manual_seed(0)
     bandwidth = _copy_bandwidth(args.device)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"

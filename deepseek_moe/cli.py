@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -13,7 +14,8 @@ from .presets import SMALL_PRESETS
 
 
 def _info(args: argparse.Namespace) -> int:
-    from .info import count_parameters, describe, kv_cache_bytes_per_token, load_config
+    from .info import count_parameters, describe, kv_cache_bytes_per_token
+    from .presets import load_config
 
     config = load_config(args.model)
     if args.json:
@@ -206,6 +208,149 @@ def _add_upload(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=_upload)
 
 
+def _train(args: argparse.Namespace) -> int:
+    from .training.pretrain import load_train_arguments, train
+
+    settings = {key: value for key, value in vars(args).items() if key not in ("command", "run", "config", "debug")}
+    result = train(load_train_arguments(args.config, **settings))
+    if os.environ.get("RANK", "0") != "0":
+        return 0
+    print(f"trained {result.steps} steps ({result.tokens} tokens); model saved to {result.model_path}")
+    if result.eval_perplexities:
+        step, perplexity = max(result.eval_perplexities.items())
+        print(f"evaluation perplexity at step {step}: {perplexity:.3f}")
+    return 0
+
+
+def _add_train(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="pre-train (or continue training) a model on text files with Accelerate",
+        description="Settings come from --config (YAML or JSON, keys as below with underscores) and the flags, which "
+        "win; defaults are DeepSeek-V3's (docs/TRAINING.md). Run as a plain process, under torchrun, or as "
+        "`accelerate launch -m deepseek_moe.cli train ...`. A re-run with the same --output-dir resumes from the "
+        "newest complete checkpoint.",
+    )
+    flag = parser.add_argument
+    flag("--config", help="YAML or JSON file of settings")
+    flag("--model", help="preset name, config.json, or saved model directory to continue from (default tiny-v3)")
+    flag(
+        "--config-overrides",
+        type=json.loads,
+        help="JSON object of config fields for a new model, e.g. '{\"num_hidden_layers\": 2}'",
+    )
+    flag("--data", nargs="+", help="text/JSONL/JSON/CSV/parquet files or directories, or one saved dataset directory")
+    flag("--eval-data", nargs="+", help="evaluation files (default: --eval-holdout-rows packed rows of --data)")
+    flag("--eval-holdout-rows", type=int, help="packed training rows held out for evaluation")
+    flag("--text-field", help="column holding the text (default text)")
+    flag("--text-sample-by", choices=("line", "paragraph", "document"), help="text files: what one document is")
+    flag("--streaming", action="store_true", default=None, help="read the data lazily (no shuffling)")
+    flag("--tokenizer", help="tokenizer directory or Hub name, or 'bytes' (built-in byte-level)")
+    flag("--seq-length", type=int, help="tokens per packed row (default 4096)")
+    flag("--global-batch-size", type=int, help="rows per optimizer step over all processes")
+    flag("--micro-batch-size", type=int, help="rows per forward per process (default 1)")
+    flag("--gradient-accumulation-steps", type=int, help="micro-batches per process per step (default: derived)")
+    flag("--sync-each-batch", action="store_true", default=None, help="sync gradients on every micro-batch")
+    flag("--max-steps", type=int, help="optimizer steps (default 1000)")
+    flag("--learning-rate", type=float, help="peak learning rate (default 2.2e-4)")
+    flag("--min-lr-ratio", type=float, help="cosine floor relative to the peak (default 0.1)")
+    flag("--lr-schedule", choices=("cosine", "step", "constant"), help="after warm-up (default cosine)")
+    flag("--warmup-steps", type=int, help="linear warm-up steps (default 2000)")
+    flag("--adam-beta1", type=float, help="AdamW beta1 (default 0.9)")
+    flag("--adam-beta2", type=float, help="AdamW beta2 (default 0.95)")
+    flag("--adam-epsilon", type=float, help="AdamW epsilon (default 1e-8)")
+    flag("--weight-decay", type=float, help="AdamW weight decay (default 0.1)")
+    flag("--max-grad-norm", type=float, help="gradient clipping norm (default 1.0)")
+    flag("--bf16", action="store_true", default=None, help="bf16 mixed precision")
+    flag("--fp8", choices=("none", "blockwise", "torchao"), help="FP8 training recipe (default none)")
+    flag("--gradient-checkpointing", action="store_true", default=None, help="activation checkpointing")
+    flag("--bias-update-speed", type=float, help="gamma of the V3 bias update (default: the config's)")
+    flag("--bias-update-stop", type=float, help="fraction of the steps after which gamma is 0")
+    flag("--mtp-loss-weight-early", type=float, help="MTP lambda before --mtp-switch (default 0.3)")
+    flag("--mtp-loss-weight-late", type=float, help="MTP lambda after it (default 0.1)")
+    flag("--mtp-switch", type=float, help="fraction of the steps where lambda switches (default 10/14.8)")
+    flag("--fsdp", action="store_true", default=None, help="shard with FSDP2 (decoder layers as units)")
+    flag("--ep-size", type=int, help="expert-parallel size")
+    flag("--tp-size", type=int, help="tensor-parallel size")
+    flag("--output-dir", help="run directory: checkpoints/, final/, logs (default runs/deepseek-moe)")
+    flag("--seed", type=int, help="seed for weights and data order (default 42)")
+    flag("--eval-every", type=int, help="steps between evaluations (default 0: at the end)")
+    flag("--eval-batches", type=int, help="micro-batches per evaluation and process (default 0: all)")
+    flag("--save-every", type=int, help="steps between checkpoints (default 0: none)")
+    flag("--keep-checkpoints", type=int, help="checkpoints kept (default 2)")
+    flag("--no-resume", dest="resume", action="store_false", default=None, help="ignore existing checkpoints")
+    flag("--log-every", type=int, help="steps between TensorBoard records (default 1)")
+    flag("--no-tensorboard", dest="tensorboard", action="store_false", default=None, help="no TensorBoard logs")
+    flag("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+    parser.set_defaults(run=_train)
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from .training.finetune import FinetuneArguments, finetune
+
+    ignored = ("command", "run", "debug")
+    settings = {key: value for key, value in vars(args).items() if key not in ignored and value is not None}
+    result = finetune(FinetuneArguments(**settings))
+    print(f"fine-tuned (train loss {result.train_loss:.4f}); saved to {result.model_path}")
+    return 0
+
+
+def _add_finetune(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "finetune",
+        help="fine-tune on chat (messages) or text data with transformers' Trainer, LoRA or full",
+        description="Chat rows (a `messages` column) are rendered with the tokenizer's chat template and trained on "
+        "the assistant turns only. LoRA adapts the attention projections, dense/shared MLPs and routed experts "
+        "(never the router); the V3 correction bias stays frozen unless --update-bias.",
+    )
+    flag = parser.add_argument
+    flag("model", help="saved model directory (a preset name builds a random model)")
+    flag("--data", nargs="+", required=True, help="JSONL/JSON/CSV/parquet/text files or a saved dataset directory")
+    flag("--eval-data", nargs="+", help="evaluation files")
+    flag("--tokenizer", help="tokenizer directory or Hub name (default: the model's)")
+    flag("--data-format", choices=("auto", "chat", "text"), help="default auto: chat when a messages column exists")
+    flag("--max-length", type=int, help="tokens per example (default 2048)")
+    flag("--method", choices=("lora", "full"), help="default lora")
+    flag("--lora-r", type=int, help="LoRA rank (default 16)")
+    flag("--lora-alpha", type=int, help="LoRA alpha (default 32)")
+    flag("--lora-target-modules", nargs="+", help="module names to adapt (default: attention and MLP projections)")
+    flag("--no-lora-experts", dest="lora_experts", action="store_false", default=None, help="leave routed experts")
+    flag("--update-bias", action="store_true", default=None, help="let the V3 correction bias move under LoRA")
+    flag("--output-dir", help="default runs/deepseek-moe-finetune; the result goes to OUTPUT_DIR/final")
+    flag("--learning-rate", type=float, help="default 1e-4")
+    flag("--num-train-epochs", type=float, help="default 1")
+    flag("--max-steps", type=int, help="overrides epochs when > 0")
+    flag("--per-device-train-batch-size", type=int, help="default 1")
+    flag("--gradient-accumulation-steps", type=int, help="default 1")
+    flag("--warmup-steps", type=int, help="default 0")
+    flag("--lr-scheduler-type", help="transformers scheduler name (default cosine)")
+    flag("--weight-decay", type=float, help="default 0")
+    flag("--bf16", action="store_true", default=None, help="bf16 mixed precision")
+    flag("--gradient-checkpointing", action="store_true", default=None, help="activation checkpointing")
+    flag("--seed", type=int, help="default 42")
+    flag("--logging-steps", type=int, help="default 10")
+    flag("--save-steps", type=int, help="default 500")
+    flag("--eval-steps", type=int, help="steps between evaluations")
+    flag("--report-to", help="Trainer integrations, e.g. tensorboard (default none)")
+    flag("--resume-from-checkpoint", help="a Trainer checkpoint directory to resume from")
+    parser.set_defaults(run=_finetune)
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from .training.finetune import merge_adapter
+
+    print(f"merged model written to {merge_adapter(args.adapter, args.output, base_model=args.base_model)}")
+    return 0
+
+
+def _add_merge(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("merge", help="merge a LoRA adapter into its base model as a standalone checkpoint")
+    parser.add_argument("adapter", metavar="ADAPTER", help="adapter directory (from `deepseek-moe finetune`)")
+    parser.add_argument("output", metavar="OUTPUT", help="directory to create")
+    parser.add_argument("--base-model", help="base model (default: the one the adapter names)")
+    parser.set_defaults(run=_merge)
+
+
 def build_parser() -> argparse.ArgumentParser:
     debug = argparse.ArgumentParser(add_help=False)
     debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
@@ -218,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(subparsers)
     _add_convert(subparsers)
     _add_upload(subparsers)
+    _add_train(subparsers)
+    _add_finetune(subparsers)
+    _add_merge(subparsers)
     for subparser in subparsers.choices.values():  # `--debug` also after the command (hub_upload.py passes it there)
         subparser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser

@@ -34,7 +34,7 @@ def run_demo(preset: str = "tiny-v3", new_tokens: int = 24, prompt_length: int =
     """Builds the model, generates greedily with the cache, compares with full recomputation; 0 when they agree."""
     model = build_model(preset, seed)
     config = model.config
-    attention = "MLA" if config.use_mla else "MHA"
+    attention = "MLA" if config.uses_mla else "MHA"
     print(
         f"preset {preset}: {config.num_hidden_layers} layers, {attention}, {config.n_routed_experts} routed + "
         f"{config.n_shared_experts} shared experts, top-{config.num_experts_per_tok} ({config.topk_method}, "

@@ -6,14 +6,11 @@ closed-form formulas, so the numbers cannot drift from what the modeling code ac
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
 from .model.configuration_deepseek_moe import DeepseekMoeConfig
 from .model.modeling_deepseek_moe import DeepseekMoeExperts, DeepseekMoeForCausalLM
-from .presets import PRESETS
 
 
 def _layer_counts(layer: nn.Module, config: DeepseekMoeConfig) -> tuple[int, int]:
@@ -62,7 +59,7 @@ def kv_cache_bytes_per_token(config: DeepseekMoeConfig, dtype_bytes: int = 2) ->
     """Bytes the KV cache grows by per token: MLA stores the latent and the rotary key (`kv_lora_rank +
     qk_rope_head_dim` values), multi-head attention stores keys and values of every KV head. MTP layers, which only
     cache when used as a draft model, are not included."""
-    if config.use_mla:
+    if config.uses_mla:
         values = config.kv_lora_rank + config.qk_rope_head_dim
     else:
         values = 2 * config.num_key_value_heads * config.head_dim
@@ -76,13 +73,13 @@ def kv_cache_bytes_per_token(config: DeepseekMoeConfig, dtype_bytes: int = 2) ->
 
 
 def _routing(config: DeepseekMoeConfig) -> str:
-    scoring = config.scoring_func + (" + correction bias" if config.topk_method == "noaux_tc" else "")
+    scoring = config.scoring_func + (" + correction bias" if config.uses_bias_balancing else "")
     groups = ""
-    if config.topk_method != "greedy" and config.n_group > 1:
-        score = "top-2 sum" if config.topk_method == "noaux_tc" else "max"
+    if config.uses_group_limited_routing:
+        score = "top-2 sum" if config.uses_bias_balancing else "max"
         groups = f", within the best {config.topk_group} of {config.n_group} groups (group score: {score})"
     weights = "normalised" if config.norm_topk_prob else "unnormalised"
-    if config.topk_method == "noaux_tc" or not config.norm_topk_prob:
+    if config.scales_routing_weights:
         weights += f", scaled by {config.routed_scaling_factor:g}"
     return f"{config.topk_method}: {scoring}, top-{config.num_experts_per_tok}{groups}; weights {weights}"
 
@@ -95,16 +92,16 @@ def _billions(count: int) -> str:
 def family(config: DeepseekMoeConfig) -> str:
     """Which DeepSeek generation the architecture follows: multi-head attention is DeepSeekMoE (16B), MLA with the
     auxiliary-loss-free router is V3, other MLA models are V2."""
-    if not config.use_mla:
+    if not config.uses_mla:
         return "DeepSeekMoE"
-    return "DeepSeek-V3" if config.topk_method == "noaux_tc" else "DeepSeek-V2"
+    return "DeepSeek-V3" if config.uses_bias_balancing else "DeepSeek-V2"
 
 
 def summary(config: DeepseekMoeConfig) -> list[tuple[str, str]]:
     """(label, value) rows describing the architecture and its size: `describe` prints them, the Hub model card
     shows them as a table."""
     moe_layers = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
-    if config.use_mla:
+    if config.uses_mla:
         q = "none (q_proj)" if config.q_lora_rank is None else str(config.q_lora_rank)
         attention = (
             f"MLA, {config.num_attention_heads} heads, kv_lora_rank {config.kv_lora_rank}, q_lora_rank {q}, "
@@ -160,15 +157,4 @@ def describe(config: DeepseekMoeConfig) -> str:
     return "\n".join(f"{label + ':':<14}{value}" for label, value in summary(config))
 
 
-def load_config(preset_or_dir: str) -> DeepseekMoeConfig:
-    """A preset from `PRESETS`, or a local directory with a config.json (ours or an official DeepSeek one)."""
-    if preset_or_dir in PRESETS:
-        return DeepseekMoeConfig.from_preset(preset_or_dir)
-    if os.path.isfile(os.path.join(preset_or_dir, "config.json")):
-        return DeepseekMoeConfig.from_pretrained(preset_or_dir)
-    raise ValueError(
-        f"{preset_or_dir!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a directory with a config.json"
-    )
-
-
-__all__ = ["count_parameters", "describe", "family", "kv_cache_bytes_per_token", "load_config", "summary"]
+__all__ = ["count_parameters", "describe", "family", "kv_cache_bytes_per_token", "summary"]

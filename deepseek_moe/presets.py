@@ -5,6 +5,7 @@ kept outside the model folder, which ships as Hub remote code."""
 from __future__ import annotations
 
 import copy
+import os
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -18,10 +19,37 @@ _YARN = {
     "original_max_position_embeddings": 4096,
 }
 
-# Official values (reference §2.1). The small presets keep every structural feature of their family.
+# What every small preset shares: three layers (one dense), 64 wide, a 512-token vocabulary.
+_TINY = {
+    "vocab_size": 512,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "moe_intermediate_size": 32,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "first_k_dense_replace": 1,
+}
+# Small MLA (V2/V3): latent 32, query LoRA 48, 16 + 8 rotary query/key dims, 16 experts in 4 groups, top-4 of 2 groups.
+_TINY_MLA = {
+    **_TINY,
+    "q_lora_rank": 48,
+    "kv_lora_rank": 32,
+    "qk_nope_head_dim": 16,
+    "qk_rope_head_dim": 8,
+    "v_head_dim": 16,
+    "n_routed_experts": 16,
+    "num_experts_per_tok": 4,
+    "n_group": 4,
+    "topk_group": 2,
+    "max_position_embeddings": 163840,
+}
+
+# Official values (reference §2.1). The small presets keep every structural feature of their family. Each preset is
+# written as an official config.json of its family would be: `model_type` (`deepseek`, `deepseek_v2`, `deepseek_v3`)
+# supplies that family's defaults for the keys left out (`normalize_config_dict`).
 PRESETS: dict[str, dict[str, Any]] = {
     "deepseek-moe-16b": {
-        "_family": "deepseek",
+        "model_type": "deepseek",
         "vocab_size": 102400,
         "hidden_size": 2048,
         "intermediate_size": 10944,
@@ -40,7 +68,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "eos_token_id": 100001,
     },
     "deepseek-v2-lite": {
-        "_family": "deepseek_v2",
+        "model_type": "deepseek_v2",
         "vocab_size": 102400,
         "hidden_size": 2048,
         "intermediate_size": 10944,
@@ -63,7 +91,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "eos_token_id": 100001,
     },
     "deepseek-v2": {
-        "_family": "deepseek_v2",
+        "model_type": "deepseek_v2",
         "vocab_size": 102400,
         "hidden_size": 5120,
         "intermediate_size": 12288,
@@ -86,7 +114,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "eos_token_id": 100001,
     },
     "deepseek-v3": {
-        "_family": "deepseek_v3",
+        "model_type": "deepseek_v3",
         "num_nextn_predict_layers": 1,
         "max_position_embeddings": 163840,
         "rope_scaling": {**_YARN, "mscale": 1.0, "mscale_all_dim": 1.0},
@@ -94,87 +122,38 @@ PRESETS: dict[str, dict[str, Any]] = {
         "eos_token_id": 1,
     },
     "tiny-16b": {
-        "_family": "deepseek",
-        "vocab_size": 512,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "moe_intermediate_size": 32,
-        "num_hidden_layers": 3,
-        "num_attention_heads": 4,
+        **_TINY,
+        "model_type": "deepseek",
         "num_key_value_heads": 4,
         "n_routed_experts": 8,
         "n_shared_experts": 2,
         "num_experts_per_tok": 3,
-        "first_k_dense_replace": 1,
         "max_position_embeddings": 512,
     },
     "tiny-v2-lite": {
-        "_family": "deepseek_v2",
-        "vocab_size": 512,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "moe_intermediate_size": 32,
-        "num_hidden_layers": 3,
-        "num_attention_heads": 4,
+        **_TINY_MLA,
+        "model_type": "deepseek_v2",
         "q_lora_rank": None,
-        "kv_lora_rank": 32,
-        "qk_nope_head_dim": 16,
-        "qk_rope_head_dim": 8,
-        "v_head_dim": 16,
         "n_routed_experts": 8,
         "n_shared_experts": 2,
         "num_experts_per_tok": 3,
         "n_group": 1,
         "topk_group": 1,
-        "first_k_dense_replace": 1,
-        "max_position_embeddings": 163840,
         "rope_scaling": {**_YARN, "mscale": 0.707, "mscale_all_dim": 0.707},
     },
     "tiny-v2": {
-        "_family": "deepseek_v2",
-        "vocab_size": 512,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "moe_intermediate_size": 32,
-        "num_hidden_layers": 3,
-        "num_attention_heads": 4,
-        "q_lora_rank": 48,
-        "kv_lora_rank": 32,
-        "qk_nope_head_dim": 16,
-        "qk_rope_head_dim": 8,
-        "v_head_dim": 16,
-        "n_routed_experts": 16,
+        **_TINY_MLA,
+        "model_type": "deepseek_v2",
         "n_shared_experts": 2,
-        "num_experts_per_tok": 4,
-        "n_group": 4,
-        "topk_group": 2,
         "topk_method": "group_limited_greedy",
         "routed_scaling_factor": 16.0,
-        "first_k_dense_replace": 1,
-        "max_position_embeddings": 163840,
         "rope_scaling": {**_YARN, "mscale": 0.707, "mscale_all_dim": 0.707},
     },
     "tiny-v3": {
-        "_family": "deepseek_v3",
-        "vocab_size": 512,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "moe_intermediate_size": 32,
-        "num_hidden_layers": 3,
+        **_TINY_MLA,
+        "model_type": "deepseek_v3",
         "num_nextn_predict_layers": 1,
-        "num_attention_heads": 4,
-        "q_lora_rank": 48,
-        "kv_lora_rank": 32,
-        "qk_nope_head_dim": 16,
-        "qk_rope_head_dim": 8,
-        "v_head_dim": 16,
-        "n_routed_experts": 16,
         "n_shared_experts": 1,
-        "num_experts_per_tok": 4,
-        "n_group": 4,
-        "topk_group": 2,
-        "first_k_dense_replace": 1,
-        "max_position_embeddings": 163840,
         "rope_scaling": {**_YARN, "mscale": 1.0, "mscale_all_dim": 1.0},
     },
 }
@@ -193,7 +172,26 @@ def from_preset(cls: type[DeepseekMoeConfig], name: str, **overrides: Any) -> De
     if "rope_parameters" in overrides:  # replaces the preset's official-style `rope_scaling`
         values.pop("rope_scaling", None)
     values.update(overrides)
-    return cls(**values)
+    return cls.from_dict(values)
 
 
-__all__ = ["PRESETS", "SMALL_PRESETS", "from_preset"]
+def load_config(preset_or_path: str | os.PathLike) -> DeepseekMoeConfig:
+    """The one way tooling reads an architecture: a preset name, a config.json file or a directory holding one
+    (ours or an official DeepSeek one). Anything else, or an invalid config, is a `ValueError` saying what is wrong."""
+    from .model import DeepseekMoeConfig
+
+    name = os.fspath(preset_or_path)
+    # A local path wins over a preset of the same name, as in transformers.
+    if os.path.isfile(name) or os.path.isfile(os.path.join(name, "config.json")):
+        try:
+            return DeepseekMoeConfig.from_pretrained(name)
+        except (OSError, TypeError) as error:  # unreadable file, JSON that is not an object
+            raise ValueError(f"{name}: not a readable config.json ({error})") from error
+    if name in PRESETS:
+        return DeepseekMoeConfig.from_preset(name)
+    raise ValueError(
+        f"{name!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a config.json or a directory with one"
+    )
+
+
+__all__ = ["PRESETS", "SMALL_PRESETS", "from_preset", "load_config"]

@@ -23,6 +23,13 @@ QUANTIZATION_CONFIG = {
 }
 
 
+OFFICIAL_ARCHITECTURES = {
+    "deepseek": "DeepseekForCausalLM",
+    "deepseek_v2": "DeepseekV2ForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
+}
+
+
 def official_v3_config(config: DeepseekMoeConfig, **extra) -> dict:
     """A config.json as DeepSeek ships it (model_type deepseek_v3, rope_scaling, auto_map, ...)."""
     keys = [
@@ -64,13 +71,8 @@ def official_config(config: DeepseekMoeConfig) -> dict:
     values["rope_theta"] = rope.pop("rope_theta")
     rope.pop("rope_type", None)
     values["rope_scaling"] = rope if rope.get("type", "default") != "default" else None
-    if not config.use_mla:
-        family, architecture = "deepseek", "DeepseekForCausalLM"
-    elif config.topk_method == "noaux_tc":
-        family, architecture = "deepseek_v3", "DeepseekV3ForCausalLM"
-    else:
-        family, architecture = "deepseek_v2", "DeepseekV2ForCausalLM"
-    return {**values, "model_type": family, "architectures": [architecture]}
+    family = config.official_model_type
+    return {**values, "model_type": family, "architectures": [OFFICIAL_ARCHITECTURES[family]]}
 
 
 def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,7 +19,7 @@ import torch  # noqa: E402
 from transformers import DeepseekV2Config, DeepseekV3Config  # noqa: E402
 from transformers.utils import logging  # noqa: E402
 
-from deepseek_moe import DeepseekMoeConfig  # noqa: E402
+from deepseek_moe import DeepseekMoeConfig, DeepseekMoeForCausalLM  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 logging.disable_progress_bar()
@@ -42,6 +42,24 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             values = torch.randn(tensor.shape, generator=generator, dtype=torch.float64) * std
         tensor.copy_(values.to(tensor.dtype))
     return model
+
+
+def tiny_model(
+    preset: str | DeepseekMoeConfig = "tiny-v3", seed: int = 0, model_class: type = DeepseekMoeForCausalLM, **overrides
+) -> torch.nn.Module:
+    """The tests' one model factory: a preset (with `overrides`) or a config, every parameter and float buffer random
+    (`randomize_`)."""
+    config = preset if isinstance(preset, DeepseekMoeConfig) else DeepseekMoeConfig.from_preset(preset, **overrides)
+    return randomize_(model_class(config), seed=seed)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str = "") -> None:
+    """The tests' one closeness check: max |actual − expected| <= rtol · max |expected|, i.e. relative to the largest
+    reference entry (the scale of the logits or activations compared), computed in the reference's dtype."""
+    error = (actual.to(device=expected.device, dtype=expected.dtype) - expected).abs().max().item()
+    scale = expected.abs().max().item()
+    where = f"{what}: " if what else ""
+    assert error <= rtol * scale, f"{where}max |Δ| {error:.3g} > {rtol:g} × max |reference| {scale:.3g}"
 
 
 _SHARED_KEYS = (
@@ -75,7 +93,7 @@ def builtin_config(config: DeepseekMoeConfig) -> DeepseekV2Config | DeepseekV3Co
     """transformers' built-in config describing the same architecture as one of our MLA configs."""
     values = {key: getattr(config, key) for key in _SHARED_KEYS}
     values["rope_parameters"] = dict(config.rope_parameters)
-    if config.topk_method == "noaux_tc":
+    if config.uses_bias_balancing:
         return DeepseekV3Config(**values, rope_interleave=config.rope_interleave, num_mtp_layers=0)
     return DeepseekV2Config(**values, topk_method=config.topk_method)
 
@@ -83,6 +101,19 @@ def builtin_config(config: DeepseekMoeConfig) -> DeepseekV2Config | DeepseekV3Co
 @pytest.fixture
 def tmp_dir(tmp_path):
     return str(tmp_path)
+
+
+class CausalLMRows(torch.utils.data.Dataset):
+    """Rows of token ids as a Trainer dataset: each row is its own input and labels."""
+
+    def __init__(self, ids: torch.Tensor) -> None:
+        self.ids = ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
 def file_tree(directory: Path) -> dict[str, str]:

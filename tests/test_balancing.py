@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import CausalLMRows, tiny_model
 from torch.utils.checkpoint import checkpoint
-from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
 
 from deepseek_moe import DeepseekMoeConfig, DeepseekMoeForCausalLM
@@ -28,22 +28,6 @@ from deepseek_moe.training import (
 
 torch.set_num_threads(1)
 VOCAB = 512
-
-
-def tiny_model(preset: str, seed: int = 0, **overrides) -> DeepseekMoeForCausalLM:
-    """A tiny model whose every parameter (norms included) and the V3 bias are random."""
-    torch.manual_seed(seed)
-    model = DeepseekMoeForCausalLM(DeepseekMoeConfig.from_preset(preset, **overrides))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.copy_(1.0 + 0.1 * torch.randn_like(param))
-            else:
-                param.normal_(0.0, 0.2 if "gate.weight" in name else 0.05)
-        for router in moe_routers(model).values():
-            if hasattr(router, "e_score_correction_bias"):
-                router.e_score_correction_bias.normal_(0.0, 0.05)
-    return model
 
 
 def main_routers(model: DeepseekMoeForCausalLM) -> dict:
@@ -95,7 +79,7 @@ def brute_force_losses(
                 sent = [sum(1 for t in unit if any(j in chosen[t] for j in experts_of[d])) for d in range(D)]
                 f2 = [D / (M * T) * sent[d] for d in range(D)]
                 totals["comm"] += sum(f2[d] * P1[d] for d in range(D)) / len(units)
-    alpha = config.seq_aux_alpha if config.topk_method == "noaux_tc" else config.aux_loss_alpha
+    alpha = config.seq_aux_alpha if config.uses_bias_balancing else config.aux_loss_alpha
     out = {"expert": alpha * totals["expert"]}
     if D:
         out["device"] = config.aux_loss_device_alpha * totals["device"]
@@ -197,7 +181,7 @@ def test_capacity_dropping_matches_brute_force() -> None:
         (~keep).sum().item() / idx.numel()
     )
     model.eval()
-    router.drop_tokens_at_inference = True
+    model.config.drop_tokens_at_inference = True
     torch.testing.assert_close(router(hidden)[1], full_weights * keep)
 
 
@@ -378,17 +362,6 @@ def test_bias_update_balances_skewed_routing() -> None:
     assert balanced < 0.5 * frozen
 
 
-class _Tokens(Dataset):
-    def __init__(self, ids: torch.Tensor) -> None:
-        self.ids = ids
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
-
-
 def _train(model, tmp_path, batch_size: int, accumulation: int, steps: int = 1, callbacks=None) -> Trainer:
     args = TrainingArguments(
         output_dir=str(tmp_path),
@@ -408,7 +381,7 @@ def _train(model, tmp_path, batch_size: int, accumulation: int, steps: int = 1, 
         disable_tqdm=True,
         seed=0,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=_Tokens(batch(4 * steps)), callbacks=callbacks)
+    trainer = Trainer(model=model, args=args, train_dataset=CausalLMRows(batch(4 * steps)), callbacks=callbacks)
     trainer.train()
     return trainer
 

@@ -7,7 +7,7 @@ import warnings
 
 import torch
 from checkpoint_utils import QUANTIZATION_CONFIG, official_v3_config, to_official_fp8, write_sharded
-from conftest import builtin_config, randomize_
+from conftest import assert_close, builtin_config, tiny_model
 from safetensors.torch import load_file, save_file
 from transformers import DeepseekV3ForCausalLM
 from transformers.testing_utils import CaptureLogger
@@ -21,7 +21,7 @@ def test_fp8_checkpoint_with_partial_blocks_loads_dequantized(tmp_path):
     config = DeepseekMoeConfig.from_preset(
         "tiny-v3", hidden_size=136, intermediate_size=200, kv_lora_rank=136, num_nextn_predict_layers=1
     )
-    source = randomize_(DeepseekMoeForCausalLM(config), seed=5)
+    source = tiny_model(config, seed=5)
     source.save_pretrained(tmp_path / "source")
     state = load_file(tmp_path / "source" / "model.safetensors")
 
@@ -49,7 +49,7 @@ def test_fp8_checkpoint_with_partial_blocks_loads_dequantized(tmp_path):
     input_ids = torch.randint(0, config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours, expected = model.eval()(input_ids).logits, reference.float().eval()(input_ids).logits
-    assert (ours - expected).abs().max() <= 1e-5 * expected.abs().max()
+    assert_close(ours, expected, 1e-5)
     # The MTP layer's own weights were dequantized into place too.
     eh_proj = dequantized[f"model.layers.{config.num_hidden_layers}.eh_proj.weight"]
     assert torch.equal(model.model.layers[config.num_hidden_layers].eh_proj.weight, eh_proj.float())
@@ -57,7 +57,7 @@ def test_fp8_checkpoint_with_partial_blocks_loads_dequantized(tmp_path):
 
 def test_official_v3_directory_with_mtp_copies_loads_cleanly(tmp_path):
     config = DeepseekMoeConfig.from_preset("tiny-v3")
-    source = randomize_(DeepseekMoeForCausalLM(config), seed=1)
+    source = tiny_model(config, seed=1)
     source.save_pretrained(tmp_path / "source")
     state = load_file(tmp_path / "source" / "model.safetensors")
     mtp = f"model.layers.{config.num_hidden_layers}."
@@ -81,19 +81,25 @@ def test_official_v3_directory_with_mtp_copies_loads_cleanly(tmp_path):
 
 def test_bf16_load_keeps_router_in_fp32(tmp_path):
     config = DeepseekMoeConfig.from_preset("tiny-v3", num_nextn_predict_layers=0)
-    randomize_(DeepseekMoeForCausalLM(config)).save_pretrained(tmp_path)
+    tiny_model(config).save_pretrained(tmp_path)
     model = DeepseekMoeForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
     gate = model.model.layers[1].mlp.gate
     assert gate.weight.dtype == torch.float32 and gate.e_score_correction_bias.dtype == torch.float32
     assert model.model.layers[1].mlp.experts.gate_up_proj.dtype == torch.bfloat16
+    reference = DeepseekMoeForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
     with torch.no_grad():
         logits = model(torch.tensor([[1, 2, 3]])).logits
-    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+        expected = reference(torch.tensor([[1, 2, 3]])).logits
+    assert logits.dtype == torch.bfloat16
+    # bf16 rounding can flip a near-tie in top-k routing (it does for the first token here), so the logits agree as a
+    # whole rather than entry by entry: 13% relative (Frobenius) here; a wrong weight or a bf16 router gives ~100%.
+    assert (logits.float() - expected).norm() <= 0.2 * expected.norm()
+    assert torch.equal(logits[0, 1:].argmax(-1), expected[0, 1:].argmax(-1))
 
 
 def test_save_writes_official_per_expert_layout(tmp_path):
     config = DeepseekMoeConfig.from_preset("tiny-v2", num_nextn_predict_layers=0)
-    model = randomize_(DeepseekMoeForCausalLM(config))
+    model = tiny_model(config)
     model.save_pretrained(tmp_path)
     keys = set(load_file(tmp_path / "model.safetensors"))
     fused = model.model.layers[1].mlp.experts
@@ -107,7 +113,7 @@ def test_save_writes_official_per_expert_layout(tmp_path):
 
 def test_official_16b_directory_loads_as_multi_head_attention(tmp_path):
     config = DeepseekMoeConfig.from_preset("tiny-16b")
-    source = randomize_(DeepseekMoeForCausalLM(config), seed=2)
+    source = tiny_model(config, seed=2)
     source.save_pretrained(tmp_path)
     official = json.loads((tmp_path / "config.json").read_text())
     for key in ("kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "topk_method",
@@ -119,7 +125,7 @@ def test_official_16b_directory_loads_as_multi_head_attention(tmp_path):
     with CaptureLogger(logging.get_logger("transformers.configuration_utils")) as captured:
         model = DeepseekMoeForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
     assert "model of type" not in captured.out
-    assert not model.config.use_mla and model.config.topk_method == "greedy"
+    assert not model.config.uses_mla and model.config.topk_method == "greedy"
     input_ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
     with torch.no_grad():
         assert torch.equal(model.eval()(input_ids).logits, source.eval()(input_ids).logits)

@@ -1,4 +1,5 @@
-"""Configuration: validation messages, official config.json files, parameter counts, KV-cache sizes and the CLI."""
+"""Configuration: official config.json files, parameter counts, KV-cache sizes and the CLI (validation is tested in
+test_config_validation.py)."""
 
 from __future__ import annotations
 
@@ -12,53 +13,11 @@ import torch
 
 from deepseek_moe import PRESETS, DeepseekMoeConfig
 from deepseek_moe.cli import main
-from deepseek_moe.info import count_parameters, describe, kv_cache_bytes_per_token, load_config
+from deepseek_moe.info import count_parameters, describe, kv_cache_bytes_per_token, summary
 from deepseek_moe.model.modeling_deepseek_moe import DeepseekMoeTopkRouter
+from deepseek_moe.presets import load_config
 
-# ----------------------------------------------------------------------------------------------------- validation
-
-INVALID = {
-    "n_group_divides_experts": ("tiny-v2", {"n_routed_experts": 15}, "n_group"),
-    "topk_group_above_n_group": ("tiny-v2", {"topk_group": 5}, "topk_group"),
-    "top_k_beyond_kept_groups": (
-        "tiny-v2",
-        {"n_routed_experts": 16, "n_group": 4, "topk_group": 1, "num_experts_per_tok": 5},
-        "num_experts_per_tok",
-    ),
-    "unknown_topk_method": ("tiny-v3", {"topk_method": "top_p"}, "topk_method"),
-    "unknown_scoring_func": ("tiny-v3", {"scoring_func": "tanh"}, "scoring_func"),
-    "unknown_rope_type": ("tiny-16b", {"rope_scaling": {"type": "ntk", "factor": 2.0}}, "rope_scaling"),
-    "rope_factor_below_1": ("tiny-16b", {"rope_scaling": {"type": "linear", "factor": 0.5}}, "rope_scaling"),
-    "yarn_bad_original_length": (
-        "tiny-v2",
-        {"rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": -1}},
-        "original_max_position_embeddings",
-    ),
-    # transformers' own RoPE check only rejects odd rotary widths above 4, raising a non-ValueError (see below).
-    "odd_rope_head_dim": ("tiny-v2", {"qk_rope_head_dim": 3}, "qk_rope_head_dim"),
-    "mha_hidden_not_divisible": ("tiny-16b", {"hidden_size": 66}, "num_attention_heads"),
-    "mha_from_mla_preset_not_divisible": ("tiny-v2", {"kv_lora_rank": None, "hidden_size": 66}, "num_attention_heads"),
-    "kv_heads_do_not_divide_heads": ("tiny-16b", {"num_key_value_heads": 3}, "num_key_value_heads"),
-    "negative_mtp_layers": ("tiny-v3", {"num_nextn_predict_layers": -1}, "num_nextn_predict_layers"),
-    "too_many_dense_layers": ("tiny-v3", {"first_k_dense_replace": 4}, "first_k_dense_replace"),
-}
-
-
-@pytest.mark.parametrize(("preset", "overrides", "field"), INVALID.values(), ids=INVALID.keys())
-def test_invalid_config_names_the_field(preset: str, overrides: dict, field: str) -> None:
-    with pytest.raises(ValueError, match=field):
-        DeepseekMoeConfig.from_preset(preset, **overrides)
-
-
-# Checked before transformers' own RoPE standardisation, which would fill the length in or fail less clearly.
-def test_yarn_without_original_length_is_rejected() -> None:
-    with pytest.raises(ValueError, match="original_max_position_embeddings"):
-        DeepseekMoeConfig.from_preset("tiny-v2", rope_scaling={"type": "yarn", "factor": 40})
-
-
-def test_odd_rope_head_dim_above_4_is_a_value_error() -> None:
-    with pytest.raises(ValueError, match="qk_rope_head_dim"):
-        DeepseekMoeConfig.from_preset("tiny-v2", qk_rope_head_dim=7)
+# ------------------------------------------------------------------------------------------------------ spellings
 
 
 def test_gready_spelling_is_greedy() -> None:
@@ -249,15 +208,16 @@ def _official_config(preset: str, directory: str) -> DeepseekMoeConfig:
 def test_official_config_json_loads(preset: str, tmp_dir: str) -> None:
     config = _official_config(preset, tmp_dir)
     official = OFFICIAL_CONFIGS[preset]
-    assert config.use_mla is (preset != "deepseek-moe-16b")
+    assert config.uses_mla is (preset != "deepseek-moe-16b")
     missing_groups = {"n_group": 1, "topk_group": 1, "topk_method": "greedy", "routed_scaling_factor": 1.0}
     for field in _ROUTING_FIELDS:
         assert getattr(config, field) == official.get(field, missing_groups.get(field)), field
     assert config.rope_parameters["rope_type"] == ("default" if preset == "deepseek-moe-16b" else "yarn")
-    if config.use_mla:
+    if config.uses_mla:
         assert config.rope_parameters["mscale_all_dim"] == official["rope_scaling"]["mscale_all_dim"]
         assert config.q_lora_rank == official["q_lora_rank"]
-    assert (config.aux_loss_alpha, config.ep_size) == (0.001, 1)
+    assert config.aux_loss_alpha == 0.001
+    assert not hasattr(config, "ep_size") and not hasattr(config, "pretraining_tp")  # read by nothing: dropped
     # The same architecture as the preset: identical parameter counts down to the last weight.
     assert count_parameters(config) == count_parameters(DeepseekMoeConfig.from_preset(preset))
     assert load_config(tmp_dir).to_dict() == config.to_dict()
@@ -302,7 +262,12 @@ def test_v3_mtp_counts() -> None:
     """11.61B unique MTP parameters; DeepSeek's "685B" upload adds one copy of embedding and head per MTP layer."""
     config = DeepseekMoeConfig.from_preset("deepseek-v3")
     counts = count_parameters(config)
-    assert counts["mtp_total"] == pytest.approx(11.61e9, rel=1e-2)
+    # One MoE decoder block: MLA (q_a 7168·1536, q_a_norm 1536, q_b 1536·128·192, kv_a 7168·576, kv_a_norm 512,
+    # kv_b 512·128·256, o 16384·7168), 2 norms of 7168, router 256·7168, 257 experts of 3·7168·2048; plus enorm,
+    # hnorm, shared_head.norm (7168 each) and eh_proj 14336·7168.
+    attention = 7168 * 1536 + 1536 + 1536 * 128 * 192 + 7168 * 576 + 512 + 512 * 128 * 256 + 16384 * 7168
+    moe = 256 * 7168 + 257 * 3 * 7168 * 2048
+    assert counts["mtp_total"] == attention + 2 * 7168 + moe + 3 * 7168 + 14336 * 7168 == 11_610_067_968
     embedding = config.vocab_size * config.hidden_size
     assert counts["checkpoint_total"] == counts["total_with_mtp"] + 2 * embedding
     assert round(counts["checkpoint_total"] / 1e9, 2) == 684.49  # the hub's "685B" adds 0.04B FP8 scale entries
@@ -383,9 +348,65 @@ def test_cli_module_runs() -> None:
     assert "MTP" in result.stdout and "KV cache" in result.stdout
 
 
-def test_every_preset_describes() -> None:
-    for name in PRESETS:
-        assert describe(load_config(name))
+# The summary rows of each official architecture, written from the reference (§2.1), not from the code.
+DESCRIPTIONS = {
+    "deepseek-moe-16b": {
+        "architecture": "DeepSeekMoE-style, hidden 2048, vocab 102400",
+        "attention": "multi-head, 16 heads (16 KV), head dim 128",
+        "layers": "28 (1 dense, 27 MoE)",
+        "experts": "64 routed + 2 shared, 6 routed active per token, expert width 1408",
+        "routing": "greedy: softmax, top-6; weights unnormalised, scaled by 1",
+        "KV cache": "229,376 bytes per token in bf16 (4096 values x 28 layers)",
+    },
+    "deepseek-v2-lite": {
+        "architecture": "DeepSeek-V2-style, hidden 2048, vocab 102400",
+        "attention": "MLA, 16 heads, kv_lora_rank 512, q_lora_rank none (q_proj), head dims nope/rope/v 128/64/128",
+        "layers": "27 (1 dense, 26 MoE)",
+        "experts": "64 routed + 2 shared, 6 routed active per token, expert width 1408",
+        "routing": "greedy: softmax, top-6; weights unnormalised, scaled by 1",
+        "KV cache": "31,104 bytes per token in bf16 (576 values x 27 layers)",
+    },
+    "deepseek-v2": {
+        "architecture": "DeepSeek-V2-style, hidden 5120, vocab 102400",
+        "attention": "MLA, 128 heads, kv_lora_rank 512, q_lora_rank 1536, head dims nope/rope/v 128/64/128",
+        "layers": "60 (1 dense, 59 MoE)",
+        "experts": "160 routed + 2 shared, 6 routed active per token, expert width 1536",
+        "routing": "group_limited_greedy: softmax, top-6, within the best 3 of 8 groups (group score: max); "
+        "weights unnormalised, scaled by 16",
+        "KV cache": "69,120 bytes per token in bf16 (576 values x 60 layers)",
+    },
+    "deepseek-v3": {
+        "architecture": "DeepSeek-V3-style, hidden 7168, vocab 129280",
+        "attention": "MLA, 128 heads, kv_lora_rank 512, q_lora_rank 1536, head dims nope/rope/v 128/64/128",
+        "layers": "61 (3 dense, 58 MoE) + 1 MTP",
+        "experts": "256 routed + 1 shared, 8 routed active per token, expert width 2048",
+        "routing": "noaux_tc: sigmoid + correction bias, top-8, within the best 4 of 8 groups "
+        "(group score: top-2 sum); weights normalised, scaled by 2.5",
+        "KV cache": "70,272 bytes per token in bf16 (576 values x 61 layers)",
+    },
+}
+
+
+@pytest.mark.parametrize("preset", DESCRIPTIONS)
+def test_describe_states_the_architecture(preset: str) -> None:
+    rows = dict(summary(load_config(preset)))
+    for label, expected in DESCRIPTIONS[preset].items():
+        assert rows[label] == expected, label
+    assert describe(load_config(preset)).splitlines()[0] == f"architecture: {DESCRIPTIONS[preset]['architecture']}"
+
+
+def test_small_presets_keep_their_family() -> None:
+    families = {
+        "tiny-16b": "DeepSeekMoE",
+        "tiny-v2-lite": "DeepSeek-V2",
+        "tiny-v2": "DeepSeek-V2",
+        "tiny-v3": "DeepSeek-V3",
+    }
+    assert sorted(families) == sorted(name for name in PRESETS if name.startswith("tiny-"))
+    for name, family in families.items():
+        rows = dict(summary(load_config(name)))
+        assert rows["architecture"] == f"{family}-style, hidden 64, vocab 512", name
+        assert rows["layers"].startswith("3 (1 dense, 2 MoE)"), name
 
 
 def test_demo_command_generates_and_checks_the_cache(capsys) -> None:

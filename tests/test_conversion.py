@@ -8,7 +8,6 @@ import math
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,7 +22,7 @@ from checkpoint_utils import (
     to_official_fp8,
     write_sharded,
 )
-from conftest import builtin_config, randomize_
+from conftest import assert_close, builtin_config, tiny_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from synthetic import write_random_checkpoint
@@ -43,6 +42,7 @@ from deepseek_moe.conversion import (
 )
 from deepseek_moe.conversion.streamed_logits import largest_layer_bytes, streamed_logits
 
+CHILDREN = Path(__file__).resolve().parent  # the child_*.py scripts some tests run in a fresh process
 TOKENIZER_FILES = {"tokenizer.json": "{}", "tokenizer_config.json": '{"model_max_length": 16}'}
 # Partial 128-blocks everywhere: kv_a_proj_with_mqa has 136 + 8 rows, the dense MLP 200.
 EDGE_BLOCKS = dict(hidden_size=136, intermediate_size=200, kv_lora_rank=136)
@@ -61,7 +61,7 @@ def logits(model: torch.nn.Module, vocab_size: int) -> torch.Tensor:
 
 def save_official(config: DeepseekMoeConfig, directory: Path, seed: int = 0) -> dict[str, torch.Tensor]:
     """A randomized model saved as DeepSeek ships it (official config.json, tokenizer files); returns its tensors."""
-    randomize_(DeepseekMoeForCausalLM(config), seed=seed).save_pretrained(directory)
+    tiny_model(config, seed=seed).save_pretrained(directory)
     (directory / "config.json").write_text(json.dumps(official_config(config)))
     for name, text in TOKENIZER_FILES.items():
         (directory / name).write_text(text)
@@ -74,7 +74,7 @@ def no_partial_output(output: Path) -> bool:
 
 def test_official_fp8_v3_to_ours_dequantizes_and_translates_the_config(tmp_path):
     config = DeepseekMoeConfig.from_preset("tiny-v3", **EDGE_BLOCKS)
-    source = randomize_(DeepseekMoeForCausalLM(config), seed=3)
+    source = tiny_model(config, seed=3)
     source.save_pretrained(tmp_path / "plain")
     state = load_file(tmp_path / "plain" / "model.safetensors")
     mtp = f"model.layers.{config.num_hidden_layers}."
@@ -120,7 +120,7 @@ def test_official_fp8_v3_to_ours_dequantizes_and_translates_the_config(tmp_path)
     builtin_config(reference_config).save_pretrained(tmp_path / "fp32")  # the built-in class needs its own config
     builtin = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "fp32", dtype=torch.float32)
     expected = logits(builtin, config.vocab_size)
-    assert torch.allclose(logits(ours, config.vocab_size), expected, rtol=0, atol=1e-5 * expected.abs().max())
+    assert_close(logits(ours, config.vocab_size), expected, 1e-5)
     assert torch.equal(
         ours.model.layers[1].mlp.experts.down_proj[2], dequantized["model.layers.1.mlp.experts.2.down_proj.weight"]
     )
@@ -147,12 +147,12 @@ def test_round_trip_is_exact_and_loads_with_ours_and_builtin(tmp_path, preset):
     ours = DeepseekMoeForCausalLM.from_pretrained(tmp_path / "fp32", dtype=torch.float32)
     expected = logits(DeepseekMoeForCausalLM.from_pretrained(tmp_path / "official", dtype=torch.float32), 512)
     assert torch.equal(logits(ours, config.vocab_size), expected)
-    if config.use_mla:  # transformers has no built-in DeepSeekMoE-16B
+    if config.uses_mla:  # transformers has no built-in DeepSeekMoE-16B
         convert_checkpoint(tmp_path / "official", tmp_path / "builtin", drop_mtp=True, progress=False)
         builtin_config(config).save_pretrained(tmp_path / "builtin")
-        builtin_class = DeepseekV3ForCausalLM if config.topk_method == "noaux_tc" else DeepseekV2ForCausalLM
+        builtin_class = DeepseekV3ForCausalLM if config.uses_bias_balancing else DeepseekV2ForCausalLM
         builtin = builtin_class.from_pretrained(tmp_path / "builtin", dtype=torch.float32)
-        assert torch.allclose(logits(builtin, 512), expected, rtol=0, atol=1e-5 * expected.abs().max())
+        assert_close(logits(builtin, 512), expected, 1e-5)
 
 
 def test_fp8_round_trip_stays_within_quantization_error(tmp_path):
@@ -292,25 +292,6 @@ def test_resharding_follows_the_budget_and_writes_the_standard_index(tmp_path):
     assert report.files == ["model.safetensors"] and not (tmp_path / "single" / "model.safetensors.index.json").exists()
 
 
-# Peak RSS of the child itself: VmHWM, since Linux carries the parent's RSS into a child's ru_maxrss across fork+exec.
-# With a warm-up checkpoint (argv[5]) the same conversion first runs on it, so that the modules the code path imports
-# lazily count in the baseline and the measured growth is the data's.
-CHILD = """
-import json, sys
-from deepseek_moe.conversion import convert_checkpoint
-def peak_rss():
-    return int(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1]) * 1024
-verify = sys.argv[4] == "verify"
-if len(sys.argv) > 5:
-    convert_checkpoint(sys.argv[5], sys.argv[5] + "-out", dtype="bf16", verify=verify, progress=False)
-baseline = peak_rss()
-options = dict(dtype="bf16", max_shard_size=sys.argv[3], verify=verify, progress=False)
-report = convert_checkpoint(sys.argv[1], sys.argv[2], **options)
-assert (report.logits_error is not None) == verify
-print(json.dumps({"baseline": baseline, "peak": peak_rss()}))
-"""
-
-
 def measure_conversion_memory(tmp_path: Path, config: DeepseekMoeConfig, budget: str, verify: bool = False) -> None:
     """Converts a random fp32 checkpoint to bf16 in a fresh process and checks its peak RSS against
     baseline (imports) + shard budget + 2 × the largest tensor (fp32 source and its bf16 copy) + 64 MB. With `verify`
@@ -327,8 +308,8 @@ def measure_conversion_memory(tmp_path: Path, config: DeepseekMoeConfig, budget:
         warm_up = [str(tmp_path / "tiny")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
     result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(CHILD), str(tmp_path / "source"), str(tmp_path / "out"), budget,
-         "verify" if verify else "convert", *warm_up],
+        [sys.executable, str(CHILDREN / "child_conversion_memory.py"), str(tmp_path / "source"), str(tmp_path / "out"),
+         budget, "verify" if verify else "convert", *warm_up],
         capture_output=True, text=True, env=env, check=True,
     )  # fmt: skip
     rss = json.loads(result.stdout.strip().splitlines()[-1])
@@ -369,12 +350,12 @@ def test_streamed_logits_match_the_loaded_model(tmp_path):
     """The layer-by-layer logits of `--verify` equal those of `from_pretrained` on an official FP8 checkpoint (fused
     experts, dequantization, MTP layer present but not run) and on a model with tied embeddings."""
     config = DeepseekMoeConfig.from_preset("tiny-v3", **EDGE_BLOCKS)
-    randomize_(DeepseekMoeForCausalLM(config), seed=8).save_pretrained(tmp_path / "plain")
+    tiny_model(config, seed=8).save_pretrained(tmp_path / "plain")
     fp8_state, _ = to_official_fp8(load_file(tmp_path / "plain" / "model.safetensors"))
     (tmp_path / "fp8").mkdir()
     write_sharded(fp8_state, tmp_path / "fp8", official_v3_config(config, quantization_config=QUANTIZATION_CONFIG))
     tied = DeepseekMoeConfig.from_preset("tiny-v2", tie_word_embeddings=True)
-    randomize_(DeepseekMoeForCausalLM(tied), seed=9).save_pretrained(tmp_path / "tied")
+    tiny_model(tied, seed=9).save_pretrained(tmp_path / "tied")
     input_ids = torch.randint(0, 512, (2, 7), generator=torch.Generator().manual_seed(1))
     for directory in ("fp8", "tied"):
         checkpoint = Checkpoint.open(tmp_path / directory)
@@ -425,7 +406,7 @@ def corrupt(kind: str, directory: Path) -> None:
 )
 def test_bad_input_gets_a_clear_error_and_leaves_no_output(tmp_path, monkeypatch, kind, options, message):
     config = DeepseekMoeConfig.from_preset("tiny-v3", num_nextn_predict_layers=0)
-    randomize_(DeepseekMoeForCausalLM(config)).save_pretrained(tmp_path / "plain")
+    tiny_model(config).save_pretrained(tmp_path / "plain")
     fp8_state, _ = to_official_fp8(load_file(tmp_path / "plain" / "model.safetensors"))
     (tmp_path / "official").mkdir()
     write_sharded(fp8_state, tmp_path / "official", official_v3_config(config, quantization_config=QUANTIZATION_CONFIG))
@@ -440,23 +421,16 @@ def test_bad_input_gets_a_clear_error_and_leaves_no_output(tmp_path, monkeypatch
     assert no_partial_output(tmp_path / "out")
 
 
-REMOTE_CODE_CHILD = """
-import sys, torch
-from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True, dtype=torch.float32)
-assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-with torch.no_grad():
-    print(model(torch.tensor([[1, 2, 3]])).logits.sum().item())
-"""
-
-
 def test_converted_checkpoint_loads_as_remote_code(tmp_path):
     config = DeepseekMoeConfig.from_preset("tiny-v2")
     save_official(config, tmp_path / "official")
     convert_checkpoint(tmp_path / "official", tmp_path / "out", progress=False)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
     result = subprocess.run(
-        [sys.executable, "-c", REMOTE_CODE_CHILD, str(tmp_path / "out")], capture_output=True, text=True, env=env
+        [sys.executable, str(CHILDREN / "child_remote_code_logits.py"), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        env=env,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     model = DeepseekMoeForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
@@ -497,7 +471,7 @@ def test_conversion_writes_a_record_for_the_model_card(tmp_path):
     from deepseek_moe.remote_code import CONVERSION_RECORD
 
     config = DeepseekMoeConfig.from_preset("tiny-v2-lite")
-    randomize_(DeepseekMoeForCausalLM(config)).save_pretrained(tmp_path / "source")
+    tiny_model(config).save_pretrained(tmp_path / "source")
     convert_checkpoint(tmp_path / "source", tmp_path / "out", dtype="bf16", progress=False)
     record = json.loads((tmp_path / "out" / CONVERSION_RECORD).read_text())
     assert record["source"] == "source" and record["dtype"] == "bfloat16"  # no local path to publish

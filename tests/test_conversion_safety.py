@@ -19,10 +19,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import file_tree, randomize_
+from conftest import file_tree, tiny_model
 from safetensors.torch import save_file
 
-from deepseek_moe import DeepseekMoeConfig, DeepseekMoeForCausalLM
+from deepseek_moe import DeepseekMoeConfig
 from deepseek_moe.cli import main
 from deepseek_moe.conversion import (
     Checkpoint,
@@ -43,7 +43,7 @@ SHARDS = "60KB"  # tiny-v2-lite in fp32 is about 350 KB: several shards
 def checkpoint(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("pristine") / "source"
     config = DeepseekMoeConfig.from_preset("tiny-v2-lite")
-    randomize_(DeepseekMoeForCausalLM(config), seed=7).save_pretrained(directory, max_shard_size="100KB")
+    tiny_model(config, seed=7).save_pretrained(directory, max_shard_size="100KB")
     (directory / "tokenizer.json").write_text("{}")
     return directory
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-from conftest import randomize_
+from conftest import tiny_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from deepseek_moe import DeepseekMoeConfig, DeepseekMoeForCausalLM
+from deepseek_moe import DeepseekMoeConfig
 from deepseek_moe.cli import main
 
 
@@ -23,7 +23,7 @@ def _tokenizer() -> PreTrainedTokenizerFast:
 
 def _saved_model(path, with_tokenizer: bool):
     config = DeepseekMoeConfig.from_preset("tiny-v3", vocab_size=512, num_nextn_predict_layers=1)
-    model = randomize_(DeepseekMoeForCausalLM(config), seed=5).eval()
+    model = tiny_model(config, seed=5).eval()
     model.save_pretrained(path)
     tokenizer = _tokenizer() if with_tokenizer else None
     if tokenizer is not None:

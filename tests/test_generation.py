@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import randomize_
+from conftest import assert_close, tiny_model
 from transformers import DynamicCache
 
-from deepseek_moe import DeepseekMoeConfig, DeepseekMoeForCausalLM
+from deepseek_moe import DeepseekMoeConfig
 
 
 @pytest.fixture(params=["tiny-v3", "tiny-v2-lite", "tiny-16b"])
 def model(request):
     config = DeepseekMoeConfig.from_preset(request.param, num_nextn_predict_layers=0)
-    return randomize_(DeepseekMoeForCausalLM(config), seed=11).eval()
+    return tiny_model(config, seed=11).eval()
 
 
 def test_greedy_generation_with_cache_equals_full_recompute(model):
@@ -37,12 +37,12 @@ def test_prefill_then_decode_equals_one_pass(model):
         for t in range(7, 10):
             steps.append(model(input_ids[:, t : t + 1], cache=prefill.cache, use_cache=True).logits)
     incremental = torch.cat(steps, dim=1)
-    assert (incremental - full).abs().max() <= 1e-5 * full.abs().max()
+    assert_close(incremental, full, 1e-5)
 
 
 def test_mla_cache_holds_the_latent_not_expanded_keys():
     config = DeepseekMoeConfig.from_preset("tiny-v3", num_nextn_predict_layers=0)
-    model = randomize_(DeepseekMoeForCausalLM(config)).eval()
+    model = tiny_model(config).eval()
     with torch.no_grad():
         cache = model(torch.tensor([[1, 2, 3, 4, 5]]), use_cache=True).cache
     keys, values = cache.layers[0].keys, cache.layers[0].values
@@ -52,7 +52,7 @@ def test_mla_cache_holds_the_latent_not_expanded_keys():
 
 def test_left_padded_batch_generation_matches_single_rows():
     config = DeepseekMoeConfig.from_preset("tiny-v3", num_nextn_predict_layers=0, pad_token_id=0)
-    model = randomize_(DeepseekMoeForCausalLM(config), seed=3).eval()
+    model = tiny_model(config, seed=3).eval()
     generator = torch.Generator().manual_seed(2)
     rows = [torch.randint(1, config.vocab_size, (n,), generator=generator) for n in (7, 4)]
     input_ids = torch.zeros(2, 7, dtype=torch.long)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import file_tree, randomize_
+from conftest import file_tree, tiny_model
 from hub_server import FakeHub
 from huggingface_hub import HfApi, constants
 
@@ -44,7 +44,7 @@ def hub() -> Iterator[FakeHub]:
 def model_dir(tmp_path_factory) -> tuple[Path, torch.Tensor]:
     """A sharded tiny V3 (with an MTP layer) as a training run leaves it, and its logits on PROMPT."""
     directory = tmp_path_factory.mktemp("model")
-    model = randomize_(DeepseekMoeForCausalLM(DeepseekMoeConfig.from_preset("tiny-v3"))).eval()
+    model = tiny_model(DeepseekMoeConfig.from_preset("tiny-v3")).eval()
     model.save_pretrained(directory, max_shard_size="200KB")
     history = [{"step": step, "loss": 6.0 - 0.2 * step} for step in range(1, 11)]
     (directory / "trainer_state.json").write_text(json.dumps({"global_step": 10, "epoch": 1.0, "log_history": history}))
@@ -332,7 +332,7 @@ def test_reupload_of_another_layout_leaves_a_repository_that_loads_the_new_model
     api.upload_file(path_or_fileobj=b"# stale", path_in_repo="old_modeling.py", repo_id=repo_id)
 
     single = tmp_path / "single"
-    new_model = randomize_(DeepseekMoeForCausalLM(DeepseekMoeConfig.from_preset("tiny-v3")), seed=11).eval()
+    new_model = tiny_model(DeepseekMoeConfig.from_preset("tiny-v3"), seed=11).eval()
     new_model.save_pretrained(single)
     assert main(["upload", str(single), repo_id, "--dry-run"]) == 0
     output = capsys.readouterr().out

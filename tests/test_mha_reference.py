@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randomize_
+from conftest import assert_close, tiny_model
 
-from deepseek_moe import DeepseekMoeConfig, DeepseekMoeForCausalLM
+from deepseek_moe import DeepseekMoeConfig
 
 
 def rms_norm(x, weight, eps):
@@ -81,8 +81,8 @@ def reference_logits(state: dict, config: DeepseekMoeConfig, input_ids: torch.Te
 @pytest.mark.parametrize("norm_topk_prob", [False, True])
 def test_16b_layout_matches_fp64_formulas(tmp_path, norm_topk_prob):
     config = DeepseekMoeConfig.from_preset("tiny-16b", norm_topk_prob=norm_topk_prob)
-    assert not config.use_mla
-    model = randomize_(DeepseekMoeForCausalLM(config), seed=7).double().eval()
+    assert not config.uses_mla
+    model = tiny_model(config, seed=7).double().eval()
     model.set_experts_implementation("eager")  # grouped_mm has no fp64 kernel
     model.save_pretrained(tmp_path)  # the official per-expert layout the reference reads
     from safetensors.torch import load_file
@@ -95,4 +95,4 @@ def test_16b_layout_matches_fp64_formulas(tmp_path, norm_topk_prob):
     for row in range(input_ids.shape[0]):
         reference = reference_logits(state, config, input_ids[row])
         # inv_freq is computed in fp32 (as everywhere in transformers); everything else runs in fp64.
-        assert (ours[row] - reference).abs().max() <= 1e-8 * reference.abs().max()
+        assert_close(ours[row], reference, 1e-8)

@@ -5,15 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randomize_
+from conftest import tiny_model
 from safetensors.torch import load_file
 
 from deepseek_moe import DeepseekMoeConfig, DeepseekMoeForCausalLM
 
 
 def _model(depth: int, seed: int = 0, **overrides) -> DeepseekMoeForCausalLM:
-    config = DeepseekMoeConfig.from_preset("tiny-v3", num_nextn_predict_layers=depth, **overrides)
-    return randomize_(DeepseekMoeForCausalLM(config), seed=seed)
+    return tiny_model("tiny-v3", seed=seed, num_nextn_predict_layers=depth, **overrides)
 
 
 def _block(layer, x: torch.Tensor, model: DeepseekMoeForCausalLM) -> torch.Tensor:
@@ -22,7 +21,7 @@ def _block(layer, x: torch.Tensor, model: DeepseekMoeForCausalLM) -> torch.Tenso
     cos_sin = model.model.rotary_emb(x, torch.arange(seq)[None])
     causal = torch.full((seq, seq), float("-inf")).triu(1)[None, None]
     h = x + layer.self_attn(layer.input_layernorm(x), position_embeddings=cos_sin, attention_mask=causal)[0]
-    return h + layer.mlp(layer.post_attention_layernorm(h))
+    return h + layer.mlp(layer.post_attention_layernorm(h))[0]
 
 
 def test_mtp_loss_equals_hand_computation_for_two_depths():
@@ -46,8 +45,8 @@ def test_mtp_loss_equals_hand_computation_for_two_depths():
         losses.append(F.cross_entropy(logits[:, : seq - k - 1].reshape(-1, config.vocab_size), targets.reshape(-1)))
     expected_mtp = torch.stack(losses).mean()
     main = F.cross_entropy(out.logits[:, :-1].reshape(-1, config.vocab_size), labels[:, 1:].reshape(-1))
-    assert torch.allclose(out.mtp_loss, expected_mtp, rtol=1e-5)
-    assert torch.allclose(out.loss, main + config.mtp_loss_weight * expected_mtp, rtol=1e-5)
+    assert out.mtp_loss.item() == pytest.approx(expected_mtp.item(), rel=1e-5)
+    assert out.loss.item() == pytest.approx((main + config.mtp_loss_weight * expected_mtp).item(), rel=1e-5)
 
 
 def test_gradients_reach_every_mtp_parameter():

@@ -1,22 +1,24 @@
 """transformers' own common model tests (ModelTesterMixin, TrainingTesterMixin, ConfigTester) on our classes.
 
 The mixins come from the transformers sdist of the installed version (`scripts/fetch_transformers_tests.py`, run by
-`scripts/test.sh`); generation tests are not in the sdist and are covered by our own generation tests.
-"""
+`scripts/test.sh`, and by this module when they are missing); generation tests are not in the sdist and are covered
+by our own generation tests."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import unittest
 from pathlib import Path
 
-import pytest
 import torch
 import transformers
 
-CACHE = Path(__file__).resolve().parent.parent / ".cache" / "transformers-tests" / transformers.__version__
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / ".cache" / "transformers-tests" / transformers.__version__
 if not (CACHE / "hftests" / "test_modeling_common.py").exists():
-    pytest.skip("transformers' test mixins are missing: run scripts/test.sh", allow_module_level=True)
+    # Fetched here too, so that a plain `pytest` runs them rather than skipping; a failed fetch fails collection.
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "fetch_transformers_tests.py")], check=True, timeout=600)
 sys.path.insert(0, str(CACHE))
 
 from hftests.test_configuration_common import ConfigTester  # noqa: E402

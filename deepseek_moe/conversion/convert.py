@@ -25,7 +25,8 @@ from huggingface_hub.utils import tqdm
 from safetensors import safe_open
 
 from ..dtypes import torch_dtype
-from ..model.configuration_deepseek_moe import DeepseekMoeConfig
+from ..model.configuration_deepseek_moe import FP8_BLOCK, DeepseekMoeConfig
+from ..presets import load_config
 from ..remote_code import AUTO_MAP, CONVERSION_RECORD, remote_code_files
 from .destination import (
     WorkDirectory,
@@ -42,7 +43,6 @@ from .layouts import (
     TensorInfo,
     expected_shapes,
     expert_index,
-    fp8_block,
     is_scale,
     layer_index,
     load_weight,
@@ -57,7 +57,7 @@ FP8_QUANTIZATION_CONFIG = {
     "activation_scheme": "dynamic",
     "fmt": "e4m3",
     "quant_method": "fp8",
-    "weight_block_size": [128, 128],
+    "weight_block_size": [FP8_BLOCK, FP8_BLOCK],
 }
 # Kept in bf16 by official V3 FP8 checkpoints (norms and e_score_correction_bias are 1-D, never quantized).
 NOT_QUANTIZED = ("embed_tokens", "lm_head", "shared_head.head", "mlp.gate.weight")
@@ -128,16 +128,15 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
         raise ConversionError(str(error)) from None
 
 
-def load_config(source: Checkpoint, config: str | Path | None) -> DeepseekMoeConfig:
+def read_source_config(source: Checkpoint, config: str | Path | None) -> DeepseekMoeConfig:
     """The source's architecture: `config` (a preset name, a config.json or a directory holding one) or the
     config.json beside the weights. DeepSeek's model-parallel files have none of their own."""
-    location = Path(config) if config is not None else source.directory
-    if config is not None and not location.exists():
-        return DeepseekMoeConfig.from_preset(str(config))
-    path = location if location.is_file() else location / "config.json"
-    if not path.is_file():
+    if config is None and not (source.directory / "config.json").is_file():
         raise ConversionError(f"{source.directory}: no config.json; pass one (or a preset name) as `config`")
-    return DeepseekMoeConfig.from_dict(DeepseekMoeConfig.get_config_dict(str(path))[0])
+    try:
+        return load_config(source.directory if config is None else config)
+    except ValueError as error:
+        raise ConversionError(str(error)) from None
 
 
 def check_source(source: Checkpoint, config: DeepseekMoeConfig) -> None:
@@ -232,7 +231,7 @@ def _mp_steps(
 ) -> tuple[list[Step], list[PlannedFile]]:
     """DeepSeek's `convert.py`: routed experts split by rank, other weights sliced along their dimension on every
     rank (scales with them) or replicated. FP8 stays FP8 unless a dtype is asked for."""
-    if not config.use_mla:
+    if not config.uses_mla:
         raise ConversionError("DeepSeekMoE-16B (multi-head attention) has no DeepSeek inference-format counterpart")
     if mp < 1 or config.n_routed_experts % mp:
         raise ConversionError(f"mp={mp} must be positive and divide n_routed_experts={config.n_routed_experts}")
@@ -251,7 +250,7 @@ def _mp_steps(
         else:
             ranks = list(range(mp))
         if dim is not None:
-            if tensor.shape[dim] % (mp * (fp8_block() if keep_fp8 else 1)):
+            if tensor.shape[dim] % (mp * (FP8_BLOCK if keep_fp8 else 1)):
                 raise ConversionError(
                     f"{name}: dimension {dim} of size {tensor.shape[dim]} cannot be split into {mp} ranks"
                     + (" of whole 128-row FP8 blocks" if keep_fp8 else "")
@@ -289,7 +288,7 @@ def plan_conversion(
     dtype = resolve_dtype(dtype)
     max_bytes = parse_size(max_shard_size)
     checkpoint = Checkpoint.open(source)
-    source_config = load_config(checkpoint, config)
+    source_config = read_source_config(checkpoint, config)
     # The inference format has no MTP layers: DeepSeek's convert.py drops them.
     if checkpoint.layout == "mp":
         source_config.num_nextn_predict_layers = 0
@@ -465,7 +464,7 @@ def _compare_logits(plan: ConversionPlan, output: Checkpoint, exact: bool) -> fl
     against gross errors, the per-tensor checks being the precise ones."""
     from .streamed_logits import streamed_logits
 
-    output_config = DeepseekMoeConfig.from_pretrained(output.directory)
+    output_config = load_config(output.directory)
     input_ids = torch.randint(0, plan.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     reference = streamed_logits(plan.source, plan.config, input_ids)
     difference = (streamed_logits(output, output_config, input_ids) - reference).abs()

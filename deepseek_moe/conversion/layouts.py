@@ -17,13 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
-from ..model.configuration_deepseek_moe import DeepseekMoeConfig
+from ..model.configuration_deepseek_moe import FP8_BLOCK, DeepseekMoeConfig
 from .safetensors_io import ConversionError, TensorInfo, read_header, read_tensor
 
 SCALE_SUFFIX = "_scale_inv"
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
+INDEX_FILE = SAFE_WEIGHTS_INDEX_NAME  # model.safetensors.index.json
+SINGLE_FILE = SAFE_WEIGHTS_NAME  # model.safetensors
 _MP_FILE = re.compile(r"^model(\d+)-mp(\d+)\.safetensors$")
 
 # DeepSeek-V3 `inference/convert.py`: official module name → (inference name, dimension sliced across ranks).
@@ -212,23 +213,15 @@ def load_weight(
     return checkpoint.tensors[name].load(reader), scale.load(reader) if scale is not None else None
 
 
-def fp8_block() -> int:
-    """DeepSeek's FP8 block edge (128), from the model code, loaded only when a conversion touches FP8 weights."""
-    from ..model.modeling_deepseek_moe import FP8_BLOCK
-
-    return FP8_BLOCK
-
-
 def scale_grid(shape: tuple[int, ...]) -> tuple[int, int]:
     """Shape of a 128×128-block `weight_scale_inv`: partial edge blocks count as whole ones."""
-    return math.ceil(shape[0] / fp8_block()), math.ceil(shape[1] / fp8_block())
+    return math.ceil(shape[0] / FP8_BLOCK), math.ceil(shape[1] / FP8_BLOCK)
 
 
-def quantize_fp8_blockwise(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_fp8_blockwise(weight: torch.Tensor, block: int = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
     """Official FP8 form: e4m3 values and one fp32 `weight_scale_inv` = amax/448 per 128×128 block (the
     dequantization multiplier). Edge blocks are zero-padded when their amax is taken, as in DeepSeek's release."""
     rows, cols = weight.shape
-    block = fp8_block()
     grid = scale_grid(weight.shape)
     padded = torch.nn.functional.pad(weight.float(), (0, grid[1] * block - cols, 0, grid[0] * block - rows))
     blocks = padded.view(grid[0], block, grid[1], block)
@@ -271,7 +264,7 @@ def _linear(name: str, out_features: int, in_features: int, bias: bool = False) 
 def _attention_shapes(config: DeepseekMoeConfig, prefix: str) -> dict[str, tuple[int, ...]]:
     """MLA (q-LoRA or plain `q_proj`, the joint `kv_a_proj_with_mqa`, `kv_b_proj`) or 16B's q/k/v/o."""
     hidden, heads, bias = config.hidden_size, config.num_attention_heads, config.attention_bias
-    if not config.use_mla:
+    if not config.uses_mla:
         kv_width = config.num_key_value_heads * config.head_dim
         return {
             **_linear(prefix + "q_proj", heads * config.head_dim, hidden, bias),

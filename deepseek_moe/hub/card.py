@@ -120,7 +120,7 @@ def model_card(
     origin = f"Derived from [{base_model}](https://huggingface.co/{base_model}). " if base_model else ""
     attention_modules = (
         ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
-        if config.use_mla
+        if config.uses_mla
         else ["q_proj", "k_proj", "v_proj", "o_proj"]
     )
     sections = [

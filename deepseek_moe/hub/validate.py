@@ -13,6 +13,7 @@ from pathlib import Path
 from ..conversion.layouts import INDEX_FILE, SINGLE_FILE, expected_shapes, read_index
 from ..conversion.safetensors_io import ConversionError, read_header
 from ..model.configuration_deepseek_moe import DeepseekMoeConfig
+from ..presets import load_config
 
 
 class UploadError(ValueError):
@@ -32,8 +33,8 @@ def read_json(path: Path) -> dict:
 
 def load_folder_config(model_dir: Path) -> DeepseekMoeConfig:
     try:
-        return DeepseekMoeConfig.from_pretrained(model_dir)
-    except (ValueError, OSError, TypeError) as error:
+        return load_config(model_dir / "config.json")
+    except ValueError as error:
         raise UploadError(f"{model_dir / 'config.json'} does not load as a DeepseekMoeConfig: {error}") from None
 
 

@@ -4,28 +4,15 @@ Flash-decoding over the latent cache: each program takes a group of BLOCK_H quer
 sequence, so every latent tile it reads serves all heads of the group; splits run in parallel and their partial
 results are merged with a log-sum-exp reduction. Scores are q_latent · c_kv + q_pe · k_pe, values are c_kv itself.
 
-Model-code sibling: imported by the modeling file, works without triton (the PyTorch path is used then).
+Model-code sibling: imported by the modeling file, which uses it where `triton_support.triton_runs_on` says Triton
+can run (the PyTorch path serves elsewhere, and without triton).
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the PyTorch path serves everywhere else
-    triton = None
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def triton_decode_available(tensor: torch.Tensor) -> bool:
-    """The kernel runs on CUDA tensors, or anywhere under TRITON_INTERPRET=1 (Triton's CPU interpreter)."""
-    return triton is not None and (tensor.is_cuda or INTERPRET)
-
+from .triton_support import tl, triton
 
 if triton is not None:
 

@@ -11,6 +11,7 @@ This file and its siblings are also the remote code of uploaded models: imports 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,15 +31,18 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils import TransformersKwargs, can_return_tuple, logging
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .cache_deepseek_moe import LatentCache
-from .configuration_deepseek_moe import DeepseekMoeConfig
-from .mla_kernels import mla_decode_triton, triton_decode_available
+from .configuration_deepseek_moe import FP8_BLOCK, DeepseekMoeConfig
+from .mla_kernels import mla_decode_triton
 from .moe_kernels import IMPLEMENTATION_NAME, kernels_default
+from .triton_support import triton_runs_on
+
+logger = logging.get_logger(__name__)
 
 
 class DeepseekMoeRMSNorm(nn.Module):
@@ -232,7 +236,7 @@ class DeepseekMoeLatentAttention(nn.Module):
         self.kv_lora_rank = config.kv_lora_rank
         self.qk_nope_head_dim = config.qk_nope_head_dim
         self.qk_rope_head_dim = config.qk_rope_head_dim
-        self.qk_head_dim = config.qk_nope_head_dim + config.qk_rope_head_dim
+        self.qk_head_dim = config.qk_head_dim
         self.v_head_dim = config.v_head_dim
         self.attention_dropout = config.attention_dropout
         self.is_causal = True
@@ -328,7 +332,7 @@ class DeepseekMoeLatentAttention(nn.Module):
     def can_use_decode_kernel(self, query: torch.Tensor) -> bool:
         """The Triton decode kernel serves inference (no autograd) when Triton can run and its tiles fit."""
         dims_fit = all(d >= 16 and d & (d - 1) == 0 for d in (self.kv_lora_rank, self.qk_rope_head_dim))
-        return dims_fit and not torch.is_grad_enabled() and triton_decode_available(query)
+        return dims_fit and not torch.is_grad_enabled() and triton_runs_on(query.device)
 
     def absorbed_attention(
         self,
@@ -428,9 +432,12 @@ class DeepseekMoeTopkRouter(nn.Module):
     Excluded groups are masked with -inf. Weights are the unbiased affinities of the chosen experts; V3 normalises
     then scales by `routed_scaling_factor`, V2/16B scale only when they do not normalise.
 
-    Training state (not saved, not gradients): `tokens_per_expert` counts routed (token, expert) pairs and
-    `dropped_tokens` the pairs dropped by the optional capacity limit, once per training forward, until
-    `deepseek_moe.training.update_expert_bias` reads them, moves the bias and resets them.
+    Training state (not saved, not gradients): `tokens_per_expert` counts routed (token, expert) pairs of real
+    tokens (padding left out) and `dropped_tokens` the pairs dropped by the optional capacity limit, once per
+    training forward, until `deepseek_moe.training.update_expert_bias` reads them, moves the bias and resets them.
+    They are plain int64 tensors, not buffers: DDP broadcasts every buffer from rank 0 at each synchronised forward,
+    which would overwrite the other ranks' counts, and `.to()` would round them in bf16. They follow the device of
+    the routing. The capacity settings are read from the config at every forward, so they can change mid-run.
     """
 
     e_score_correction_bias: torch.Tensor
@@ -439,24 +446,27 @@ class DeepseekMoeTopkRouter(nn.Module):
 
     def __init__(self, config: DeepseekMoeConfig) -> None:
         super().__init__()
+        self.config = config
         self.top_k = config.num_experts_per_tok
         self.num_experts = config.n_routed_experts
-        self.topk_method = config.topk_method
+        self.uses_bias_balancing = config.uses_bias_balancing
+        self.uses_group_limited_routing = config.uses_group_limited_routing
+        self.scales_routing_weights = config.scales_routing_weights
         self.scoring_func = config.scoring_func
         self.n_group = config.n_group
         self.topk_group = config.topk_group
         self.norm_topk_prob = config.norm_topk_prob
         self.routed_scaling_factor = config.routed_scaling_factor
-        self.num_devices = config.num_devices
-        self.capacity_factor = config.capacity_factor
-        self.capacity_protected_fraction = config.capacity_protected_fraction
-        self.drop_tokens_at_inference = config.drop_tokens_at_inference
         self.weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size, dtype=torch.float32))
-        if self.topk_method == "noaux_tc":
+        if self.uses_bias_balancing:
             self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts, dtype=torch.float32))
-        # int64 so that casting the model to bf16 cannot round the counts.
-        self.register_buffer("tokens_per_expert", torch.zeros(self.num_experts, dtype=torch.int64), persistent=False)
-        self.register_buffer("dropped_tokens", torch.zeros((), dtype=torch.int64), persistent=False)
+        self.reset_counts()
+
+    def reset_counts(self) -> None:
+        """Zero the counts (on the device they are on; a new router's live on the CPU, even on the meta device)."""
+        device = self.tokens_per_expert.device if hasattr(self, "tokens_per_expert") else "cpu"
+        self.tokens_per_expert = torch.zeros(self.num_experts, dtype=torch.int64, device=device)
+        self.dropped_tokens = torch.zeros((), dtype=torch.int64, device=device)
 
     def affinities(self, router_logits: torch.Tensor) -> torch.Tensor:
         if self.scoring_func == "sigmoid":
@@ -466,7 +476,7 @@ class DeepseekMoeTopkRouter(nn.Module):
     def mask_groups(self, scores_for_choice: torch.Tensor) -> torch.Tensor:
         """Set every expert outside the `topk_group` best groups to -inf."""
         grouped = scores_for_choice.view(-1, self.n_group, self.num_experts // self.n_group)
-        if self.topk_method == "noaux_tc":
+        if self.uses_bias_balancing:
             group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
         else:
             group_scores = grouped.amax(dim=-1)
@@ -474,10 +484,13 @@ class DeepseekMoeTopkRouter(nn.Module):
         keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, True)
         return grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view_as(scores_for_choice)
 
-    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns router logits [T, E], routing weights [T, k] (both at least fp32) and expert indices [T, k].
 
         `hidden_states` is [B, S, H] (or [T, H], one sequence); dropped (token, expert) pairs get weight 0.
+        `token_mask` [B, S] is False on padding, which is routed like any token but not counted.
         """
         batch_size = hidden_states.shape[0] if hidden_states.dim() == 3 else 1
         hidden_states = hidden_states.reshape(-1, hidden_states.shape[-1])
@@ -485,29 +498,39 @@ class DeepseekMoeTopkRouter(nn.Module):
         router_logits = F.linear(hidden_states.to(dtype), self.weight.to(dtype))
         scores, topk_weights, topk_indices = self.route(router_logits)
         keep = None
-        if self.capacity_factor is not None and (self.training or self.drop_tokens_at_inference):
+        if self.config.capacity_factor is not None and (self.training or self.config.drop_tokens_at_inference):
             keep = self.capacity_mask(scores.gather(1, topk_indices), topk_indices, batch_size)
             topk_weights = topk_weights * keep
         if counts_this_forward(self):
-            with torch.no_grad():
-                self.tokens_per_expert += torch.bincount(topk_indices.reshape(-1), minlength=self.num_experts)
-                if keep is not None:
-                    self.dropped_tokens += (~keep).sum()
+            self.count(topk_indices, keep, token_mask)
         return router_logits, topk_weights, topk_indices
+
+    @torch.no_grad()
+    def count(self, topk_indices: torch.Tensor, keep: torch.Tensor | None, token_mask: torch.Tensor | None) -> None:
+        """Add this forward's routed pairs per expert, and its dropped pairs, to the counts; padding is left out."""
+        if self.tokens_per_expert.device != topk_indices.device:
+            self.tokens_per_expert = self.tokens_per_expert.to(topk_indices.device)
+            self.dropped_tokens = self.dropped_tokens.to(topk_indices.device)
+        real = torch.ones_like(topk_indices, dtype=torch.bool)
+        if token_mask is not None:
+            real = real & token_mask.reshape(-1, 1).to(real.device, torch.bool)
+        self.tokens_per_expert.scatter_add_(0, topk_indices.reshape(-1), real.reshape(-1).long())
+        if keep is not None:
+            self.dropped_tokens += (real & ~keep).sum()
 
     def route(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Affinities s [T, E], routing weights [T, k] and expert indices [T, k] from the logits (no dropping)."""
         scores = self.affinities(router_logits)
         scores_for_choice = scores
-        if self.topk_method == "noaux_tc":
+        if self.uses_bias_balancing:
             scores_for_choice = scores + self.e_score_correction_bias
-        if self.topk_method != "greedy" and self.n_group > 1:
+        if self.uses_group_limited_routing:
             scores_for_choice = self.mask_groups(scores_for_choice)
         topk_indices = scores_for_choice.topk(self.top_k, dim=-1, sorted=False).indices
         topk_weights = scores.gather(1, topk_indices)
         if self.norm_topk_prob and self.top_k > 1:
             topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20)
-        if self.topk_method == "noaux_tc" or not self.norm_topk_prob:
+        if self.scales_routing_weights:
             topk_weights = topk_weights * self.routed_scaling_factor
         return scores, topk_weights, topk_indices
 
@@ -517,12 +540,12 @@ class DeepseekMoeTopkRouter(nn.Module):
         Each of D devices (`num_devices`, else one per expert) keeps capacity_factor·T·k/D pairs, highest affinity
         first. Pairs of the first `capacity_protected_fraction` of the batch's sequences always stay (and count).
         """
-        num_devices = self.num_devices or self.num_experts
+        num_devices = self.config.num_devices or self.num_experts
         num_pairs = topk_indices.numel()
-        capacity = math.ceil(self.capacity_factor * num_pairs / num_devices)
+        capacity = math.ceil(self.config.capacity_factor * num_pairs / num_devices)
         device = (topk_indices // (self.num_experts // num_devices)).reshape(-1)
         protected = torch.zeros_like(topk_indices, dtype=torch.bool)
-        protected_sequences = int(self.capacity_protected_fraction * batch_size + 0.5)
+        protected_sequences = int(self.config.capacity_protected_fraction * batch_size + 0.5)
         protected[: protected_sequences * (topk_indices.shape[0] // batch_size)] = True
         protected = protected.reshape(-1)
         # Affinities are in [0, 1]: protected pairs rank first, then by affinity, within each device.
@@ -559,8 +582,10 @@ class DeepseekMoeExperts(nn.Module):
         top_k = top_k_index.shape[-1]
         flat_experts = top_k_index.reshape(-1)
         order = flat_experts.argsort(stable=True)
+        # Under expert parallelism, ids >= num_experts mark pairs of other ranks: they sort last and are skipped.
+        counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()[: self.num_experts]
+        order = order[: sum(counts)]
         token_of_slot = order // top_k
-        counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
         routed_inputs = hidden_states[token_of_slot].split(counts)
         # One unbind, not `proj[expert]` per expert: autograd would build a full [E, ...] gradient for each index.
         per_expert = zip(routed_inputs, self.gate_up_proj.unbind(0), self.down_proj.unbind(0), strict=True)
@@ -570,9 +595,42 @@ class DeepseekMoeExperts(nn.Module):
                 continue
             gate, up = F.linear(rows, gate_up_proj).chunk(2, dim=-1)
             outputs.append(F.linear(self.act_fn(gate) * up, down_proj))
+        if not outputs:
+            return torch.zeros_like(hidden_states)
         routed_outputs = torch.cat(outputs) * top_k_weights.reshape(-1)[order, None]
         final = torch.zeros_like(hidden_states)
         return final.index_add_(0, token_of_slot, routed_outputs.to(final.dtype))
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        """`load_state_dict` with the on-disk layout (one tensor per expert, e.g. a Trainer checkpoint on resume): a
+        complete per-expert set (FP8 ones with their scales) is fused first, as `from_pretrained` does; the experts of
+        a partial set, such as one shard of a sharded checkpoint, are copied into their rows of the fused weights."""
+        projections = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
+        for fused, parts in projections.items():
+            patterns = [f"{prefix}{{}}.{part}.weight" for part in parts]
+            if not all(pattern.format(e) in state_dict for pattern in patterns for e in range(self.num_experts)):
+                self._load_expert_rows(state_dict, patterns, getattr(self, fused))
+                continue
+            input_dict = {}
+            for pattern in patterns:
+                for suffix in ("", "_scale_inv"):
+                    if (pattern + suffix).format(0) in state_dict:
+                        keys = [(pattern + suffix).format(e) for e in range(self.num_experts)]
+                        input_dict[pattern + suffix] = [state_dict.pop(key) for key in keys]
+            state_dict.update(MergeExperts().convert(input_dict, patterns, [prefix + fused]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @torch.no_grad()
+    def _load_expert_rows(self, state_dict: dict, patterns: list[str], fused: torch.Tensor) -> None:
+        """Copy the per-expert tensors present in `state_dict` (consumed) into their rows of `fused`."""
+        rows = fused.shape[1] // len(patterns)
+        for expert in range(self.num_experts):
+            for part, pattern in enumerate(patterns):
+                key = pattern.format(expert)
+                if key in state_dict:
+                    scale = state_dict.pop(key + "_scale_inv", None)
+                    [weight] = _dequantized([state_dict.pop(key)], None if scale is None else [scale])
+                    fused[expert, part * rows : (part + 1) * rows].copy_(weight)
 
 
 class DeepseekMoeSparseBlock(nn.Module):
@@ -586,13 +644,16 @@ class DeepseekMoeSparseBlock(nn.Module):
         if config.n_shared_experts > 0:
             self.shared_experts = DeepseekMoeMLP(config, config.moe_intermediate_size * config.n_shared_experts)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block's output and the router logits [T, E] (for the balance losses); `token_mask` as the router's."""
         shape = hidden_states.shape
-        _, topk_weights, topk_indices = self.gate(hidden_states)
+        router_logits, topk_weights, topk_indices = self.gate(hidden_states, token_mask)
         routed = self.experts(hidden_states.reshape(-1, shape[-1]), topk_indices, topk_weights).view(shape)
         if self.config.n_shared_experts > 0:
             routed = routed + self.shared_experts(hidden_states)
-        return routed
+        return routed, router_logits
 
 
 # ------------------------------------------------------------------------------------------------ balance losses
@@ -634,7 +695,7 @@ def balance_losses(
     selected = torch.zeros_like(scores).scatter_(2, topk_indices, 1.0) * mask  # [U, T, N'], no gradient
     f = selected.sum(dim=1) * num_experts / (top_k * tokens)
     P = (scores * mask).sum(dim=1) / tokens
-    alpha = config.seq_aux_alpha if router.topk_method == "noaux_tc" else config.aux_loss_alpha
+    alpha = config.expert_balance_alpha
     losses = {}
     if alpha > 0:
         losses["expert"] = alpha * mean_over_units((f * P).sum(dim=-1))
@@ -674,7 +735,7 @@ class DeepseekMoeDecoderLayer(GradientCheckpointingLayer):
 
     def __init__(self, config: DeepseekMoeConfig, layer_idx: int) -> None:
         super().__init__()
-        attention_class = DeepseekMoeLatentAttention if config.use_mla else DeepseekMoeAttention
+        attention_class = DeepseekMoeLatentAttention if config.uses_mla else DeepseekMoeAttention
         self.self_attn = attention_class(config, layer_idx)
         is_moe = config.is_moe_layer(layer_idx) or layer_idx >= config.num_hidden_layers
         self.mlp = DeepseekMoeSparseBlock(config) if is_moe else DeepseekMoeMLP(config)
@@ -688,8 +749,12 @@ class DeepseekMoeDecoderLayer(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: Cache | None = None,
+        token_mask: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The new hidden states and the router logits (None in dense layers). The logits leave as an output so that
+        the balance losses get gradients under activation checkpointing: the reentrant kind runs the layer without
+        grad first, so anything recorded inside it has none. `token_mask` [B, S] is False on padding."""
         residual = hidden_states
         hidden_states, _ = self.self_attn(
             self.input_layernorm(hidden_states),
@@ -699,7 +764,26 @@ class DeepseekMoeDecoderLayer(GradientCheckpointingLayer):
             **kwargs,
         )
         hidden_states = residual + hidden_states
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        ffn_input = self.post_attention_layernorm(hidden_states)
+        if isinstance(self.mlp, DeepseekMoeSparseBlock):
+            ffn_output, router_logits = self.mlp(ffn_input, token_mask)
+        else:
+            ffn_output, router_logits = self.mlp(ffn_input), None
+        return hidden_states + ffn_output, router_logits
+
+
+# Official checkpoints give every MTP layer its own copy of the embedding and of the output head (DeepSeek's loaders,
+# vLLM and SGLang expect them); in memory ours share the model's. Copy name (inside the MTP layer) -> tensor copied.
+MTP_COPIES = {"embed_tokens.weight": "model.embed_tokens.weight", "shared_head.head.weight": "lm_head.weight"}
+
+
+def mtp_copies(config: DeepseekMoeConfig) -> dict[str, str]:
+    """Full name of every copy an official checkpoint of this config holds -> name of the tensor it copies."""
+    return {
+        f"model.layers.{config.num_hidden_layers + k}.{copy}": source
+        for k in range(config.num_nextn_predict_layers)
+        for copy, source in MTP_COPIES.items()
+    }
 
 
 class DeepseekMoeSharedHead(nn.Module):
@@ -714,7 +798,9 @@ class DeepseekMoeMTPLayer(DeepseekMoeDecoderLayer):
     """Multi-token prediction module k (DeepSeek-V3), stored as `model.layers.{num_hidden_layers + k}`.
 
     h'_i = eh_proj([enorm(Emb(t_{i+k})); hnorm(h_i)]) (embedding first, as the official weights are used), then one
-    MoE decoder block and `shared_head.norm` before the shared output head.
+    MoE decoder block and `shared_head.norm` before the shared output head. The norm runs inside this forward, like
+    every parameter of the module, so that FSDP (which gathers a module's weights around its forward) can shard it.
+    Official checkpoints' copies of the embedding and head in this layer are dropped by `load_state_dict`.
     """
 
     def __init__(self, config: DeepseekMoeConfig, layer_idx: int) -> None:
@@ -732,16 +818,36 @@ class DeepseekMoeMTPLayer(DeepseekMoeDecoderLayer):
         attention_mask: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: Cache | None = None,
+        token_mask: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> torch.Tensor:
-        """h^k from h^{k-1} (positions i) and the embeddings of the tokens k steps ahead (t_{i+k})."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """h^k from h^{k-1} (positions i) and the embeddings of the tokens k steps ahead (t_{i+k}); returns h^k, its
+        router logits and `shared_head.norm(h^k)`, the input of the shared output head."""
         combined = self.eh_proj(torch.cat((self.enorm(next_embeds), self.hnorm(hidden_states)), dim=-1))
-        return super().forward(
-            combined, attention_mask=attention_mask, position_embeddings=position_embeddings, cache=cache, **kwargs
+        hidden_states, router_logits = super().forward(
+            combined,
+            attention_mask=attention_mask,
+            position_embeddings=position_embeddings,
+            cache=cache,
+            token_mask=token_mask,
+            **kwargs,
         )
+        return hidden_states, router_logits, self.shared_head.norm(hidden_states)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        for copy in ("embed_tokens.weight", "shared_head.head.weight"):  # ours share the model's own
+            state_dict.pop(prefix + copy, None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------------- models
+
+
+def padding_mask(attention_mask: torch.Tensor | None, seq_length: int) -> torch.Tensor | None:
+    """[B, S] bool, False on padding, from a 2D attention mask over cached + new positions (None without one)."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return None
+    return attention_mask[:, -seq_length:].bool()
 
 
 class DeepseekMoePreTrainedModel(PreTrainedModel):
@@ -761,11 +867,11 @@ class DeepseekMoePreTrainedModel(PreTrainedModel):
             OutputRecorder(DeepseekMoeAttention, index=1),
             OutputRecorder(DeepseekMoeLatentAttention, index=1),
         ],
-        "router_logits": OutputRecorder(DeepseekMoeTopkRouter, index=0),
+        "router_logits": OutputRecorder(DeepseekMoeDecoderLayer, index=1),
     }
     _keep_in_fp32_modules_strict = ["e_score_correction_bias", "gate.weight"]
-    # Official MTP layers carry copies of the shared embedding and head; ours share the model's own.
-    _keys_to_ignore_on_load_unexpected = [r"model\.layers\.\d+\.(embed_tokens|shared_head\.head)\.weight"]
+    # Official MTP layers carry copies of the shared embedding and head (`MTP_COPIES`); ours share the model's own.
+    _keys_to_ignore_on_load_unexpected = [r"model\.layers\.\d+\.(" + "|".join(map(re.escape, MTP_COPIES)) + ")$"]
 
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
         """Unless the user chose one, run the experts with our Triton kernels (`"deepseek_triton"`, registered by
@@ -779,9 +885,7 @@ class DeepseekMoePreTrainedModel(PreTrainedModel):
         std = self.config.initializer_range
         if isinstance(module, DeepseekMoeTopkRouter):
             init.normal_(module.weight, mean=0.0, std=std)
-            init.zeros_(module.tokens_per_expert)
-            init.zeros_(module.dropped_tokens)
-            if module.topk_method == "noaux_tc":
+            if module.uses_bias_balancing:
                 init.zeros_(module.e_score_correction_bias)
         elif isinstance(module, DeepseekMoeExperts):
             init.normal_(module.gate_up_proj, mean=0.0, std=std)
@@ -822,11 +926,16 @@ class DeepseekMoeModel(DeepseekMoePreTrainedModel):
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if use_cache and cache is None:
-            cache = LatentCache() if self.config.use_mla else DynamicCache(config=self.config)
+            cache = LatentCache() if self.config.uses_mla else DynamicCache(config=self.config)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+        past_seen_tokens = cache.get_seq_length() if cache is not None else 0
+        if past_seen_tokens + inputs_embeds.shape[1] > self.config.max_position_embeddings:
+            logger.warning_once(
+                f"Sequence length {past_seen_tokens + inputs_embeds.shape[1]} exceeds max_position_embeddings="
+                f"{self.config.max_position_embeddings}; positions beyond it were never trained and may degrade output"
+            )
         if position_ids is None:
-            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
 
@@ -839,14 +948,16 @@ class DeepseekMoeModel(DeepseekMoePreTrainedModel):
         )
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        token_mask = padding_mask(attention_mask, inputs_embeds.shape[1])
         for decoder_layer in self.layers[: self.config.num_hidden_layers]:
-            hidden_states = decoder_layer(
+            hidden_states, _ = decoder_layer(
                 hidden_states,
                 attention_mask=causal_mask,
                 position_embeddings=position_embeddings,
                 position_ids=position_ids,
                 cache=cache,
                 use_cache=use_cache,
+                token_mask=token_mask,
                 **kwargs,
             )
         return MoeModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache)
@@ -855,6 +966,7 @@ class DeepseekMoeModel(DeepseekMoePreTrainedModel):
 class DeepseekMoeForCausalLM(DeepseekMoePreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
+    _fsdp_plan = {"lm_head": "keep_full_weight"}  # gathered once with the final norm, as transformers' built-ins do
     _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
 
     def __init__(self, config: DeepseekMoeConfig) -> None:
@@ -885,8 +997,10 @@ class DeepseekMoeForCausalLM(DeepseekMoePreTrainedModel, GenerationMixin):
         sum over the whole accumulation window divided by its label tokens, so the aux term is weighted by this
         micro-batch's share of those tokens; otherwise both terms are per-micro-batch means (weight 1).
 
-        `mla_attention_mode` ("absorbed", "expanded" or "auto") overrides the config for this call, also as a
-        `generate` option."""
+        `shift_labels` (labels already shifted left, as Trainer passes them under context parallelism) may replace
+        `labels`. `mla_attention_mode` ("absorbed", "expanded" or "auto") overrides the config for this call, also as
+        a `generate` option."""
+        shift_labels = kwargs.pop("shift_labels", None)
         want_aux = self.training or kwargs.get("output_router_logits", self.config.output_router_logits)
         if want_aux:
             kwargs["output_router_logits"] = True
@@ -906,9 +1020,7 @@ class DeepseekMoeForCausalLM(DeepseekMoePreTrainedModel, GenerationMixin):
         aux_losses, aux_loss = None, None
         if want_aux and outputs.router_logits:
             batch_size, seq_length = hidden_states.shape[:2]
-            token_mask = None
-            if attention_mask is not None and attention_mask.dim() == 2:
-                token_mask = attention_mask[:, -seq_length:].bool()
+            token_mask = padding_mask(attention_mask, seq_length)
             layers = self.model.layers[: self.config.num_hidden_layers]
             routers = [layer.mlp.gate for layer in layers if isinstance(layer.mlp, DeepseekMoeSparseBlock)]
             aux_losses = {}
@@ -917,19 +1029,22 @@ class DeepseekMoeForCausalLM(DeepseekMoePreTrainedModel, GenerationMixin):
                     aux_losses[kind] = aux_losses[kind] + value if kind in aux_losses else value
             aux_loss = sum(aux_losses.values()) if aux_losses else None
         loss = mtp_loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        if shift_labels is None and labels is not None:
+            shift_labels = F.pad(labels[..., 1:], (0, 1), value=-100)  # position i predicts t_{i+1}
+        if shift_labels is not None:
+            loss = self.loss_function(
+                logits=logits, labels=None, shift_labels=shift_labels, vocab_size=self.config.vocab_size, **kwargs
+            )
             if aux_loss is not None and self.config.add_aux_loss_to_loss:
                 weight = 1.0
                 num_items_in_batch = kwargs.get("num_items_in_batch")
                 if num_items_in_batch is not None:
-                    targets = kwargs.get("shift_labels", labels[..., 1:])
-                    weight = targets.ne(-100).sum() / num_items_in_batch
+                    weight = shift_labels.ne(-100).sum() / num_items_in_batch
                 loss = loss + weight * aux_loss
             if self.config.num_nextn_predict_layers > 0 and cache is None:
                 embeds = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
                 mtp_loss = self.multi_token_prediction_loss(
-                    hidden_states, embeds, labels, attention_mask, position_ids, **kwargs
+                    hidden_states, embeds, shift_labels, attention_mask, position_ids, **kwargs
                 )
                 loss = loss + self.config.mtp_loss_weight * mtp_loss
         return DeepseekMoeCausalLMOutputWithPast(
@@ -947,14 +1062,11 @@ class DeepseekMoeForCausalLM(DeepseekMoePreTrainedModel, GenerationMixin):
     def save_pretrained(
         self, save_directory: str, is_main_process: bool = True, state_dict: dict | None = None, **kwargs
     ) -> None:
-        """Saves the official MTP layout too: DeepSeek's checkpoints (and vLLM/SGLang loaders) expect every MTP layer
-        to carry its own `embed_tokens` and `shared_head.head`; in memory ours share the model's."""
+        """Saves the official MTP layout too: every MTP layer with its own copies (`mtp_copies`)."""
         if state_dict is None and self.config.num_nextn_predict_layers > 0:
             state_dict = self.state_dict()
-            for k in range(self.config.num_nextn_predict_layers):
-                prefix = f"model.layers.{self.config.num_hidden_layers + k}."
-                state_dict[prefix + "embed_tokens.weight"] = state_dict["model.embed_tokens.weight"].clone()
-                state_dict[prefix + "shared_head.head.weight"] = state_dict["lm_head.weight"].clone()
+            for copy, source in mtp_copies(self.config).items():
+                state_dict[copy] = state_dict[source].clone()
         super().save_pretrained(save_directory, is_main_process=is_main_process, state_dict=state_dict, **kwargs)
 
     def generate(self, inputs: torch.Tensor | None = None, *args, use_mtp: bool = False, **kwargs):
@@ -991,7 +1103,7 @@ class DeepseekMoeForCausalLM(DeepseekMoePreTrainedModel, GenerationMixin):
         instead: its rows are written in place, never copied again. Other cache choices are transformers'."""
         default_cache = generation_config.cache_implementation in (None, "dynamic")
         if (
-            self.config.use_mla
+            self.config.uses_mla
             and default_cache
             and model_kwargs.get("cache") is None
             and generation_config.use_cache is not False
@@ -1011,10 +1123,13 @@ class DeepseekMoeForCausalLM(DeepseekMoePreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None,
         position_ids: torch.Tensor,
         cache: Cache | None = None,
-    ) -> torch.Tensor:
-        """h^depth over the positions of `previous` (= h^{depth-1}), given the embeddings `depth` tokens ahead.
+        token_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """h^depth over the positions of `previous` (= h^{depth-1}), given the embeddings `depth` tokens ahead, and
+        `shared_head.norm(h^depth)`, which the shared output head turns into the logits of the token depth + 1 ahead.
 
-        `attention_mask` is the 2D padding mask over cached + new positions; `cache` holds this depth's keys."""
+        `attention_mask` is the 2D padding mask over cached + new positions; `cache` holds this depth's keys;
+        `token_mask` [B, S] leaves positions out of the expert-load counts."""
         layer = self.model.layers[self.config.num_hidden_layers + depth - 1]
         mask = create_causal_mask(
             config=self.config,
@@ -1025,46 +1140,67 @@ class DeepseekMoeForCausalLM(DeepseekMoePreTrainedModel, GenerationMixin):
             layer_idx=layer.self_attn.layer_idx,
         )
         position_embeddings = self.model.rotary_emb(previous, position_ids)
-        return layer(previous, next_embeds, attention_mask=mask, position_embeddings=position_embeddings, cache=cache)
-
-    def mtp_logits(self, depth: int, mtp_hidden: torch.Tensor) -> torch.Tensor:
-        """The shared output head on `shared_head.norm(h^depth)`: predicts the token depth + 1 steps ahead."""
-        layer = self.model.layers[self.config.num_hidden_layers + depth - 1]
-        return self.lm_head(layer.shared_head.norm(mtp_hidden))
+        hidden, _, head_input = layer(
+            previous,
+            next_embeds,
+            attention_mask=mask,
+            position_embeddings=position_embeddings,
+            cache=cache,
+            token_mask=token_mask,
+        )
+        return hidden, head_input
 
     def multi_token_prediction_loss(
         self,
         hidden_states: torch.Tensor,
         embeds: torch.Tensor,
-        labels: torch.Tensor,
+        shift_labels: torch.Tensor,
         attention_mask: torch.Tensor | None,
         position_ids: torch.Tensor | None,
         **kwargs,
     ) -> torch.Tensor:
         """(1/D) Σ_k CE(depth k predicting t_{i+k+1} at position i), chaining h^k from the main model's output.
 
-        Depth k sees positions i < T - k (its token t_{i+k} must exist); `ignore_index` labels and padding are
-        skipped by the loss function, which also honours `num_items_in_batch`."""
+        `shift_labels[:, i]` is the target of position i in the main model (t_{i+1}), so depth k's targets are
+        `shift_labels[:, k:]`. Depth k sees positions i < T - k (its token t_{i+k} must exist); `ignore_index` labels
+        and padding are skipped. With `num_items_in_batch` the loss function divides each depth's sum by it; without,
+        each depth is a mean over its own targets, and 0 (with zero gradient) when it has none. In packed rows
+        (position ids restarting at each document) no target lies in another document than its position."""
         seq_length = hidden_states.shape[1]
         if position_ids is None:
             position_ids = torch.arange(seq_length, device=hidden_states.device)[None]
+        token_mask = padding_mask(attention_mask, seq_length)
         previous, losses = hidden_states, []
         for depth in range(1, self.config.num_nextn_predict_layers + 1):
             length = seq_length - depth
             if length < 1:
                 break
-            mask = attention_mask[:, :length] if attention_mask is not None and attention_mask.dim() == 2 else None
-            previous = self.mtp_hidden_states(
-                depth, previous[:, :length], embeds[:, depth:], mask, position_ids[..., :length]
+            mask = attention_mask[:, :length] if token_mask is not None else None
+            # a position is counted in the expert loads when it and the token it reads (t_{i+k}) are not padding
+            counted = token_mask[:, :length] & token_mask[:, depth:] if token_mask is not None else None
+            previous, head_input = self.mtp_hidden_states(
+                depth, previous[:, :length], embeds[:, depth:], mask, position_ids[..., :length], token_mask=counted
             )
-            shift_labels = F.pad(labels[:, depth + 1 :], (0, 1), value=-100)
-            logits = self.mtp_logits(depth, previous)
+            targets = shift_labels[:, depth:].masked_fill(
+                ~same_document_ahead(position_ids, depth + 1)[..., :length], -100
+            )
+            loss_kwargs = dict(kwargs)
+            if loss_kwargs.get("num_items_in_batch") is None:
+                loss_kwargs["num_items_in_batch"] = targets.ne(-100).sum().clamp(min=1)
+            logits = self.lm_head(head_input)
             losses.append(
                 self.loss_function(
-                    logits=logits, labels=None, vocab_size=self.config.vocab_size, shift_labels=shift_labels, **kwargs
+                    logits=logits, labels=None, vocab_size=self.config.vocab_size, shift_labels=targets, **loss_kwargs
                 )
             )
         return torch.stack(losses).mean() if losses else hidden_states.new_zeros(())
+
+
+def same_document_ahead(position_ids: torch.Tensor, offset: int) -> torch.Tensor:
+    """[B, S] bool: whether the token `offset` positions ahead exists and is in the same packed document. Packed rows
+    restart their position ids at each document, so inside one document positions are exactly `offset` apart."""
+    ahead = position_ids[..., offset:] - position_ids[..., :-offset] == offset
+    return F.pad(ahead, (0, offset), value=False)
 
 
 class DeepseekMoeForSequenceClassification(GenericForSequenceClassification, DeepseekMoePreTrainedModel):
@@ -1072,8 +1208,6 @@ class DeepseekMoeForSequenceClassification(GenericForSequenceClassification, Dee
 
 
 # -------------------------------------------------------------------------------------------- checkpoint layout
-
-FP8_BLOCK = 128
 
 
 def dequantize_fp8_blockwise(weight: torch.Tensor, scale_inv: torch.Tensor, block: int = FP8_BLOCK) -> torch.Tensor:

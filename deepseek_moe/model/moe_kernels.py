@@ -30,23 +30,17 @@ and autotuning has one config.
 from __future__ import annotations
 
 import inspect
-import os
 from dataclasses import dataclass
 
 import torch
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
+from .triton_support import INTERPRET, tl, triton, triton_runs_on
 
 IMPLEMENTATION_NAME = "deepseek_triton"
 BLOCK_M_TRAIN = 64
 BLOCK_M_DECODE = 16
 DECODE_MAX_TOKENS = 64
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @dataclass
@@ -96,7 +90,7 @@ def routing_metadata(top_k_index: torch.Tensor, num_experts: int, block_m: int) 
 
 def _gemm_configs() -> list:
     """One small config under the interpreter (autotuning needs a GPU); a few Hopper/Ampere-friendly ones else."""
-    if _INTERPRET:
+    if INTERPRET:
         return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
     return [
         triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=warps, num_stages=stages)
@@ -105,12 +99,62 @@ def _gemm_configs() -> list:
 
 
 def _combine_configs() -> list:
-    if _INTERPRET:
+    if INTERPRET:
         return [triton.Config({"BLOCK_T": 16, "BLOCK_H": 32}, num_warps=4)]
     return [triton.Config({"BLOCK_T": 16, "BLOCK_H": block_h}, num_warps=4) for block_h in (128, 256)]
 
 
 if triton is not None:
+
+    @triton.jit
+    def _expert_tile(
+        tile_expert_ptr,
+        tile_row_start_ptr,
+        expert_offsets_ptr,
+        sorted_slots_ptr,
+        num_experts,
+        N,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        """This program's share of the work: the expert of its tile (`num_experts` for an unused tile, which the
+        caller skips), the tile's sorted rows (masked to the expert's end), the slot each row holds, its BLOCK_N
+        output columns of N (masked) and the BLOCK_K offsets."""
+        tile = tl.program_id(0)
+        expert = tl.load(tile_expert_ptr + tile)
+        expert_end = tl.load(expert_offsets_ptr + tl.minimum(expert, num_experts - 1) + 1)  # in bounds for any tile
+        rows = tl.load(tile_row_start_ptr + tile) + tl.arange(0, BLOCK_M)
+        row_mask = rows < tl.where(expert < num_experts, expert_end, 0)  # an unused tile masks every row
+        slots = tl.load(sorted_slots_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        return expert, rows, row_mask, slots, offs_n, offs_n < N, tl.arange(0, BLOCK_K)
+
+    @triton.jit
+    def _rows_times_weight(
+        a_ptrs,
+        w_ptrs,
+        row_mask,
+        n_mask,
+        offs_k,
+        K,
+        stride_wk,
+        UPCAST: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        """A @ W in fp32 over K in BLOCK_K steps: A's BLOCK_M rows at `a_ptrs` (contiguous in K), W [K, N] at `w_ptrs`
+        (BLOCK_N columns); masked rows and columns read as 0."""
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_mask = offs_k < K - k0
+            a = tl.load(a_ptrs + k0, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            w = tl.load(w_ptrs + k0 * stride_wk, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            if UPCAST:
+                a, w = a.to(tl.float32), w.to(tl.float32)
+            acc = tl.dot(a, w, acc)
+        return acc
 
     @triton.autotune(configs=_gemm_configs(), key=["inter", "hidden", "STORE_GATE_UP"])
     @triton.jit
@@ -138,16 +182,13 @@ if triton is not None:
         BLOCK_K: tl.constexpr,
     ):
         """h[r] = silu(x[token(r)] @ W_gate[e]ᵀ) * (x[token(r)] @ W_up[e]ᵀ); optionally keeps [gate, up]."""
-        tile = tl.program_id(0)
-        expert = tl.load(tile_expert_ptr + tile)
+        expert, rows, row_mask, slots, offs_n, n_mask, offs_k = _expert_tile(
+            tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr, sorted_slots_ptr, num_experts, inter,
+            BLOCK_M, BLOCK_N, BLOCK_K,
+        )  # fmt: skip
         if expert >= num_experts:
             return
-        rows = tl.load(tile_row_start_ptr + tile) + tl.arange(0, BLOCK_M)
-        row_mask = rows < tl.load(expert_offsets_ptr + expert + 1)
-        tokens = (tl.load(sorted_slots_ptr + rows, mask=row_mask, other=0) // top_k).to(tl.int64)
-        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < inter
-        offs_k = tl.arange(0, BLOCK_K)
+        tokens = slots // top_k
         x_ptrs = x_ptr + tokens[:, None] * stride_xt + offs_k[None, :]
         w_expert_ptr = w_ptr + expert.to(tl.int64) * stride_we
         w_gate_ptrs = w_expert_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
@@ -197,26 +238,17 @@ if triton is not None:
         BLOCK_K: tl.constexpr,
     ):
         """out[slot(r)] = scale[slot(r)] · a[r] @ W[e]ᵀ, W[e] read as [N, K] through its strides; a is [S, K]."""
-        tile = tl.program_id(0)
-        expert = tl.load(tile_expert_ptr + tile)
+        expert, rows, row_mask, slots, offs_n, n_mask, offs_k = _expert_tile(
+            tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr, sorted_slots_ptr, num_experts, N,
+            BLOCK_M, BLOCK_N, BLOCK_K,
+        )  # fmt: skip
         if expert >= num_experts:
             return
-        rows = tl.load(tile_row_start_ptr + tile) + tl.arange(0, BLOCK_M)
-        row_mask = rows < tl.load(expert_offsets_ptr + expert + 1)
-        slots = tl.load(sorted_slots_ptr + rows, mask=row_mask, other=0).to(tl.int64)
-        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < N
-        offs_k = tl.arange(0, BLOCK_K)
         a_ptrs = a_ptr + rows[:, None].to(tl.int64) * K + offs_k[None, :]
         w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k_mask = offs_k < K - k0
-            a = tl.load(a_ptrs + k0, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            w = tl.load(w_ptrs + k0 * stride_wk, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-            if UPCAST:
-                a, w = a.to(tl.float32), w.to(tl.float32)
-            acc = tl.dot(a, w, acc)
+        acc = _rows_times_weight(
+            a_ptrs, w_ptrs, row_mask, n_mask, offs_k, K, stride_wk, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K
+        )
         if HAS_SCALE:
             acc *= tl.load(scale_ptr + slots, mask=row_mask, other=0.0).to(tl.float32)[:, None]
         out_ptrs = out_ptr + slots[:, None] * N + offs_n[None, :]
@@ -265,29 +297,20 @@ if triton is not None:
     ):
         """With dA = dOut[token] @ W_down[e] and h = silu(g)·u recomputed from the saved [g, u]:
         d_weight[slot] = Σ dA·h (this N-block's share), dh = w·dA → [dg, du], and w·h for the down-weight grad."""
-        tile = tl.program_id(0)
         pid_n = tl.program_id(1)
-        expert = tl.load(tile_expert_ptr + tile)
+        expert, rows, row_mask, slots, offs_n, n_mask, offs_k = _expert_tile(
+            tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr, sorted_slots_ptr, num_experts, inter,
+            BLOCK_M, BLOCK_N, BLOCK_K,
+        )  # fmt: skip
         if expert >= num_experts:
             return
-        rows = tl.load(tile_row_start_ptr + tile) + tl.arange(0, BLOCK_M)
-        row_mask = rows < tl.load(expert_offsets_ptr + expert + 1)
-        slots = tl.load(sorted_slots_ptr + rows, mask=row_mask, other=0).to(tl.int64)
         tokens = slots // top_k
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < inter
-        offs_k = tl.arange(0, BLOCK_K)
         g_ptrs = grad_out_ptr + tokens[:, None] * hidden + offs_k[None, :]
         w_expert_ptr = w_down_ptr + expert.to(tl.int64) * stride_we
         w_ptrs = w_expert_ptr + offs_k[:, None] * stride_wh + offs_n[None, :] * stride_wi
-        d_act = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, hidden, BLOCK_K):
-            k_mask = offs_k < hidden - k0
-            grad = tl.load(g_ptrs + k0, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            w = tl.load(w_ptrs + k0 * stride_wh, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-            if UPCAST:
-                grad, w = grad.to(tl.float32), w.to(tl.float32)
-            d_act = tl.dot(grad, w, d_act)
+        d_act = _rows_times_weight(
+            g_ptrs, w_ptrs, row_mask, n_mask, offs_k, hidden, stride_wh, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K
+        )
         mask = row_mask[:, None] & n_mask[None, :]
         gate_up_ptrs = gate_up_ptr + rows[:, None].to(tl.int64) * (2 * inter) + offs_n[None, :]
         gate = tl.load(gate_up_ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -379,7 +402,7 @@ def _gate_up(
         hidden_states.stride(0),
         *gate_up_proj.stride(),
         STORE_GATE_UP=keep_gate_up,
-        UPCAST=_INTERPRET,
+        UPCAST=INTERPRET,
         BLOCK_M=meta.block_m,
     )
     return h, gate_up if keep_gate_up else None
@@ -409,7 +432,7 @@ def _grouped_gemm_scatter(
         rows.shape[1],
         *weight_strides,
         HAS_SCALE=scale is not None,
-        UPCAST=_INTERPRET,
+        UPCAST=INTERPRET,
         BLOCK_M=meta.block_m,
     )
     return out
@@ -441,7 +464,7 @@ def _grouped_wgrad(
         *out.stride(),
         GATHER_A=gather_a,
         GATHER_B=not gather_a,
-        UPCAST=_INTERPRET,
+        UPCAST=INTERPRET,
         BLOCK_M=meta.block_m,
     )
     return out
@@ -500,7 +523,7 @@ class _FusedExperts(torch.autograd.Function):
             inter,
             top_k,
             *down_proj.stride(),
-            UPCAST=_INTERPRET,
+            UPCAST=INTERPRET,
             BLOCK_M=meta.block_m,
         )
         d_weights = d_weights_partial.sum(0).view(num_tokens, top_k).to(top_k_weights.dtype)
@@ -534,7 +557,7 @@ def fused_experts(
     if num_tokens == 0:
         return torch.zeros_like(hidden_states)
     if block_m is None:
-        block_m = BLOCK_M_DECODE if num_tokens <= DECODE_MAX_TOKENS or _INTERPRET else BLOCK_M_TRAIN
+        block_m = BLOCK_M_DECODE if num_tokens <= DECODE_MAX_TOKENS or INTERPRET else BLOCK_M_TRAIN
     meta = routing_metadata(top_k_index, gate_up_proj.shape[0], block_m)
     tensors = (hidden_states.to(gate_up_proj.dtype).contiguous(), top_k_weights.contiguous(), gate_up_proj, down_proj)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
@@ -549,17 +572,12 @@ def kernels_default() -> bool:
     return triton is not None and torch.cuda.is_available()
 
 
-def kernels_run_on(device: torch.device) -> bool:
-    """Triton kernels run on CUDA tensors, or anywhere under `TRITON_INTERPRET=1` (slow; for tests)."""
-    return triton is not None and (device.type == "cuda" or _INTERPRET)
-
-
 def deepseek_triton_experts_forward(
     self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
     """`ExpertsInterface` entry: the kernels where they can run, the module's own PyTorch forward elsewhere."""
     supported = self.config.hidden_act == "silu" and not self._is_expert_parallel and not self.has_bias
-    if not (supported and kernels_run_on(hidden_states.device)):
+    if not (supported and triton_runs_on(hidden_states.device)):
         return inspect.unwrap(type(self).forward)(self, hidden_states, top_k_index, top_k_weights)
     return fused_experts(hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj)
 

@@ -84,7 +84,7 @@ def mtp_greedy_generate(
         for k in range(1, depths + 1):
             start = processed[k - 1]
             _crop_layer(mtp_cache, first_mtp + k - 1, start)
-            hidden_k = model.mtp_hidden_states(
+            hidden_k, head_input = model.mtp_hidden_states(
                 k,
                 previous[:, start:n],
                 embed(known[:, start + k : n + k]),
@@ -93,7 +93,7 @@ def mtp_greedy_generate(
                 cache=mtp_cache,
             )
             mtp_hidden[k - 1] = previous = torch.cat([mtp_hidden[k - 1][:, :start], hidden_k], 1)
-            draft = model.mtp_logits(k, hidden_k[:, -1]).argmax(-1, keepdim=True)
+            draft = model.lm_head(head_input[:, -1]).argmax(-1, keepdim=True)
             known = torch.cat([known, draft], 1)
             processed[k - 1] = n - k + 1  # position i used t_{i+k}, real only while i + k <= n
 

@@ -10,8 +10,10 @@ the counts. Call it from exactly one place: `register_bias_update_hook` (any tra
     # or, in a plain loop:
     register_bias_update_hook(optimizer, model)
 
-Counting is exact under gradient accumulation and activation checkpointing; tokens are counted per routed pair,
-padding included since padded tokens occupy experts too (the balance losses, computed in the model, leave padding out).
+Counting is exact under gradient accumulation, activation checkpointing and every data/expert-parallel layout: each
+rank's routers count the (token, expert) pairs of the tokens that rank routes, over all experts, before any expert
+parallel dispatch, so the sum over the ranks that hold distinct batches is the global count. Padding (attention mask 0)
+is left out of the counts, as it is of the balance losses.
 """
 
 from __future__ import annotations
@@ -31,6 +33,11 @@ logger = logging.get_logger(__name__)
 def moe_routers(model: torch.nn.Module) -> dict[str, DeepseekMoeTopkRouter]:
     """The routers of a model (wrapped by DDP/PEFT or not), keyed by module name, in layer order."""
     return {name: module for name, module in model.named_modules() if isinstance(module, DeepseekMoeTopkRouter)}
+
+
+def _counts(router: DeepseekMoeTopkRouter) -> torch.Tensor:
+    """[E + 1] int64: the router's routed pairs per expert since the last reset, then its dropped pairs."""
+    return torch.cat([router.tokens_per_expert, router.dropped_tokens.view(1)])
 
 
 def _bias_update_speed(model: torch.nn.Module) -> float:
@@ -55,10 +62,8 @@ def update_expert_bias(
     if not routers:
         return {}
     gamma = _bias_update_speed(model) if gamma is None else gamma
-    first = next(iter(routers.values())).tokens_per_expert
-    counts = torch.stack(
-        [torch.cat([r.tokens_per_expert, r.dropped_tokens.view(1)]).to(first.device) for r in routers.values()]
-    )
+    device = next(iter(routers.values())).weight.device  # where the collective runs (the accelerator under NCCL)
+    counts = torch.stack([_counts(router).to(device) for router in routers.values()])
     if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
         dist.all_reduce(counts, group=group)
     loads = {}
@@ -71,8 +76,7 @@ def update_expert_bias(
                 router.e_score_correction_bias = router.e_score_correction_bias.float()
             bias = router.e_score_correction_bias
             bias += (gamma * torch.sign(load.mean() - load)).to(bias.device)
-        router.tokens_per_expert.zero_()
-        router.dropped_tokens.zero_()
+        router.reset_counts()
         loads[name] = layer_counts.cpu()
     return loads
 
@@ -120,9 +124,7 @@ def load_statistics(counts: torch.Tensor) -> dict[str, float | torch.Tensor] | N
 def current_load(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The counts accumulated on this rank since the last bias update, in `update_expert_bias`'s format; feed them
     to `load_statistics` for a layer's balance."""
-    return {
-        name: torch.cat([r.tokens_per_expert, r.dropped_tokens.view(1)]).cpu() for name, r in moe_routers(model).items()
-    }
+    return {name: _counts(router).cpu() for name, router in moe_routers(model).items()}
 
 
 class ExpertBalanceCallback(TrainerCallback):
