@@ -21,10 +21,10 @@ HEAVY_FOR_CONVERT = (
     "transformers.modeling_utils",
     "transformers.masking_utils",
     "triton",
-    "accelerate",
     "peft",
     "datasets",
-)
+)  # not accelerate: the config module's `transformers.activations` (hidden_act choices) imports it, through
+# transformers.core_model_loading
 
 
 def _imported_modules(*arguments: str) -> set[str]:
