@@ -576,4 +576,18 @@ class DeepseekMoeConfig(PreTrainedConfig):
         return normalize_config_dict(config_dict), kwargs
 
 
+# Official checkpoints give every MTP layer its own copy of the embedding and of the output head (DeepSeek's loaders,
+# vLLM and SGLang expect them); in memory ours share the model's. Copy name (inside the MTP layer) -> tensor copied.
+MTP_COPIES = {"embed_tokens.weight": "model.embed_tokens.weight", "shared_head.head.weight": "lm_head.weight"}
+
+
+def mtp_copies(config: DeepseekMoeConfig) -> dict[str, str]:
+    """Full name of every copy an official checkpoint of this config holds -> name of the tensor it copies."""
+    return {
+        f"model.layers.{config.num_hidden_layers + k}.{copy}": source
+        for k in range(config.num_nextn_predict_layers)
+        for copy, source in MTP_COPIES.items()
+    }
+
+
 __all__ = ["DeepseekMoeConfig"]

@@ -36,7 +36,8 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .configuration_deepseek_moe import DeepseekMoeConfig
+from .cache_deepseek_moe import LatentCache
+from .configuration_deepseek_moe import MTP_COPIES, DeepseekMoeConfig, mtp_copies
 from .mla_kernels import mla_decode_triton
 from .moe_kernels import IMPLEMENTATION_NAME, kernels_default
 from .quantization_deepseek_moe import SCALE_SUFFIX, block_size, dequantize_fp8_blockwise, target_dtype
@@ -298,11 +299,14 @@ class DeepseekMoeLatentAttention(nn.Module):
         q_pe, k_pe = self.rope(q_pe, cos, sin), self.rope(k_pe, cos, sin)
         if cache is not None:
             c_kv, k_pe = cache.update(c_kv, k_pe, self.layer_idx)
+        joint = cache.layers[self.layer_idx].latent if isinstance(cache, LatentCache) else None
 
         dropout = 0.0 if not self.training else self.attention_dropout
         mode = kwargs.pop("mla_attention_mode", None) or self.config.mla_attention_mode
         if self.use_absorbed(mode, seq_length, c_kv.shape[2]):
-            attn_output, attn_weights = self.absorbed_attention(q_nope, q_pe, c_kv, k_pe, attention_mask, dropout)
+            attn_output, attn_weights = self.absorbed_attention(
+                q_nope, q_pe, c_kv, k_pe, attention_mask, dropout, joint
+            )
         else:
             attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
                 self.config._attn_implementation, eager_attention_forward
@@ -339,31 +343,37 @@ class DeepseekMoeLatentAttention(nn.Module):
         k_pe: torch.Tensor,
         attention_mask: torch.Tensor | None,
         dropout: float,
+        joint: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention straight over the cached latent: W_UK is absorbed into the query (q_nope W_UK lives in latent
         space), scores are q_latent · c_kv + q_pe · k_pe, the weighted sum is taken over c_kv and mapped by W_UV.
 
         All heads share the one latent "head" (multi-query attention), so heads are folded into the rows of two
         matrix products that read each cached row once for every head, without concatenating the cache into keys.
-        On CPU this is about twice as fast as routing the same multi-query problem through sdpa. Returns
-        [B, S, heads, v_head_dim] like the expanded path, and the attention weights [B, heads, S, T]."""
+        On CPU this is about twice as fast as routing the same multi-query problem through sdpa. `joint` is the
+        cached `[c_kv | k_pe]` rows as one tensor when the cache stores them side by side (`LatentCache`): then one
+        product over [q_latent | q_pe] gives the scores. Returns [B, S, heads, v_head_dim] like the expanded path,
+        and the attention weights [B, heads, S, T]."""
         batch_size, num_heads, seq_length, _ = q_nope.shape
         kv_length = c_kv.shape[2]
         w_kv = self.kv_b_proj.weight.view(num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         w_uk, w_uv = w_kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
         q_latent = torch.einsum("bhsd,hdr->bhsr", q_nope, w_uk).reshape(batch_size, -1, self.kv_lora_rank)
+        q_rope = q_pe.reshape(batch_size, -1, self.qk_rope_head_dim)
         latent, rotary = c_kv[:, 0], k_pe[:, 0]  # [B, T, r], [B, T, d_r]
         if seq_length == 1 and self.can_use_decode_kernel(q_nope):
             bias = torch.zeros(batch_size, kv_length, dtype=torch.float32, device=q_nope.device)
             if attention_mask is not None:
                 mask = attention_mask[..., :kv_length].reshape(-1, kv_length).expand(batch_size, -1)
                 bias = bias.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else bias + mask
-            q_rope = q_pe.reshape(batch_size, num_heads, self.qk_rope_head_dim)
             out_latent = mla_decode_triton(q_latent, q_rope, latent, rotary, bias, self.scaling).to(q_nope.dtype)
             out_latent = out_latent.view(batch_size, num_heads, 1, self.kv_lora_rank)
             return torch.einsum("bhsr,hvr->bshv", out_latent, w_uv), None
-        scores = torch.bmm(q_pe.reshape(batch_size, -1, self.qk_rope_head_dim), rotary.transpose(1, 2))
-        scores = torch.baddbmm(scores, q_latent, latent.transpose(1, 2), alpha=self.scaling, beta=self.scaling)
+        if joint is not None:
+            scores = torch.bmm(torch.cat((q_latent, q_rope), dim=-1) * self.scaling, joint.transpose(1, 2))
+        else:
+            scores = torch.bmm(q_rope, rotary.transpose(1, 2))
+            scores = torch.baddbmm(scores, q_latent, latent.transpose(1, 2), alpha=self.scaling, beta=self.scaling)
         scores = scores.view(batch_size, num_heads, seq_length, kv_length)
         if attention_mask is None and seq_length > 1:
             # transformers leaves the mask out only for a prefill from position 0 (sdpa's causal shortcut)
@@ -764,20 +774,6 @@ class DeepseekMoeDecoderLayer(GradientCheckpointingLayer):
         return hidden_states + ffn_output, router_logits
 
 
-# Official checkpoints give every MTP layer its own copy of the embedding and of the output head (DeepSeek's loaders,
-# vLLM and SGLang expect them); in memory ours share the model's. Copy name (inside the MTP layer) -> tensor copied.
-MTP_COPIES = {"embed_tokens.weight": "model.embed_tokens.weight", "shared_head.head.weight": "lm_head.weight"}
-
-
-def mtp_copies(config: DeepseekMoeConfig) -> dict[str, str]:
-    """Full name of every copy an official checkpoint of this config holds -> name of the tensor it copies."""
-    return {
-        f"model.layers.{config.num_hidden_layers + k}.{copy}": source
-        for k in range(config.num_nextn_predict_layers)
-        for copy, source in MTP_COPIES.items()
-    }
-
-
 class DeepseekMoeSharedHead(nn.Module):
     """The MTP module's final norm (`shared_head.norm`); its `head` is the model's `lm_head`, not a copy."""
 
@@ -918,7 +914,7 @@ class DeepseekMoeModel(DeepseekMoePreTrainedModel):
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
+            cache = LatentCache() if self.config.uses_mla else DynamicCache(config=self.config)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         past_seen_tokens = cache.get_seq_length() if cache is not None else 0
@@ -1087,6 +1083,25 @@ class DeepseekMoeForCausalLM(DeepseekMoePreTrainedModel, GenerationMixin):
             raise ValueError(f"generate(use_mtp=True) does not support {sorted(kwargs)}")
         output = mtp_greedy_generate(self, input_ids, attention_mask, **options)
         return output if return_dict else output.sequences
+
+    def _prepare_cache_for_generation(
+        self, generation_config, model_kwargs: dict, generation_mode, batch_size: int, max_cache_length: int
+    ) -> None:
+        """Where `generate` would make a `DynamicCache` for MLA, make a `LatentCache` sized for the final length
+        instead: its rows are written in place, never copied again. Other cache choices are transformers'."""
+        default_cache = generation_config.cache_implementation in (None, "dynamic")
+        if (
+            self.config.uses_mla
+            and default_cache
+            and model_kwargs.get("cache") is None
+            and generation_config.use_cache is not False
+            and not generation_config.is_assistant
+        ):
+            model_kwargs["cache"] = LatentCache(capacity=max_cache_length)
+            return
+        super()._prepare_cache_for_generation(
+            generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
+        )
 
     def mtp_hidden_states(
         self,
