@@ -12,7 +12,7 @@ says `num_nextn_predict_layers`), and given that, it rebuilds the MTP layers as 
 `layers[-1]` and reloads their weights from the checkpoint files named by `name_or_path` (an `AttributeError` for a
 model built in memory). Ours are DeepSeek's modules (embedding first in `eh_proj`, a MoE block, `shared_head.norm`),
 already loaded with the model. So the draft chain here is a `CandidateGenerator` of our own that runs
-`DeepseekMoeForCausalLM.mtp_hidden_states` / `mtp_logits`, plugged in through `_get_candidate_generator`.
+`DeepseekMoeForCausalLM.mtp_hidden_states` and the shared head, plugged in through `_get_candidate_generator`.
 
 Drafting adapts: a draft step pays only if it emits more tokens than it costs in plain steps (its time over the time of
 its own verify pass). The generator measures both, pauses drafting when drafts do not pay, and probes again after a
