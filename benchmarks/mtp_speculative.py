@@ -10,7 +10,8 @@ rounds. Greedy MTP outputs must equal plain greedy outputs.
 
 `--baseline-loop FILE` adds an arm running `mtp_greedy_generate` from an older `speculative.py` (the hand-written
 greedy loop this package had before MTP went through transformers' assisted generation) on the same model:
-`git show 7acead3:deepseek_moe/model/speculative.py > /tmp/old_speculative.py`.
+`git show 7acead3:deepseek_moe/model/speculative.py > /tmp/old_speculative.py` (that file needs the model code of
+its time: `mtp_hidden_states` returning one tensor, and `mtp_logits`).
 """
 
 from __future__ import annotations
