@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 from typing import Any
 
 from transformers import GenerationConfig, PreTrainedConfig
@@ -588,6 +589,54 @@ def mtp_copies(config: DeepseekMoeConfig) -> dict[str, str]:
         for k in range(config.num_nextn_predict_layers)
         for copy, source in MTP_COPIES.items()
     }
+
+
+# ------------------------------------------------------------------------------------------- saved folders
+
+# Where transformers' Auto classes find this code in a saved folder (the files of `remote_code_files`).
+AUTO_MAP = {
+    "AutoConfig": "configuration_deepseek_moe.DeepseekMoeConfig",
+    "AutoModel": "modeling_deepseek_moe.DeepseekMoeModel",
+    "AutoModelForCausalLM": "modeling_deepseek_moe.DeepseekMoeForCausalLM",
+    "AutoModelForSequenceClassification": "modeling_deepseek_moe.DeepseekMoeForSequenceClassification",
+}
+# DeepSeekMoE-16B has no transformers built-in: its releases point at DeepSeek's own remote code (not shipped here).
+DEEPSEEK_16B_AUTO_MAP = {
+    "AutoConfig": "configuration_deepseek.DeepseekConfig",
+    "AutoModel": "modeling_deepseek.DeepseekModel",
+    "AutoModelForCausalLM": "modeling_deepseek.DeepseekForCausalLM",
+}
+
+
+def remote_code_files() -> list[Path]:
+    """The modules of this folder (a package `__init__` excepted), which a saved folder carries flat beside its
+    weights; also right when this file itself runs as remote code from transformers' module cache."""
+    return sorted(path for path in Path(__file__).resolve().parent.glob("*.py") if path.name != "__init__.py")
+
+
+OFFICIAL_ARCHITECTURES = {
+    "deepseek": "DeepseekForCausalLM",
+    "deepseek_v2": "DeepseekV2ForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
+}
+
+
+def official_config(config: DeepseekMoeConfig) -> dict:
+    """config.json as DeepSeek's releases write it: their `model_type` and `architectures`, RoPE as `rope_theta` +
+    `rope_scaling` (None without scaling), none of our derived keys (`head_dim`, `rope_interleave`), and for 16B
+    DeepSeek's `auto_map`. Our training options stay (other loaders ignore unknown keys; ours reads them back)."""
+    values = config.to_dict()
+    for key in ("head_dim", "rope_interleave", "auto_map", "architectures", "rope_parameters"):
+        values.pop(key, None)
+    rope = dict(config.rope_parameters)
+    values["rope_theta"] = rope.pop("rope_theta")
+    rope_type = rope.pop("rope_type", "default")
+    values["rope_scaling"] = {"type": rope_type, **rope} if rope_type != "default" else None
+    model_type = config.official_model_type
+    values.update(model_type=model_type, architectures=[OFFICIAL_ARCHITECTURES[model_type]])
+    if model_type == "deepseek":
+        values["auto_map"] = dict(DEEPSEEK_16B_AUTO_MAP)
+    return values
 
 
 __all__ = ["DeepseekMoeConfig"]

@@ -39,7 +39,14 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .cache_deepseek_moe import LatentCache
-from .configuration_deepseek_moe import MTP_COPIES, DeepseekMoeConfig, mtp_copies
+from .configuration_deepseek_moe import (
+    AUTO_MAP,
+    MTP_COPIES,
+    DeepseekMoeConfig,
+    mtp_copies,
+    official_config,
+    remote_code_files,
+)
 from .mla_kernels import mla_decode_triton
 from .moe_kernels import IMPLEMENTATION_NAME, kernels_default
 from .quantization_deepseek_moe import SCALE_SUFFIX, block_size, dequantize_fp8_blockwise, target_dtype
@@ -1210,57 +1217,6 @@ def same_document_ahead(position_ids: torch.Tensor, offset: int) -> torch.Tensor
 
 class DeepseekMoeForSequenceClassification(GenericForSequenceClassification, DeepseekMoePreTrainedModel):
     pass
-
-
-# ------------------------------------------------------------------------------------------- saved folders
-
-# Where transformers' Auto classes find this code in a saved folder (the files of `remote_code_files`).
-AUTO_MAP = {
-    "AutoConfig": "configuration_deepseek_moe.DeepseekMoeConfig",
-    "AutoModel": "modeling_deepseek_moe.DeepseekMoeModel",
-    "AutoModelForCausalLM": "modeling_deepseek_moe.DeepseekMoeForCausalLM",
-    "AutoModelForSequenceClassification": "modeling_deepseek_moe.DeepseekMoeForSequenceClassification",
-}
-# DeepSeekMoE-16B has no transformers built-in: its releases point at DeepSeek's own remote code (not shipped here).
-DEEPSEEK_16B_AUTO_MAP = {
-    "AutoConfig": "configuration_deepseek.DeepseekConfig",
-    "AutoModel": "modeling_deepseek.DeepseekModel",
-    "AutoModelForCausalLM": "modeling_deepseek.DeepseekForCausalLM",
-}
-
-
-def remote_code_files() -> list[Path]:
-    """The modules of this folder (a package `__init__` excepted), which a saved folder carries flat beside its
-    weights; also right when this file itself runs as remote code from transformers' module cache."""
-    return sorted(path for path in Path(__file__).resolve().parent.glob("*.py") if path.name != "__init__.py")
-
-
-def official_family(config: DeepseekMoeConfig) -> tuple[str, str]:
-    """DeepSeek's `model_type` and architecture for this config: multi-head attention is DeepSeekMoE-16B, MLA with
-    auxiliary-loss-free routing (`noaux_tc`) is V3, other MLA models are V2 / V2-Lite."""
-    if not config.uses_mla:
-        return "deepseek", "DeepseekForCausalLM"
-    if config.topk_method == "noaux_tc":
-        return "deepseek_v3", "DeepseekV3ForCausalLM"
-    return "deepseek_v2", "DeepseekV2ForCausalLM"
-
-
-def official_config(config: DeepseekMoeConfig) -> dict:
-    """config.json as DeepSeek's releases write it: their `model_type` and `architectures`, RoPE as `rope_theta` +
-    `rope_scaling` (None without scaling), none of our derived keys (`head_dim`, `rope_interleave`), and for 16B
-    DeepSeek's `auto_map`. Our training options stay (other loaders ignore unknown keys; ours reads them back)."""
-    values = config.to_dict()
-    for key in ("head_dim", "rope_interleave", "auto_map", "architectures", "rope_parameters"):
-        values.pop(key, None)
-    rope = dict(config.rope_parameters)
-    values["rope_theta"] = rope.pop("rope_theta")
-    rope_type = rope.pop("rope_type", "default")
-    values["rope_scaling"] = {"type": rope_type, **rope} if rope_type != "default" else None
-    model_type, architecture = official_family(config)
-    values.update(model_type=model_type, architectures=[architecture])
-    if model_type == "deepseek":
-        values["auto_map"] = dict(DEEPSEEK_16B_AUTO_MAP)
-    return values
 
 
 # -------------------------------------------------------------------------------------------- checkpoint layout
