@@ -1,23 +1,40 @@
-"""MLA decode speed: our absorbed attention over the latent cache against transformers' built-in DeepseekV3, which
-re-expands the whole cached latent through `kv_b_proj` at every step. Same weights, same cache contents.
+"""MLA decode speed: ours (absorbed attention over the `LatentCache`) against transformers' built-in DeepseekV3
+(re-expands the whole cached latent through `kv_b_proj` at every step, over a `DynamicCache`), and ours as a fraction
+of this machine's floor for the step. Same weights, same cache contents.
 
-The cache is filled with random latent rows (both models cache the normalised `c_kv` and the rotated `k_pe` in the
-same layout), so long contexts need no prefill. Each configuration times `--steps` one-token decode steps.
+Both caches are filled with the same random latent rows (both models cache the normalised `c_kv` and the rotated
+`k_pe`), so long contexts need no prefill. Each configuration runs `--rounds` greedy one-token decode steps per model
+after one warm-up step, alternating the two models within every round (the machine is shared: alternation spreads
+the other jobs' load over both arms), and reports medians. Both models feed back their own argmax, and the tokens
+they produce are compared.
 
-    python benchmarks/mla_decode.py --contexts 512 2048 8192 --batches 1 8
+The floor of one step is max(bytes / read bandwidth, FLOPs / matmul throughput), both measured in every round right
+before its two steps, with the same thread count (the shared machine's load drifts within seconds); "ours / floor" is
+the median over rounds of that round's floor over its step time:
+- bytes: every weight the step touches (all but the routed experts, plus min(experts, batch × top-k) experts per MoE
+  layer, plus one embedding row per sequence) and the whole latent cache, at the bandwidth of a sum over 256 MB
+  (median of 3);
+- FLOPs: 2 × batch × the matrix parameters each token uses (top-k of the routed experts) plus, per layer, the scores
+  over the cache (2·B·H·T·(kv_lora_rank + qk_rope_head_dim)) and the weighted sum (2·B·H·T·kv_lora_rank), at the
+  throughput of a 1024 × 1024 fp32 matmul (median of 3).
+
+    OMP_NUM_THREADS=1 python benchmarks/mla_decode.py --contexts 512 2048 8192 16384 --batches 1 8
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 
 import torch
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, DynamicCache
 
 from deepseek_moe import DeepseekMoeConfig, DeepseekMoeForCausalLM
+from deepseek_moe.model.cache_deepseek_moe import LatentCache
 
 # V3 attention dimensions (kv_lora 512, nope 128, rope 64, v 128) with fewer heads and layers to fit a CPU.
 SHAPE = {
@@ -52,33 +69,102 @@ def build_models() -> tuple[DeepseekMoeForCausalLM, DeepseekV3ForCausalLM]:
     return ours.eval(), builtin.eval()
 
 
-def filled_cache(model, batch: int, context: int) -> DynamicCache:
-    config = model.config
-    cache = DynamicCache(config=config)
+def filled_caches(config, batch: int, context: int, room: int) -> tuple[LatentCache, DynamicCache]:
+    """Ours (sized for `room` more tokens, as `generate` sizes it) and the built-in's, with the same rows."""
+    ours, builtin = LatentCache(capacity=context + room), DynamicCache()
     generator = torch.Generator().manual_seed(context + batch)
     for layer in range(config.num_hidden_layers):
         c_kv = torch.randn(batch, 1, context, config.kv_lora_rank, generator=generator)
         k_pe = torch.randn(batch, 1, context, config.qk_rope_head_dim, generator=generator)
-        cache.update(c_kv, k_pe, layer)
-    return cache
+        ours.update(c_kv, k_pe, layer)
+        builtin.update(c_kv, k_pe, layer)
+    return ours, builtin
+
+
+def measured_bandwidth(data: torch.Tensor, repeats: int = 3) -> float:
+    """Bytes/s of a one-pass read (a sum) over `data`, median of `repeats`."""
+    return data.nbytes / _median_seconds(data.sum, repeats)
+
+
+def measured_matmul(a: torch.Tensor, b: torch.Tensor, repeats: int = 3) -> float:
+    """FLOP/s of a square fp32 matmul, median of `repeats`."""
+    return 2 * a.shape[0] ** 3 / _median_seconds(lambda: a @ b, repeats)
+
+
+def _median_seconds(work, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def step_work(model: DeepseekMoeForCausalLM, batch: int, context: int) -> tuple[float, float]:
+    """(bytes the step must read, FLOPs it must do) for one decode step after `context` cached tokens."""
+    config = model.config
+    experts, top_k = config.n_routed_experts, config.num_experts_per_tok
+    touched = min(experts, batch * top_k) / experts
+    weight_bytes = flops = 0.0
+    for name, parameter in model.named_parameters():
+        if "embed_tokens" in name:
+            weight_bytes += batch * parameter.shape[-1] * parameter.element_size()
+            continue
+        expert = ".experts." in name
+        weight_bytes += parameter.nbytes * (touched if expert else 1.0)
+        if parameter.dim() >= 2:
+            flops += 2 * batch * parameter.numel() * (top_k / experts if expert else 1.0)
+    width = config.kv_lora_rank + config.qk_rope_head_dim
+    layers, heads = config.num_hidden_layers, config.num_attention_heads
+    cache_bytes = layers * batch * context * width * 4
+    flops += layers * 2 * batch * heads * context * (width + config.kv_lora_rank)
+    return weight_bytes + cache_bytes, flops
+
+
+@dataclass
+class Round:
+    ours: float  # seconds per step
+    builtin: float
+    floor: float  # seconds, from this round's measurements
+    memory_floor: float
+    compute_floor: float
+    bandwidth: float  # bytes/s
+    throughput: float  # FLOP/s
 
 
 @torch.no_grad()
-def decode_seconds(model, batch: int, context: int, steps: int) -> float:
-    """Mean seconds per one-token decode step after `context` cached tokens."""
-    cache = filled_cache(model, batch, context)
-    token = torch.zeros(batch, 1, dtype=torch.long)
-    model(token, cache=cache, position_ids=torch.full((batch, 1), context), use_cache=True)  # warm-up
-    start = time.perf_counter()
-    for step in range(steps):
-        position = torch.full((batch, 1), context + 1 + step)
-        model(token, cache=cache, position_ids=position, use_cache=True)
-    return (time.perf_counter() - start) / steps
+def race(ours, builtin, batch: int, context: int, rounds: int) -> tuple[list[Round], bool]:
+    """`rounds` rounds of: measure the floor, one greedy step of ours, one of the built-in (after a warm-up round).
+
+    The floor is measured inside every round, next to the steps it is compared with, because the machine's load (and
+    so its bandwidth and matmul throughput) drifts within seconds. Returns the rounds and whether the tokens agree."""
+    cache_ours, cache_builtin = filled_caches(ours.config, batch, context, rounds + 1)
+    arms = {"ours": (ours, cache_ours), "builtin": (builtin, cache_builtin)}
+    tokens = {name: [torch.zeros(batch, 1, dtype=torch.long)] for name in arms}
+    step_bytes, step_flops = step_work(ours, batch, context)
+    data, a, b = torch.ones(64 * 2**20), torch.randn(1024, 1024), torch.randn(1024, 1024)
+    results = []
+    for step in range(rounds + 1):
+        bandwidth, throughput = measured_bandwidth(data), measured_matmul(a, b)
+        seconds = {}
+        for name, (model, cache) in arms.items():
+            position = torch.full((batch, 1), context + step)
+            start = time.perf_counter()
+            logits = model(tokens[name][-1], cache=cache, position_ids=position, use_cache=True).logits
+            seconds[name] = time.perf_counter() - start
+            tokens[name].append(logits[:, -1:].argmax(-1))
+        memory_floor, compute_floor = step_bytes / bandwidth, step_flops / throughput
+        floor = max(memory_floor, compute_floor)
+        if step:  # the first round warms up
+            results.append(Round(**seconds, floor=floor, memory_floor=memory_floor, compute_floor=compute_floor,
+                                 bandwidth=bandwidth, throughput=throughput))  # fmt: skip
+    same = torch.equal(torch.cat(tokens["ours"], dim=1), torch.cat(tokens["builtin"], dim=1))
+    return results, same
 
 
 @torch.no_grad()
 def check_same_logits(ours, builtin) -> float:
-    cache_a, cache_b = filled_cache(ours, 2, 64), filled_cache(builtin, 2, 64)
+    cache_a, cache_b = filled_caches(ours.config, 2, 64, 1)
     token, position = torch.tensor([[5], [7]]), torch.full((2, 1), 64)
     a = ours(token, cache=cache_a, position_ids=position, use_cache=True).logits
     b = builtin(token, cache=cache_b, position_ids=position, use_cache=True).logits
@@ -87,21 +173,36 @@ def check_same_logits(ours, builtin) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 8192])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 8192, 16384])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
 
     ours, builtin = build_models()
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, fp32")
     print(f"relative logit difference ours vs built-in on one decode step: {check_same_logits(ours, builtin):.1e}")
-    print("| batch | context | built-in tok/s | ours tok/s | speed-up |")
-    print("| --- | --- | --- | --- | --- |")
+    print(
+        "| batch | context | built-in ms | ours ms | speed-up | read GB/s | matmul GFLOP/s | floor ms (bytes / FLOPs)"
+        " | ours / floor | same tokens |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for batch in args.batches:
         for context in args.contexts:
-            theirs = decode_seconds(builtin, batch, context, args.steps)
-            mine = decode_seconds(ours, batch, context, args.steps)
-            print(f"| {batch} | {context} | {batch / theirs:.1f} | {batch / mine:.1f} | {theirs / mine:.2f}x |")
+            rounds, same = race(ours, builtin, batch, context, args.rounds)
+            ms = {field: 1e3 * _median(rounds, field) for field in ("ours", "builtin", "floor", "memory_floor")}
+            ms["compute_floor"] = 1e3 * _median(rounds, "compute_floor")
+            print(
+                f"| {batch} | {context} | {ms['builtin']:.1f} | {ms['ours']:.1f}"
+                f" | {statistics.median(r.builtin / r.ours for r in rounds):.1f}x"
+                f" | {_median(rounds, 'bandwidth') / 1e9:.1f} | {_median(rounds, 'throughput') / 1e9:.1f}"
+                f" | {ms['floor']:.2f} ({ms['memory_floor']:.2f} / {ms['compute_floor']:.2f})"
+                f" | {statistics.median(r.floor / r.ours for r in rounds):.0%} | {'yes' if same else 'NO'} |",
+                flush=True,
+            )
+
+
+def _median(rounds: list[Round], field: str) -> float:
+    return statistics.median(getattr(r, field) for r in rounds)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,26 @@
-"""MTP self-speculative decoding: acceptance rate and tokens/s against plain greedy decoding.
+"""MTP self-speculative decoding: speed-up and acceptance against plain decoding, greedy and sampling, on a briefly
+trained model and on an untrained one (whose drafts are never accepted, so adaptive drafting must pause).
 
 A small V3-style model (D MTP modules) is trained briefly with the MTP loss on Python's standard-library sources,
-byte-level (vocabulary 256), then both decoders generate from the same prompts; their outputs must be identical.
+byte-level (vocabulary 256); an untrained copy of the same architecture is the no-acceptance case. Each round runs
+every arm once per prompt, arms alternating, so load on a shared machine hits them alike; times are medians over
+rounds. Greedy MTP outputs must equal plain greedy outputs.
 
-    python benchmarks/mtp_speculative.py --steps 300 --depth 1
+    OMP_NUM_THREADS=1 python benchmarks/mtp_speculative.py --steps 300 --depth 1
+
+`--baseline-loop FILE` adds an arm running `mtp_greedy_generate` from an older `speculative.py` (the hand-written
+greedy loop this package had before MTP went through transformers' assisted generation) on the same model:
+`git show 7acead3:deepseek_moe/model/speculative.py > /tmp/old_speculative.py` (that file needs the model code of
+its time: `mtp_hidden_states` returning one tensor, and `mtp_logits`).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import platform
+import statistics
+import sys
 import sysconfig
 import time
 from pathlib import Path
@@ -43,10 +54,34 @@ def train(model: DeepseekMoeForCausalLM, data: torch.Tensor, steps: int, batch: 
     return float(loss.detach())
 
 
-def timed(fn) -> tuple[float, object]:
-    start = time.perf_counter()
-    result = fn()
-    return time.perf_counter() - start, result
+def run_arms(arms: dict, prompts: list[torch.Tensor], rounds: int, new_tokens: int) -> dict[str, float]:
+    """Median over rounds of each arm's seconds for all prompts; within a round the arms alternate per prompt."""
+    seconds = {name: [] for name in arms}
+    for _ in range(rounds):
+        totals = dict.fromkeys(arms, 0.0)
+        for prompt in prompts:
+            for name, (model, options) in arms.items():
+                torch.manual_seed(0)
+                start = time.perf_counter()
+                model.generate(prompt, max_new_tokens=new_tokens, eos_token_id=None, **options)
+                totals[name] += time.perf_counter() - start
+        for name, total in totals.items():
+            seconds[name].append(total)
+    return {name: statistics.median(times) for name, times in seconds.items()}
+
+
+class BaselineLoop:
+    """`generate`-like access to an older file's `mtp_greedy_generate`, so it runs as one more arm."""
+
+    def __init__(self, path: str, model: DeepseekMoeForCausalLM) -> None:
+        spec = importlib.util.spec_from_file_location("old_speculative", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # its dataclasses look their module up
+        spec.loader.exec_module(module)
+        self.loop, self.model = module.mtp_greedy_generate, model
+
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int, eos_token_id=None, **options):
+        return self.loop(self.model, prompt, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id)
 
 
 def main() -> None:
@@ -54,46 +89,76 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--depth", type=int, default=1, help="num_nextn_predict_layers")
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--baseline-loop", metavar="FILE", help="an older speculative.py to time as one more arm")
     args = parser.parse_args()
 
     torch.manual_seed(0)
     config = DeepseekMoeConfig.from_preset(
         "tiny-v3", vocab_size=256, hidden_size=128, num_hidden_layers=4, num_nextn_predict_layers=args.depth
     )
+    untrained = DeepseekMoeForCausalLM(config).eval()
     model = DeepseekMoeForCausalLM(config)
     data = corpus_bytes(2_000_000)
-    train_time, loss = timed(lambda: train(model, data, args.steps, batch=16, length=128))
+    start = time.perf_counter()
+    loss = train(model, data, args.steps, batch=16, length=128)
+    train_time = time.perf_counter() - start
     model.eval()
 
     generator = torch.Generator().manual_seed(1)
     starts = torch.randint(0, len(data) - 32, (args.prompts,), generator=generator)
     prompts = [data[s : s + 32][None] for s in starts]
-    plain_time = mtp_time = 0.0
-    accepted = drafted = 0
+    sample = {"do_sample": True, "temperature": 0.7, "top_k": 0}
+    arms = {
+        "trained greedy plain": (model, {"do_sample": False}),
+        "trained greedy MTP": (model, {"do_sample": False, "use_mtp": True}),
+    }
+    if args.baseline_loop:
+        arms["trained greedy MTP (older loop)"] = (BaselineLoop(args.baseline_loop, model), {})
+    arms |= {
+        "trained sampling plain": (model, sample),
+        "trained sampling MTP": (model, {**sample, "use_mtp": True}),
+        "untrained greedy plain": (untrained, {"do_sample": False}),
+        "untrained greedy MTP adaptive": (untrained, {"do_sample": False, "use_mtp": True}),
+        "untrained greedy MTP always": (untrained, {"do_sample": False, "use_mtp": True, "mtp_adaptive": False}),
+    }
+    # Correctness first: greedy MTP equals plain greedy, and the MTP statistics of one pass over the prompts.
+    stats = {name: [0, 0, 0, 0] for name in arms if "MTP" in name}
     for prompt in prompts:
-        seconds, plain = timed(
-            lambda p=prompt: model.generate(p, max_new_tokens=args.new_tokens, do_sample=False, eos_token_id=None)
-        )
-        plain_time += seconds
-        seconds, out = timed(
-            lambda p=prompt: model.generate(
-                p, max_new_tokens=args.new_tokens, use_mtp=True, eos_token_id=None, return_dict_in_generate=True
+        plain = {id(m): m.generate(prompt, max_new_tokens=args.new_tokens, do_sample=False, eos_token_id=None)
+                 for m in (model, untrained)}  # fmt: skip
+        for name in stats:
+            model_, options = arms[name]
+            model_ = model_.model if isinstance(model_, BaselineLoop) else model_
+            torch.manual_seed(0)
+            out = arms[name][0].generate(
+                prompt, max_new_tokens=args.new_tokens, eos_token_id=None, return_dict_in_generate=True, **options
             )
-        )
-        mtp_time += seconds
-        assert torch.equal(out.sequences, plain), "speculative output differs from plain greedy"
-        accepted, drafted = accepted + out.accepted_tokens, drafted + out.drafted_tokens
+            if "greedy" in name:
+                assert torch.equal(out.sequences, plain[id(model_)]), f"{name}: output differs from plain greedy"
+            counts = stats[name]
+            counts[0] += out.accepted_tokens
+            counts[1] += out.drafted_tokens
+            counts[2] += getattr(out, "draft_steps", None) or 0  # the older loop drafts at every step
+            counts[3] += getattr(out, "plain_steps", None) or 0
+    timings = run_arms(arms, prompts, args.rounds, args.new_tokens)
 
     tokens = args.prompts * args.new_tokens
     machine = platform.processor() or platform.machine()
     print(f"machine: {machine}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"model: tiny-v3 h128 L4 D={args.depth}, trained {args.steps} steps in {train_time:.0f} s (loss {loss:.3f})")
-    print(f"acceptance rate {accepted / drafted:.1%} ({accepted}/{drafted} drafted tokens)")
-    print(
-        f"plain greedy {tokens / plain_time:.1f} tok/s, MTP speculative {tokens / mtp_time:.1f} tok/s, "
-        f"speed-up {plain_time / mtp_time:.2f}x (batch 1, {args.new_tokens} new tokens, outputs identical)"
-    )
+    print(f"{args.prompts} prompts x {args.new_tokens} new tokens, batch 1, {args.rounds} rounds, medians")
+    print("| arm | tokens/s | vs plain | acceptance | draft steps / plain steps |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, seconds in timings.items():
+        ratio = timings[name.split(" MTP")[0].removesuffix(" plain") + " plain"] / seconds
+        acceptance = steps = "—"
+        if name in stats:
+            accepted, drafted, draft_steps, plain_steps = stats[name]
+            acceptance = f"{accepted / drafted:.1%} ({accepted}/{drafted})" if drafted else "no drafts"
+            steps = f"{draft_steps} / {plain_steps}"
+        print(f"| {name} | {tokens / seconds:.1f} | {ratio:.2f}x | {acceptance} | {steps} |")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 `import deepseek_moe` registers the config and models with transformers' Auto classes (idempotently; the checkpoint
 conversion mapping is registered by the modeling module itself, so remote code gets it too). The one exception is the
 `deepseek-moe` command line, which starts without the model so that `--help` and light commands stay fast: its
-commands import `deepseek_moe.model` (and so register) when they need it.
+commands register when they take a model class from `deepseek_moe.model` (see its `__init__`).
 """
 
 import os
@@ -16,7 +16,9 @@ def _started_as_command_line() -> bool:
     return program in ("deepseek-moe", "hub_upload.py", "-m") or program.startswith("deepseek-moe")
 
 
-if not _started_as_command_line():
+# Decided once, at the package's import: `python -m` later replaces argv[0] with the module's path.
+_COMMAND_LINE = _started_as_command_line()
+if not _COMMAND_LINE:
     from . import model  # noqa: F401  (registers the Auto classes)
 
 _EXPORTS = {

@@ -69,8 +69,20 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
 def _generate(args: argparse.Namespace) -> int:
     from .generate import generate
 
-    prompt_ids = [int(token) for token in args.prompt_ids.split(",")] if args.prompt_ids else None
-    return generate(args.model, args.prompt, prompt_ids, args.max_new_tokens, args.dtype, args.use_mtp, args.revision)
+    try:
+        prompt_ids = [int(token) for token in args.prompt_ids.split(",")] if args.prompt_ids else None
+    except ValueError:
+        raise ValueError(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from None
+    return generate(
+        args.model,
+        args.prompt,
+        prompt_ids,
+        args.max_new_tokens,
+        args.dtype,
+        args.use_mtp,
+        args.revision,
+        args.tokenizer,
+    )
 
 
 def _add_generate(subparsers: argparse._SubParsersAction) -> None:
@@ -79,10 +91,15 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
     prompt = parser.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="text prompt (needs the checkpoint's tokenizer)")
     prompt.add_argument("--prompt-ids", help="comma-separated token ids, for checkpoints without a tokenizer")
+    parser.add_argument("--tokenizer", metavar="PATH", help="tokenizer folder or repo (default: the model's own)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--dtype", default="auto", choices=DTYPE_NAMES)
     parser.add_argument("--revision", default=None, help="Hub revision")
-    parser.add_argument("--use-mtp", action="store_true", help="self-speculative decoding with the MTP modules")
+    parser.add_argument(
+        "--use-mtp",
+        action="store_true",
+        help="self-speculative decoding with the MTP modules (same tokens; acceptance reported on stderr)",
+    )
     parser.set_defaults(run=_generate)
 
 

@@ -1,14 +1,21 @@
-"""`deepseek-moe generate`: load a local or Hub model (ours or an official DeepSeek checkpoint) and stream a reply."""
+"""`deepseek-moe generate`: load a local or Hub model (ours or an official DeepSeek checkpoint) and stream a reply.
+
+Everything that can be wrong with the request (a missing folder, a truncated shard, token ids outside the vocabulary,
+no tokenizer for a text prompt, `--use-mtp` without MTP modules) is found from the config, the tokenizer files and the
+shard headers, before any weight is loaded."""
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, TextStreamer
 from transformers.generation.streamers import BaseStreamer
 
+from .conversion.safetensors_io import read_header
 from .dtypes import load_dtype
+from .model.configuration_deepseek_moe import DeepseekMoeConfig
 from .model.modeling_deepseek_moe import DeepseekMoeForCausalLM
 
 
@@ -28,14 +35,71 @@ class TokenIdStreamer(BaseStreamer):
         print(flush=True)
 
 
-def load(model: str, dtype: str = "auto", revision: str | None = None):
-    """The model and, when the checkpoint has one, its tokenizer."""
-    loaded = DeepseekMoeForCausalLM.from_pretrained(model, dtype=load_dtype(dtype), revision=revision).eval()
+def resolve_source(model: str) -> str:
+    """A local folder as a path (checked), anything that cannot be a local path as a Hub repo id.
+
+    transformers reads a missing folder as a repo id and answers "Repo id must be in the form…"; a name that can
+    only be a path (absolute, relative with ./ or ~, or more than one slash) gets a plain "no such directory"."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return str(path)
+    if path.exists():
+        raise ValueError(f"{model}: not a directory")
+    if model.startswith((".", "/", "~")) or model.count("/") > 1 or model.endswith("/"):
+        raise ValueError(f"{model}: no such directory")
+    return model
+
+
+def check_shards(folder: Path) -> None:
+    """Every safetensors file in `folder` has a sound header and all the bytes it promises (the converter's header
+    reader checks both and names the file, e.g. a copy cut short)."""
+    for shard in sorted(folder.glob("*.safetensors")):
+        read_header(shard)
+
+
+def load_tokenizer(source: str, revision: str | None = None):
+    """The tokenizer saved with `source`, or None when there is none (transformers' fallback then blames missing
+    sentencepiece/tiktoken, which only means that no tokenizer files were found)."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model, revision=revision)
+        return AutoTokenizer.from_pretrained(source, revision=revision)
     except (OSError, ValueError):
-        tokenizer = None
-    return loaded, tokenizer
+        return None
+
+
+def prepare(
+    model_name: str,
+    prompt: str | None,
+    prompt_ids: list[int] | None,
+    use_mtp: bool,
+    revision: str | None,
+    tokenizer_name: str | None,
+):
+    """The source, the prompt as ids and the tokenizer (or None), with every check that needs no weights."""
+    source = resolve_source(model_name)
+    if Path(source).is_dir():
+        if not (Path(source) / "config.json").is_file():
+            raise ValueError(f"{model_name}: no config.json in this directory (not a saved model)")
+        check_shards(Path(source))
+    config = DeepseekMoeConfig.from_pretrained(source, revision=revision)
+    if use_mtp and config.num_nextn_predict_layers == 0:
+        raise ValueError(f"{model_name} has no MTP modules (num_nextn_predict_layers=0): drop --use-mtp")
+    tokenizer = load_tokenizer(resolve_source(tokenizer_name) if tokenizer_name else source, revision)
+    if prompt_ids is None:
+        if tokenizer is None:
+            where = tokenizer_name or model_name
+            raise ValueError(
+                f"{where} has no tokenizer: pass the prompt as --prompt-ids (comma-separated token ids) "
+                "or a tokenizer with --tokenizer PATH"
+            )
+        input_ids = tokenizer(prompt or "", return_tensors="pt").input_ids
+    else:
+        outside = [i for i in prompt_ids if not 0 <= i < config.vocab_size]
+        if outside:
+            raise ValueError(f"--prompt-ids {outside} outside the vocabulary (0..{config.vocab_size - 1})")
+        input_ids = torch.tensor([prompt_ids])
+    if input_ids.shape[1] == 0:
+        raise ValueError("the prompt is empty")
+    return source, input_ids, tokenizer
 
 
 def generate(
@@ -46,26 +110,24 @@ def generate(
     dtype: str = "auto",
     use_mtp: bool = False,
     revision: str | None = None,
+    tokenizer_name: str | None = None,
 ) -> int:
-    """Greedy generation streamed to stdout (text with a tokenizer, token ids without)."""
-    model, tokenizer = load(model_name, dtype, revision)
-    if prompt_ids is None:
-        if tokenizer is None:
-            raise ValueError(f"{model_name} has no tokenizer: pass the prompt as --prompt-ids")
-        input_ids = tokenizer(prompt or "", return_tensors="pt").input_ids
-    else:
-        input_ids = torch.tensor([prompt_ids])
-    if input_ids.shape[1] == 0:
-        raise ValueError("the prompt is empty")
-    input_ids = input_ids.to(model.device)
-    kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False}
-    if use_mtp:  # speculative decoding returns the whole sequence at the end
-        output = model.generate(input_ids, use_mtp=True, return_dict_in_generate=True, **kwargs)
-        new_tokens = output.sequences[0, input_ids.shape[1] :]
-        text = tokenizer.decode(new_tokens) if tokenizer is not None else " ".join(map(str, new_tokens.tolist()))
-        print(text)
-        print(f"[MTP draft acceptance {output.acceptance_rate:.1%}]", file=sys.stderr)
-        return 0
+    """Greedy generation streamed to stdout (text with a tokenizer, token ids without). With `use_mtp`, the MTP
+    modules draft (self-speculative decoding, same tokens) and the draft acceptance is reported on stderr."""
+    source, input_ids, tokenizer = prepare(model_name, prompt, prompt_ids, use_mtp, revision, tokenizer_name)
+    model = DeepseekMoeForCausalLM.from_pretrained(source, dtype=load_dtype(dtype), revision=revision).eval()
     streamer = TextStreamer(tokenizer, skip_prompt=True) if tokenizer is not None else TokenIdStreamer()
-    model.generate(input_ids, streamer=streamer, **kwargs)
+    kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False, "streamer": streamer}
+    if not use_mtp:
+        model.generate(input_ids.to(model.device), **kwargs)
+        return 0
+    output = model.generate(input_ids.to(model.device), use_mtp=True, return_dict_in_generate=True, **kwargs)
+    print(
+        f"[MTP draft acceptance {output.acceptance_rate:.1%} ({output.accepted_tokens}/{output.drafted_tokens}), "
+        f"{output.tokens_per_step:.2f} tokens per step, {output.draft_steps} draft steps, "
+        f"{output.plain_steps} without drafts]",
+        file=sys.stderr,
+    )
+    for decision in output.mtp_decisions:
+        print(f"[MTP {decision}]", file=sys.stderr)
     return 0

@@ -20,9 +20,21 @@ from transformers import DeepseekV2Config, DeepseekV3Config  # noqa: E402
 from transformers.utils import logging  # noqa: E402
 
 from deepseek_moe import DeepseekMoeConfig, DeepseekMoeForCausalLM  # noqa: E402
+from deepseek_moe.hub import HIDE_PACKAGE  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 logging.disable_progress_bar()
+
+# `python -I -c REMOTE_CODE_LOGITS MODEL PROMPT OUT`: loads MODEL (folder or repo) with trust_remote_code=True where
+# `deepseek_moe` cannot be imported, saves its logits on PROMPT to OUT and prints the class's module.
+REMOTE_CODE_LOGITS = HIDE_PACKAGE + (
+    "import torch\n"
+    "from transformers import AutoModelForCausalLM\n"
+    "model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()\n"
+    "with torch.no_grad():\n"
+    "    torch.save(model(torch.tensor(eval(sys.argv[2]))).logits, sys.argv[3])\n"
+    "print(type(model).__module__)\n"
+)
 
 
 @torch.no_grad()

@@ -231,10 +231,17 @@ def test_official_config_round_trips(preset: str, tmp_dir: str) -> None:
     assert DeepseekMoeConfig.from_pretrained(os.path.join(tmp_dir, "saved")).to_dict() == config.to_dict()
 
 
-def test_official_fp8_quantization_config_is_dropped(tmp_dir: str) -> None:
+def test_official_fp8_quantization_config_goes_to_our_quantizer(tmp_dir: str) -> None:
+    """Our quantizer (registered as `deepseek_fp8`) loads official FP8 checkpoints, transformers' `fp8` one stays
+    for other models; the entry is written back exactly as DeepSeek's config.json has it."""
     config = _official_config("deepseek-v3", tmp_dir)
-    assert getattr(config, "quantization_config", None) is None
-    assert "quantization_config" not in config.to_dict()
+    assert type(config.quantization_config).__name__ == "DeepseekFp8Config"
+    assert config.quantization_config.quant_method == "deepseek_fp8"
+    assert config.to_dict()["quantization_config"] == OFFICIAL_CONFIGS["deepseek-v3"]["quantization_config"]
+    with pytest.raises(ValueError, match="fmt"):
+        DeepseekMoeConfig.from_dict(
+            {"quantization_config": {"quant_method": "fp8", "fmt": "e5m2", "weight_block_size": [128, 128]}}
+        )
 
 
 # -------------------------------------------------------------------------------------------------- sizes

@@ -174,11 +174,12 @@ NAMED_CASES = {
     "device_limit_without_devices": ("tiny-v3", {"device_limit": 2}, "device_limit"),
     "device_limit_above_devices": ("tiny-v3", {"num_devices": 4, "device_limit": 5}, "device_limit"),
     "official_model_type_unknown": ("tiny-v3", {"model_type": "llama"}, "model_type"),
-    "fp8_blocks_not_128": (
+    "fp8_blocks_not_positive": (
         "tiny-v3",
-        {"quantization_config": {"quant_method": "fp8", "weight_block_size": [64, 64]}},
+        {"quantization_config": {"quant_method": "fp8", "weight_block_size": [0, 128]}},
         "quantization_config",
     ),
+    "fp8_not_e4m3": ("tiny-v3", {"quantization_config": {"quant_method": "fp8", "fmt": "e5m2"}}, "quantization_config"),
 }
 
 
@@ -243,7 +244,7 @@ def test_transformers_keys_pass_silently(tmp_path) -> None:
     assert _warnings(lambda: DeepseekMoeConfig.from_preset("tiny-v3", **extra)) == ""
     config = DeepseekMoeConfig.from_preset("tiny-v3", **extra)
     assert config.pad_token_id == 2 and config.dtype == torch.bfloat16
-    assert not hasattr(config, "ep_size") and getattr(config, "quantization_config", None) is None
+    assert not hasattr(config, "ep_size") and config.quantization_config.weight_block_size == [128, 128]
 
 
 def test_sequence_beyond_max_position_embeddings_warns() -> None:
@@ -287,7 +288,13 @@ def test_official_config_json_loads_without_warnings(preset: str, tmp_path) -> N
     with CaptureLogger(loggers[0]) as ours, CaptureLogger(loggers[1]) as theirs:
         config = DeepseekMoeConfig.from_pretrained(tmp_path)
     assert ours.out == "" and theirs.out == ""
-    # The same architecture as the preset, field by field; nothing of DeepSeek's remote code or FP8 form kept.
+    # The same architecture as the preset, field by field; nothing of DeepSeek's remote code kept, and an FP8 form
+    # handed to our quantizer exactly as written.
     expected = DeepseekMoeConfig.from_preset(preset)
     assert {f: getattr(config, f) for f in OUR_FIELDS} == {f: getattr(expected, f) for f in OUR_FIELDS}
-    assert not hasattr(config, "auto_map") and getattr(config, "quantization_config", None) is None
+    assert not hasattr(config, "auto_map")
+    quantization = OFFICIAL_CONFIGS[preset].get("quantization_config")
+    if quantization is None:
+        assert getattr(config, "quantization_config", None) is None
+    else:
+        assert config.quantization_config.to_dict() == quantization

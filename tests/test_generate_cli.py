@@ -7,7 +7,7 @@ from conftest import tiny_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from deepseek_moe import DeepseekMoeConfig
+from deepseek_moe import DeepseekMoeConfig, DeepseekMoeForCausalLM
 from deepseek_moe.cli import main
 
 
@@ -45,7 +45,9 @@ def test_generate_with_token_ids_and_mtp(tmp_path, capsys):
     assert main(["generate", str(tmp_path), "--prompt-ids", "3,1,4,1,5", "--max-new-tokens", "5"]) == 0
     plain = capsys.readouterr().out.split()
     assert main(["generate", str(tmp_path), "--prompt-ids", "3,1,4,1,5", "--max-new-tokens", "5", "--use-mtp"]) == 0
-    speculative = capsys.readouterr().out.split()
+    captured = capsys.readouterr()
+    speculative = captured.out.split()
+    assert "MTP draft acceptance" in captured.err
     expected = model.generate(torch.tensor([[3, 1, 4, 1, 5]]), max_new_tokens=5, do_sample=False)[0, 5:].tolist()
     assert plain == speculative == [str(t) for t in expected]
 
@@ -54,3 +56,55 @@ def test_generate_without_tokenizer_needs_ids(tmp_path, capsys):
     _saved_model(tmp_path, with_tokenizer=False)
     assert main(["generate", str(tmp_path), "--prompt", "hello"]) == 2
     assert "--prompt-ids" in capsys.readouterr().err
+
+
+def _error(argv: list[str], capsys) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_text_prompt_without_tokenizer_fails_before_loading_weights(tmp_path, capsys, monkeypatch):
+    _saved_model(tmp_path, with_tokenizer=False)
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr(DeepseekMoeForCausalLM, "from_pretrained", no_loading)
+    err = _error(["generate", str(tmp_path), "--prompt", "hello"], capsys)
+    assert "has no tokenizer" in err and "--prompt-ids" in err and "--tokenizer PATH" in err
+
+
+def test_tokenizer_from_another_folder(tmp_path, capsys):
+    model, _ = _saved_model(tmp_path / "model", with_tokenizer=False)
+    tokenizer = _tokenizer()
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    argv = ["generate", str(tmp_path / "model"), "--prompt", "the quick", "--max-new-tokens", "4"]
+    assert main([*argv, "--tokenizer", str(tmp_path / "tokenizer")]) == 0
+    input_ids = tokenizer("the quick", return_tensors="pt").input_ids
+    expected = model.generate(input_ids, max_new_tokens=4, do_sample=False)[0, input_ids.shape[1] :]
+    assert capsys.readouterr().out.strip() == tokenizer.decode(expected).strip()
+
+
+def test_clear_errors_for_bad_requests(tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    err = _error(["generate", str(missing), "--prompt-ids", "1"], capsys)
+    assert "no such directory" in err and "Repo id" not in err
+    _saved_model(tmp_path / "model", with_tokenizer=False)
+    err = _error(["generate", str(tmp_path / "model"), "--prompt-ids", "3,512,-1"], capsys)
+    assert "[512, -1] outside the vocabulary (0..511)" in err
+    err = _error(["generate", str(tmp_path / "model"), "--prompt-ids", "3,x"], capsys)
+    assert "comma-separated integers" in err
+    config = DeepseekMoeConfig.from_preset("tiny-v3", num_nextn_predict_layers=0)
+    DeepseekMoeForCausalLM(config).save_pretrained(tmp_path / "plain")
+    err = _error(["generate", str(tmp_path / "plain"), "--prompt-ids", "1,2", "--use-mtp"], capsys)
+    assert "no MTP modules" in err
+
+
+def test_truncated_shard_is_named(tmp_path, capsys):
+    _saved_model(tmp_path, with_tokenizer=False)
+    shard = tmp_path / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-1000])
+    err = _error(["generate", str(tmp_path), "--prompt-ids", "1,2"], capsys)
+    assert f"{shard}: tensor" in err and "the file has" in err

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_close, tiny_model
+from conftest import assert_close, randomize_, tiny_model
 from transformers import DynamicCache
 
-from deepseek_moe import DeepseekMoeConfig
+from deepseek_moe import DeepseekMoeConfig, DeepseekMoeForCausalLM
 
 
 @pytest.fixture(params=["tiny-v3", "tiny-v2-lite", "tiny-16b"])
@@ -65,3 +65,34 @@ def test_left_padded_batch_generation_matches_single_rows():
     for i, row in enumerate(rows):
         alone = model.generate(row[None], max_new_tokens=6, do_sample=False, eos_token_id=None)
         assert torch.equal(batched[i, 7:], alone[0, len(row) :])
+
+
+@pytest.mark.parametrize("mode", ["auto", "absorbed", "expanded"])
+def test_generation_with_half_the_layers_offloaded_to_disk_equals_in_memory(tmp_path, mode):
+    """accelerate's hooks load an offloaded module's weights only around its own forward: the absorbed path, which
+    reads kv_b_proj's weight directly, must still find it (once: 'Cannot copy out of meta tensor')."""
+    config = DeepseekMoeConfig.from_preset("tiny-v3", num_nextn_predict_layers=0, num_hidden_layers=4)
+    model = randomize_(DeepseekMoeForCausalLM(config), seed=5).eval()
+    model.save_pretrained(tmp_path / "model")
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
+    device_map |= {f"model.layers.{i}": "cpu" if i < 2 else "disk" for i in range(4)}
+    offloaded = DeepseekMoeForCausalLM.from_pretrained(
+        tmp_path / "model", device_map=device_map, offload_folder=str(tmp_path / "offload")
+    ).eval()
+    assert offloaded.model.layers[3].self_attn.kv_b_proj.weight.device.type == "meta"  # really offloaded
+    prompt = torch.tensor([[5, 3, 8, 1, 9, 2]])
+    options = {"max_new_tokens": 6, "do_sample": False, "eos_token_id": None, "mla_attention_mode": mode}
+    assert torch.equal(offloaded.generate(prompt, **options), model.generate(prompt, **options))
+
+
+def test_generation_with_max_memory_offloading_equals_in_memory(tmp_path):
+    config = DeepseekMoeConfig.from_preset("tiny-v3", num_nextn_predict_layers=0)
+    model = randomize_(DeepseekMoeForCausalLM(config), seed=6).eval()
+    model.save_pretrained(tmp_path / "model")
+    offloaded = DeepseekMoeForCausalLM.from_pretrained(
+        tmp_path / "model", device_map="auto", max_memory={"cpu": "200KB"}, offload_folder=str(tmp_path / "offload")
+    ).eval()
+    assert "disk" in offloaded.hf_device_map.values()
+    prompt = torch.tensor([[5, 3, 8, 1, 9, 2]])
+    options = {"max_new_tokens": 6, "do_sample": False, "eos_token_id": None}
+    assert torch.equal(offloaded.generate(prompt, **options), model.generate(prompt, **options))

@@ -18,13 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import file_tree, tiny_model
+from conftest import REMOTE_CODE_LOGITS, file_tree, tiny_model
 from hub_server import FakeHub
 from huggingface_hub import HfApi, constants
 
 from deepseek_moe import DeepseekMoeConfig, DeepseekMoeForCausalLM
 from deepseek_moe.cli import main
-from deepseek_moe.hub import HIDE_PACKAGE
 from deepseek_moe.hub import staging as staging_module
 from deepseek_moe.remote_code import AUTO_MAP, remote_code_files
 
@@ -41,8 +40,9 @@ def hub() -> Iterator[FakeHub]:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> tuple[Path, torch.Tensor]:
-    """A sharded tiny V3 (with an MTP layer) as a training run leaves it, and its logits on PROMPT."""
+def model_dir(tmp_path_factory) -> tuple[Path, torch.Tensor, dict[str, str]]:
+    """A sharded tiny V3 (with an MTP layer) as a training run leaves it, its logits on PROMPT and its file tree
+    (`save_pretrained` already writes `auto_map` and the model code)."""
     directory = tmp_path_factory.mktemp("model")
     model = tiny_model(DeepseekMoeConfig.from_preset("tiny-v3")).eval()
     model.save_pretrained(directory, max_shard_size="200KB")
@@ -52,7 +52,7 @@ def model_dir(tmp_path_factory) -> tuple[Path, torch.Tensor]:
     (directory / "conversion.json").write_text(json.dumps({"source": "deepseek-ai/DeepSeek-V3", "dtype": "float32"}))
     with torch.no_grad():
         logits = model(torch.tensor(PROMPT)).logits
-    return directory, logits
+    return directory, logits, file_tree(directory)
 
 
 def client_env(hub: FakeHub, home: Path, token: str | None = None) -> dict[str, str]:
@@ -130,21 +130,12 @@ def test_upload_publishes_weights_remote_code_and_card(hub, model_dir, uploaded)
         name.endswith(".safetensors") for name in before_last
     )
     # The user's folder is untouched.
-    assert not (directory / "README.md").exists() and not list(directory.glob("*.py"))
-    assert "auto_map" not in json.loads((directory / "config.json").read_text())
+    assert file_tree(directory) == model_dir[2]
 
 
 def test_uploaded_model_loads_where_the_package_is_not_installed(hub, model_dir, uploaded, tmp_path) -> None:
-    script = HIDE_PACKAGE + (
-        "import torch\n"
-        "from transformers import AutoModelForCausalLM\n"
-        "model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()\n"
-        "with torch.no_grad():\n"
-        "    torch.save(model(torch.tensor(eval(sys.argv[2]))).logits, sys.argv[3])\n"
-        "print(type(model).__module__)\n"
-    )
     env = client_env(hub, tmp_path / "hf_home", hub.token)
-    command = [sys.executable, "-I", "-c", script, REPO, repr(PROMPT), str(tmp_path / "logits.pt")]
+    command = [sys.executable, "-I", "-c", REMOTE_CODE_LOGITS, REPO, repr(PROMPT), str(tmp_path / "logits.pt")]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().startswith("transformers_modules.")
@@ -457,3 +448,17 @@ def test_a_server_dying_mid_upload_gives_one_line_and_the_rerun_finishes(
     assert main(command) == 0
     published = {path.name for path in model_dir[0].iterdir()} - {"trainer_state.json"} | {"README.md"}
     assert published <= hub.files(repo_id).keys() and file_tree(model_dir[0]) == before
+
+
+def test_card_uses_the_tokenizer_saved_beside_the_model(tmp_path) -> None:
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from deepseek_moe.hub.card import model_card
+
+    config = DeepseekMoeConfig.from_preset("tiny-v3")
+    without, _ = model_card(tmp_path, tmp_path, REPO, config, "deepseek-ai/DeepSeek-V3", None, None)
+    assert "has no tokenizer: prompt it with the tokenizer of [deepseek-ai/DeepSeek-V3]" in without
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE())).save_pretrained(tmp_path)
+    card, _ = model_card(tmp_path, tmp_path, REPO, config, None, None, None)
+    assert f'AutoTokenizer.from_pretrained("{REPO}")' in card and "has no tokenizer" not in card

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_model
+from conftest import randomize_, tiny_model
 from safetensors.torch import load_file
+from transformers.generation.streamers import BaseStreamer
 
 from deepseek_moe import DeepseekMoeConfig, DeepseekMoeForCausalLM
 
@@ -116,6 +117,7 @@ def test_speculative_greedy_equals_plain_greedy(trained_model, num_draft_tokens)
         max_new_tokens=15,
         use_mtp=True,
         num_draft_tokens=num_draft_tokens,
+        mtp_adaptive=False,  # draft at every step, whether or not it pays on this machine
         eos_token_id=None,
         return_dict_in_generate=True,
     )
@@ -144,11 +146,118 @@ def test_speculative_stops_like_generate_at_eos(trained_model):
     assert torch.equal(speculative, plain)
 
 
-def test_use_mtp_rejects_sampling_and_missing_modules():
-    with pytest.raises(ValueError, match="greedy"):
-        _model(depth=1).generate(torch.tensor([[1, 2]]), use_mtp=True, do_sample=True)
-    with pytest.raises(ValueError, match="num_nextn_predict_layers"):
+def test_use_mtp_needs_mtp_modules_and_a_valid_draft_length():
+    with pytest.raises(ValueError, match="has none"):
         _model(depth=0).generate(torch.tensor([[1, 2]]), use_mtp=True)
+    with pytest.raises(ValueError, match="num_draft_tokens"):
+        _model(depth=1).generate(torch.tensor([[1, 2]]), use_mtp=True, num_draft_tokens=2)
+    with pytest.raises(ValueError, match="beam search"):
+        _model(depth=1).generate(torch.tensor([[1, 2]]), use_mtp=True, num_beams=2)
+
+
+class _Collect(BaseStreamer):
+    def __init__(self) -> None:
+        self.chunks: list[list[int]] = []
+        self.ended = False
+
+    def put(self, value: torch.Tensor) -> None:
+        self.chunks.append(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        self.ended = True
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"min_new_tokens": 10, "max_new_tokens": 14, "eos_token_id": 20, "pad_token_id": 0},
+        {"max_length": 13, "eos_token_id": None},
+        {"max_new_tokens": 12, "repetition_penalty": 1.5, "eos_token_id": None},
+    ],
+    ids=["min_new_tokens", "max_length", "repetition_penalty"],
+)
+def test_speculative_greedy_equals_plain_greedy_with_generate_options(trained_model, options):
+    prompt = torch.tensor([[10, 11, 12, 13]])
+    plain = trained_model.generate(prompt, do_sample=False, **options)
+    speculative = trained_model.generate(
+        prompt, use_mtp=True, mtp_adaptive=False, return_dict_in_generate=True, **options
+    )
+    assert torch.equal(speculative.sequences, plain)
+    assert speculative.accepted_tokens > 0
+
+
+def test_speculative_streams_the_same_tokens(trained_model):
+    prompt = torch.tensor([[10, 11, 12, 13]])
+    plain, speculative = _Collect(), _Collect()
+    trained_model.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None, streamer=plain)
+    out = trained_model.generate(
+        prompt,
+        max_new_tokens=12,
+        use_mtp=True,
+        mtp_adaptive=False,
+        eos_token_id=None,
+        streamer=speculative,
+        return_dict_in_generate=True,
+    )
+    assert speculative.ended and sum(speculative.chunks, []) == sum(plain.chunks, [])
+    assert any(len(chunk) > 1 for chunk in speculative.chunks[1:])  # accepted drafts arrive several at a time
+    assert out.tokens_per_step > 1.0
+
+
+def test_adaptive_drafting_pauses_on_an_untrained_model_and_keeps_greedy_output():
+    model = _model(depth=2, seed=4).eval()
+    prompt = torch.tensor([[3, 1, 4, 1, 5]])
+    plain = model.generate(prompt, max_new_tokens=45, do_sample=False, eos_token_id=None)
+    adaptive = model.generate(prompt, max_new_tokens=45, use_mtp=True, eos_token_id=None, return_dict_in_generate=True)
+    always = model.generate(
+        prompt, max_new_tokens=45, use_mtp=True, mtp_adaptive=False, eos_token_id=None, return_dict_in_generate=True
+    )
+    assert torch.equal(adaptive.sequences, plain) and torch.equal(always.sequences, plain)
+    assert adaptive.acceptance_rate == 0.0  # random drafts: none accepted
+    assert adaptive.mtp_decisions[0].startswith("pause") and "probe" in adaptive.mtp_decisions[1]
+    assert adaptive.plain_steps > adaptive.draft_steps
+    assert always.mtp_decisions == [] and always.draft_steps >= 42  # every step drafts but the last ones
+
+
+def test_speculative_sampling_keeps_the_model_distribution():
+    """Speculative sampling (drafts from the MTP chain, accepted with probability min(1, p/q), else resampled from
+    (p - q)+) must sample the main model's own distribution. With a random model the drafts' q differs from p, so both
+    acceptances and rejections happen. The first three sampled tokens of 400 runs (temperature 1.5, every token but
+    0 and 1 suppressed, so 8 outcomes) are compared with the exact p(t1) p(t2|t1) p(t3|t1,t2) by a chi-square test:
+    the statistic must stay below 24.32, the 0.999 quantile of chi-square with 7 degrees of freedom (fixed seed)."""
+    config = DeepseekMoeConfig.from_preset(
+        "tiny-v3", num_nextn_predict_layers=2, vocab_size=16, num_hidden_layers=1, n_routed_experts=4, n_group=1,
+        topk_group=1, num_experts_per_tok=2,
+    )  # fmt: skip
+    model = randomize_(DeepseekMoeForCausalLM(config), seed=0).eval()
+    prompt = torch.tensor([[3, 1, 4, 1, 5]])
+    options = {"do_sample": True, "temperature": 1.5, "suppress_tokens": list(range(2, 16)), "eos_token_id": None}
+    outcomes = torch.tensor([[a, b, c] for a in (0, 1) for b in (0, 1) for c in (0, 1)])
+    with torch.no_grad():
+        logits = model(torch.cat([prompt.expand(8, -1), outcomes], 1)).logits[:, 4:7, :2].double() / 1.5
+    exact = logits.log_softmax(-1).gather(-1, outcomes[..., None]).sum((1, 2)).exp()
+
+    def chi_square(samples: torch.Tensor) -> float:
+        counts = torch.bincount(samples[:, 0] * 4 + samples[:, 1] * 2 + samples[:, 2], minlength=8).double()
+        expected = exact * len(samples)
+        return float(((counts - expected) ** 2 / expected).sum())
+
+    torch.manual_seed(0)
+    options |= {"use_mtp": True, "mtp_adaptive": False, "return_dict_in_generate": True}
+    runs = [model.generate(prompt, max_new_tokens=4, **options) for _ in range(400)]
+    speculative = torch.cat([run.sequences[:, 5:8] for run in runs])
+    plain = model.generate(
+        prompt.expand(400, -1),
+        max_new_tokens=3,
+        do_sample=True,
+        temperature=1.5,
+        suppress_tokens=list(range(2, 16)),
+        eos_token_id=None,
+    )[:, 5:8]
+    accepted, drafted = sum(run.accepted_tokens for run in runs), sum(run.drafted_tokens for run in runs)
+    assert 0.1 < accepted / drafted < 0.9, accepted / drafted
+    assert chi_square(plain) < 24.32  # the exact distribution is what plain sampling draws from
+    assert chi_square(speculative) < 24.32
 
 
 def test_mtp_loss_weight_schedule_follows_the_paper(tmp_path):
@@ -174,3 +283,42 @@ def test_mtp_loss_weight_schedule_follows_the_paper(tmp_path):
     )  # fmt: skip
     Trainer(model=model, args=args, train_dataset=data, callbacks=[Record(switch_at=0.5)]).train()
     assert seen == [0.3, 0.3, 0.1, 0.1]
+
+
+def test_drafts_equal_the_mtp_chain_recomputed_without_cache(monkeypatch):
+    """Each step's drafts must be what the MTP chain gives over the whole verified sequence, recomputed from scratch:
+    depth k reads h^{k-1} and the embedding k tokens ahead at every position, then drafts from the last one. Checked
+    through pauses (an untrained model pauses, and each probe catches the MTP caches up on the skipped positions)."""
+    from deepseek_moe.model import speculative
+
+    model = _model(depth=2, seed=6).eval()
+    recorded = []
+    draft = speculative.MtpCandidateGenerator.draft
+
+    def recording_draft(self, input_ids, attention_mask, depths):
+        candidates, logits = draft(self, input_ids, attention_mask, depths)
+        recorded.append((input_ids, candidates[:, input_ids.shape[1] :]))
+        return candidates, logits
+
+    monkeypatch.setattr(speculative.MtpCandidateGenerator, "draft", recording_draft)
+    out = model.generate(
+        torch.tensor([[3, 1, 4, 1, 5]]),
+        max_new_tokens=40,
+        use_mtp=True,
+        eos_token_id=None,
+        return_dict_in_generate=True,
+    )
+    assert any(d.startswith("probe") for d in out.mtp_decisions) and len(recorded) >= 3
+    with torch.no_grad():
+        for input_ids, drafts in recorded:
+            n = input_ids.shape[1] - 1
+            positions = torch.arange(n)[None]
+            previous, known = model.model(input_ids[:, :n]).last_hidden_state, input_ids
+            for k in (1, 2):
+                embeds = model.model.embed_tokens(known[:, k : n + k])
+                previous, head_input = model.mtp_hidden_states(
+                    k, previous, embeds, torch.ones_like(positions), positions
+                )
+                token = model.lm_head(head_input[:, -1]).argmax(-1, keepdim=True)
+                known = torch.cat([known, token], 1)
+            assert torch.equal(known[:, n + 1 :], drafts)

@@ -1,8 +1,9 @@
 """transformers' own common model tests (ModelTesterMixin, TrainingTesterMixin, ConfigTester) on our classes.
 
 The mixins come from the transformers sdist of the installed version (`scripts/fetch_transformers_tests.py`, run by
-`scripts/test.sh`, and by this module when they are missing); generation tests are not in the sdist and are covered
-by our own generation tests."""
+`scripts/test.sh`, and by this module when they are missing); `GenerationTesterMixin` is not in the sdist (our own
+generation tests cover generate), but the mixins' tests that iterate over `all_generative_model_classes` (e.g.
+`test_moe_models_record_router_logits`) run here."""
 
 from __future__ import annotations
 
@@ -24,7 +25,6 @@ sys.path.insert(0, str(CACHE))
 from hftests.test_configuration_common import ConfigTester  # noqa: E402
 from hftests.test_modeling_common import ModelTesterMixin, ids_tensor  # noqa: E402
 from hftests.test_training_mixin import TrainingTesterMixin  # noqa: E402
-from transformers.conversion_mapping import register_checkpoint_conversion_mapping  # noqa: E402
 
 from deepseek_moe import (  # noqa: E402
     DeepseekMoeConfig,
@@ -32,7 +32,6 @@ from deepseek_moe import (  # noqa: E402
     DeepseekMoeForSequenceClassification,
     DeepseekMoeModel,
 )
-from deepseek_moe.model.modeling_deepseek_moe import checkpoint_conversions  # noqa: E402
 
 
 class DeepseekMoeModelTester:
@@ -80,7 +79,7 @@ class DeepseekMoeModelTester:
 
 class DeepseekMoeCommonTest(ModelTesterMixin, TrainingTesterMixin, unittest.TestCase):
     all_model_classes = (DeepseekMoeModel, DeepseekMoeForCausalLM, DeepseekMoeForSequenceClassification)
-    all_generative_model_classes = ()  # GenerationTesterMixin is not in the sdist
+    all_generative_model_classes = (DeepseekMoeForCausalLM,)  # GenerationTesterMixin itself is not in the sdist
     test_all_params_have_gradient = False  # experts no token picked get no gradient
 
     def setUp(self) -> None:
@@ -90,13 +89,9 @@ class DeepseekMoeCommonTest(ModelTesterMixin, TrainingTesterMixin, unittest.Test
     def test_config(self) -> None:
         self.config_tester.run_common_tests()
 
-    def test_reverse_loading_mapping(self) -> None:
-        """The mixin requires every source pattern to reappear on save; the FP8 `weight_scale_inv` companions exist
-        only when loading official FP8 checkpoints (tests/test_checkpoints.py), so the layout is checked without
-        them."""
-        model_type = DeepseekMoeConfig.model_type
-        register_checkpoint_conversion_mapping(model_type, checkpoint_conversions(fp8_scales=False), overwrite=True)
-        try:
-            super().test_reverse_loading_mapping()
-        finally:
-            register_checkpoint_conversion_mapping(model_type, checkpoint_conversions(), overwrite=True)
+    @unittest.skip(
+        "asks for GenerationTesterMixin, which the sdist does not ship (scripts/fetch_transformers_tests.py stubs it "
+        "empty); generate is tested by tests/test_generation.py and tests/test_mtp.py"
+    )
+    def test_generation_tester_mixin_inheritance(self) -> None:
+        pass

@@ -25,8 +25,8 @@ from huggingface_hub.utils import tqdm
 from safetensors import safe_open
 
 from ..dtypes import torch_dtype
-from ..model.configuration_deepseek_moe import FP8_BLOCK, DeepseekMoeConfig
-from ..model.modeling_deepseek_moe import dequantize_fp8_blockwise
+from ..model.configuration_deepseek_moe import DeepseekMoeConfig
+from ..model.quantization_deepseek_moe import FP8_BLOCK, dequantize_fp8_blockwise
 from ..presets import load_config
 from ..remote_code import AUTO_MAP, CONVERSION_RECORD, remote_code_files
 from .destination import (
@@ -52,7 +52,6 @@ from .layouts import (
     to_mp_name,
 )
 from .safetensors_io import ConversionError, PlannedFile, StreamingWriter, index_json, parse_size, plan_shards
-from .streamed_logits import largest_layer_bytes, streamed_logits
 
 TARGETS = ("ours", "fp8", "mp")
 FP8_QUANTIZATION_CONFIG = {
@@ -295,6 +294,8 @@ def plan_conversion(
     dropped = [name for name, mtp in zip(weights, is_mtp, strict=True) if mtp]
     kept = [name for name, mtp in zip(weights, is_mtp, strict=True) if not mtp]
     output_config = copy.deepcopy(source_config)
+    if hasattr(output_config, "quantization_config"):  # the FP8 target writes DeepSeek's entry itself
+        del output_config.quantization_config
     if drop_mtp:
         output_config.num_nextn_predict_layers = 0
 
@@ -422,6 +423,8 @@ def verify_conversion(plan: ConversionPlan, directory: Path) -> float | None:
     """Re-read the output and compare every tensor with the source: equal after the same cast, or within e4m3
     rounding (half an ulp, 2⁻⁴ relative, or 2⁻¹⁰·scale among subnormals) for FP8 written from other dtypes. On
     Hugging Face layouts, also compare both checkpoints' logits, computed layer by layer; returns that error."""
+    from .streamed_logits import largest_layer_bytes  # runs the model code: imported only for `--verify`
+
     output = Checkpoint.open(directory)
     expected = {step.weight for step in plan.steps}
     written = {name for name in output.tensors if not is_scale(name)}
@@ -455,6 +458,8 @@ def _compare_logits(plan: ConversionPlan, output: Checkpoint, exact: bool) -> fl
     (bf16, FP8) near-ties route some tokens to other experts and errors compound through small random models (FP8
     gives 10-20%), so there the mean |Δ| only has to stay under half the mean |logit|: a coarse end-to-end check
     against gross errors, the per-tensor checks being the precise ones."""
+    from .streamed_logits import streamed_logits
+
     output_config = load_config(output.directory)
     input_ids = torch.randint(0, plan.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     reference = streamed_logits(plan.source, plan.config, input_ids)

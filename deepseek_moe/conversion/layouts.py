@@ -17,12 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers.core_model_loading import revert_weight_conversion
-from transformers.modeling_utils import remove_tied_weights_from_state_dict
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
-from ..model.configuration_deepseek_moe import FP8_BLOCK, DeepseekMoeConfig
-from ..model.modeling_deepseek_moe import DeepseekMoeForCausalLM, mtp_copies
+from ..model.configuration_deepseek_moe import DeepseekMoeConfig, mtp_copies
+from ..model.quantization_deepseek_moe import FP8_BLOCK
 from .safetensors_io import ConversionError, TensorInfo, read_header, read_tensor
 
 SCALE_SUFFIX = "_scale_inv"
@@ -234,14 +232,78 @@ def quantize_fp8_blockwise(weight: torch.Tensor, block: int = FP8_BLOCK) -> tupl
 
 
 def expected_shapes(config: DeepseekMoeConfig) -> tuple[dict[str, tuple[int, ...]], set[str]]:
-    """Shapes of every tensor the config's checkpoint must hold, exactly as `save_pretrained` writes them (the model on
-    the meta device, tied copies dropped, fused experts reverted to the official per-expert names by transformers'
-    own save-time conversion, so they cannot drift from the model), and the names it may hold besides: the copies of
-    the embedding and head in official MTP layers."""
-    with torch.device("meta"):
-        model = DeepseekMoeForCausalLM(config)
-    state = revert_weight_conversion(model, remove_tied_weights_from_state_dict(model.state_dict(), model))
-    shapes = {name: tuple(tensor.shape) for name, tensor in state.items()}
+    """Shapes of every tensor the config's checkpoint must hold, exactly as `save_pretrained` writes them (official
+    per-expert names, no tied head), and the names it may hold besides: the copies of the embedding and head in
+    official MTP layers. Computed from the config alone, so conversion needs no model code; `tests/test_conversion.py`
+    checks it against the meta-device model reverted by transformers' save-time conversion for every preset."""
+    hidden, vocab = config.hidden_size, config.vocab_size
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (vocab, hidden)
+    for index in range(config.num_hidden_layers + config.num_nextn_predict_layers):
+        layer = f"model.layers.{index}."
+        shapes[layer + "input_layernorm.weight"] = shapes[layer + "post_attention_layernorm.weight"] = (hidden,)
+        shapes.update(_attention_shapes(config, layer + "self_attn."))
+        if config.is_moe_layer(index) or index >= config.num_hidden_layers:
+            shapes.update(_moe_shapes(config, layer + "mlp."))
+        else:
+            shapes.update(_mlp_shapes(hidden, config.intermediate_size, layer + "mlp."))
+        if index >= config.num_hidden_layers:  # an MTP module
+            for norm in ("enorm", "hnorm", "shared_head.norm"):
+                shapes[f"{layer}{norm}.weight"] = (hidden,)
+            shapes[layer + "eh_proj.weight"] = (hidden, 2 * hidden)
     copies = mtp_copies(config)
-    shapes.update({copy: shapes[source] for copy, source in copies.items()})
+    shapes.update({copy: shapes["model.embed_tokens.weight"] for copy in copies})
     return shapes, set(copies)
+
+
+def _linear(name: str, out_features: int, in_features: int, bias: bool = False) -> dict[str, tuple[int, ...]]:
+    return {f"{name}.weight": (out_features, in_features), **({f"{name}.bias": (out_features,)} if bias else {})}
+
+
+def _attention_shapes(config: DeepseekMoeConfig, prefix: str) -> dict[str, tuple[int, ...]]:
+    """MLA (q-LoRA or plain `q_proj`, the joint `kv_a_proj_with_mqa`, `kv_b_proj`) or 16B's q/k/v/o."""
+    hidden, heads, bias = config.hidden_size, config.num_attention_heads, config.attention_bias
+    if not config.uses_mla:
+        kv_width = config.num_key_value_heads * config.head_dim
+        return {
+            **_linear(prefix + "q_proj", heads * config.head_dim, hidden, bias),
+            **_linear(prefix + "k_proj", kv_width, hidden, bias),
+            **_linear(prefix + "v_proj", kv_width, hidden, bias),
+            **_linear(prefix + "o_proj", hidden, heads * config.head_dim, bias),
+        }
+    qk_head_dim = config.qk_nope_head_dim + config.qk_rope_head_dim
+    shapes = {}
+    if config.q_lora_rank is None:
+        shapes.update(_linear(prefix + "q_proj", heads * qk_head_dim, hidden))
+    else:
+        shapes.update(_linear(prefix + "q_a_proj", config.q_lora_rank, hidden, bias))
+        shapes[prefix + "q_a_layernorm.weight"] = (config.q_lora_rank,)
+        shapes.update(_linear(prefix + "q_b_proj", heads * qk_head_dim, config.q_lora_rank))
+    shapes.update(_linear(prefix + "kv_a_proj_with_mqa", config.kv_lora_rank + config.qk_rope_head_dim, hidden, bias))
+    shapes[prefix + "kv_a_layernorm.weight"] = (config.kv_lora_rank,)
+    kv_b_rows = heads * (config.qk_nope_head_dim + config.v_head_dim)
+    shapes.update(_linear(prefix + "kv_b_proj", kv_b_rows, config.kv_lora_rank))
+    shapes.update(_linear(prefix + "o_proj", hidden, heads * config.v_head_dim, bias))
+    return shapes
+
+
+def _mlp_shapes(hidden: int, intermediate: int, prefix: str) -> dict[str, tuple[int, ...]]:
+    return {
+        **_linear(prefix + "gate_proj", intermediate, hidden),
+        **_linear(prefix + "up_proj", intermediate, hidden),
+        **_linear(prefix + "down_proj", hidden, intermediate),
+    }
+
+
+def _moe_shapes(config: DeepseekMoeConfig, prefix: str) -> dict[str, tuple[int, ...]]:
+    """The router (with V3's correction bias), one SwiGLU per routed expert and the fused shared experts."""
+    hidden, width = config.hidden_size, config.moe_intermediate_size
+    shapes = {prefix + "gate.weight": (config.n_routed_experts, hidden)}
+    if config.topk_method == "noaux_tc":
+        shapes[prefix + "gate.e_score_correction_bias"] = (config.n_routed_experts,)
+    for expert in range(config.n_routed_experts):
+        shapes.update(_mlp_shapes(hidden, width, f"{prefix}experts.{expert}."))
+    if config.n_shared_experts > 0:
+        shapes.update(_mlp_shapes(hidden, width * config.n_shared_experts, prefix + "shared_experts."))
+    return shapes

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from ..model.configuration_deepseek_moe import DeepseekMoeConfig
-from ..model.modeling_deepseek_moe import DeepseekMoeForCausalLM, DeepseekMoeRotaryEmbedding, dequantize_fp8_blockwise
+from ..model.modeling_deepseek_moe import DeepseekMoeForCausalLM, DeepseekMoeRotaryEmbedding
+from ..model.quantization_deepseek_moe import dequantize_fp8_blockwise
 from .layouts import Checkpoint, layer_index, load_weight
 
 

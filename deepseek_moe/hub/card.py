@@ -137,6 +137,7 @@ def model_card(
         f'model = AutoModelForCausalLM.from_pretrained("{repo_id}", trust_remote_code=True, dtype="auto")\n```\n',
         "With `pip install deepseek-moe`, `import deepseek_moe` registers the same classes and "
         "`trust_remote_code` is not needed.\n",
+        _tokenizer_section(staging, repo_id, base_model),
         "### Fine-tuning with PEFT\n",
         "```python\nfrom peft import LoraConfig, get_peft_model\n\n"
         f"model = get_peft_model(model, LoraConfig(r=16, target_modules={json.dumps(attention_modules)}))\n```\n",
@@ -152,6 +153,22 @@ def model_card(
         shown = {key: value for key, value in record.items() if key != "files"}
         sections += ["## Conversion\n", "\n".join(f"- **{key}**: {value}" for key, value in shown.items()) + "\n"]
     return "\n".join(sections), images
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def _tokenizer_section(staging: Path, repo_id: str, base_model: str | None) -> str:
+    """How to prompt the model: with the tokenizer published beside it, or what to use where there is none."""
+    if any((staging / name).exists() for name in TOKENIZER_FILES):
+        return (
+            "```python\nfrom transformers import AutoTokenizer\n\n"
+            f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")\n'
+            'inputs = tokenizer("def fib(n):", return_tensors="pt")\n'
+            "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=32)[0]))\n```\n"
+        )
+    source = f"the tokenizer of [{base_model}](https://huggingface.co/{base_model})" if base_model else "token ids"
+    return f"This repository has no tokenizer: prompt it with {source}.\n"
 
 
 def adapter_card(repo_id: str, adapter_config: dict, base_model: str, license: str | None) -> str:

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 from typing import Any
 
 from transformers import GenerationConfig, PreTrainedConfig
 from transformers.activations import ACT2FN
 from transformers.utils import logging
+
+from .quantization_deepseek_moe import QUANT_METHOD, DeepseekFp8Config
 
 logger = logging.get_logger(__name__)
 
@@ -51,7 +54,6 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 # Keys official files carry that no code reads (DeepSeek's expert-parallel size, Llama's tensor-parallel split).
 UNUSED_OFFICIAL_KEYS = ("ep_size", "pretraining_tp")
-FP8_BLOCK = 128  # official FP8 checkpoints scale weights in FP8_BLOCK × FP8_BLOCK blocks
 
 
 def normalize_config_dict(config_dict: dict[str, Any]) -> dict[str, Any]:
@@ -59,10 +61,10 @@ def normalize_config_dict(config_dict: dict[str, Any]) -> dict[str, Any]:
 
     The original `model_type` picks the defaults of absent keys; the remote code's `None` counts (no shared or
     routed experts, no groups) become explicit numbers; `gready` (early V2 spelling) becomes `greedy`; keys nothing
-    reads are dropped, and so is an official `auto_map` (it names DeepSeek's remote code). An FP8
-    `quantization_config` is dropped too: the model's checkpoint conversion dequantizes FP8 weights while loading
-    (transformers' own FP8 loader mis-handles partial edge blocks on CPU), and the loaded model holds and saves plain
-    weights.
+    reads are dropped, and so is an official `auto_map` (it names DeepSeek's remote code). An official FP8
+    `quantization_config` (`quant_method: "fp8"`) becomes `DeepseekFp8Config`, so our quantizer loads it (dequantized
+    into the requested dtype, partial edge blocks right) while transformers' own "fp8" quantizer stays in charge of
+    every other model; it is written back in DeepSeek's form.
     """
     family = config_dict.get("model_type", DeepseekMoeConfig.model_type)
     if family not in FAMILY_DEFAULTS:
@@ -88,14 +90,8 @@ def normalize_config_dict(config_dict: dict[str, Any]) -> dict[str, Any]:
     if "topk_group" in values and values["topk_group"] is None:
         values["topk_group"] = values.get("n_group", DeepseekMoeConfig.n_group)
     quantization = values.get("quantization_config")
-    if isinstance(quantization, dict) and quantization.get("quant_method") == "fp8":
-        block = list(quantization.get("weight_block_size") or [])
-        if block != [FP8_BLOCK, FP8_BLOCK]:
-            raise ValueError(
-                f"DeepseekMoeConfig.quantization_config: only {FP8_BLOCK}x{FP8_BLOCK} FP8 blocks are supported, "
-                f"got {block or None}"
-            )
-        del values["quantization_config"]
+    if isinstance(quantization, dict) and quantization.get("quant_method") in ("fp8", QUANT_METHOD):
+        values["quantization_config"] = DeepseekFp8Config.from_official(quantization)
     return values
 
 
@@ -579,6 +575,68 @@ class DeepseekMoeConfig(PreTrainedConfig):
         """Reads official config.json files as ours: their `model_type` only selects the family defaults."""
         config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
         return normalize_config_dict(config_dict), kwargs
+
+
+# Official checkpoints give every MTP layer its own copy of the embedding and of the output head (DeepSeek's loaders,
+# vLLM and SGLang expect them); in memory ours share the model's. Copy name (inside the MTP layer) -> tensor copied.
+MTP_COPIES = {"embed_tokens.weight": "model.embed_tokens.weight", "shared_head.head.weight": "lm_head.weight"}
+
+
+def mtp_copies(config: DeepseekMoeConfig) -> dict[str, str]:
+    """Full name of every copy an official checkpoint of this config holds -> name of the tensor it copies."""
+    return {
+        f"model.layers.{config.num_hidden_layers + k}.{copy}": source
+        for k in range(config.num_nextn_predict_layers)
+        for copy, source in MTP_COPIES.items()
+    }
+
+
+# ------------------------------------------------------------------------------------------- saved folders
+
+# Where transformers' Auto classes find this code in a saved folder (the files of `remote_code_files`).
+AUTO_MAP = {
+    "AutoConfig": "configuration_deepseek_moe.DeepseekMoeConfig",
+    "AutoModel": "modeling_deepseek_moe.DeepseekMoeModel",
+    "AutoModelForCausalLM": "modeling_deepseek_moe.DeepseekMoeForCausalLM",
+    "AutoModelForSequenceClassification": "modeling_deepseek_moe.DeepseekMoeForSequenceClassification",
+}
+# DeepSeekMoE-16B has no transformers built-in: its releases point at DeepSeek's own remote code (not shipped here).
+DEEPSEEK_16B_AUTO_MAP = {
+    "AutoConfig": "configuration_deepseek.DeepseekConfig",
+    "AutoModel": "modeling_deepseek.DeepseekModel",
+    "AutoModelForCausalLM": "modeling_deepseek.DeepseekForCausalLM",
+}
+
+
+def remote_code_files() -> list[Path]:
+    """The modules of this folder (a package `__init__` excepted), which a saved folder carries flat beside its
+    weights; also right when this file itself runs as remote code from transformers' module cache."""
+    return sorted(path for path in Path(__file__).resolve().parent.glob("*.py") if path.name != "__init__.py")
+
+
+OFFICIAL_ARCHITECTURES = {
+    "deepseek": "DeepseekForCausalLM",
+    "deepseek_v2": "DeepseekV2ForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
+}
+
+
+def official_config(config: DeepseekMoeConfig) -> dict:
+    """config.json as DeepSeek's releases write it: their `model_type` and `architectures`, RoPE as `rope_theta` +
+    `rope_scaling` (None without scaling), none of our derived keys (`head_dim`, `rope_interleave`), and for 16B
+    DeepSeek's `auto_map`. Our training options stay (other loaders ignore unknown keys; ours reads them back)."""
+    values = config.to_dict()
+    for key in ("head_dim", "rope_interleave", "auto_map", "architectures", "rope_parameters"):
+        values.pop(key, None)
+    rope = dict(config.rope_parameters)
+    values["rope_theta"] = rope.pop("rope_theta")
+    rope_type = rope.pop("rope_type", "default")
+    values["rope_scaling"] = {"type": rope_type, **rope} if rope_type != "default" else None
+    model_type = config.official_model_type
+    values.update(model_type=model_type, architectures=[OFFICIAL_ARCHITECTURES[model_type]])
+    if model_type == "deepseek":
+        values["auto_map"] = dict(DEEPSEEK_16B_AUTO_MAP)
+    return values
 
 
 __all__ = ["DeepseekMoeConfig"]

@@ -121,7 +121,9 @@ def mla_decode_triton(
     partial_out = torch.empty(batch, num_heads, splits, latent_dim, device=q_latent.device, dtype=torch.float32)
     partial_lse = torch.empty(batch, num_heads, splits, device=q_latent.device, dtype=torch.float32)
     q_latent, q_rope = q_latent.contiguous(), q_rope.contiguous()
-    latent, rope, bias = latent.contiguous(), rope.contiguous(), bias.contiguous()
+    # Rows may be views into a wider cache buffer (`LatentCache`): strided rows are read in place, not copied.
+    latent, rope = (t if t.stride(-1) == 1 else t.contiguous() for t in (latent, rope))
+    bias = bias.contiguous()
     grid = (batch, triton.cdiv(num_heads, block_h), splits)
     _mla_decode_split_kernel[grid](
         q_latent, q_rope, latent, rope, bias, partial_out, partial_lse,

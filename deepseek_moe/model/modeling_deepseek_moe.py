@@ -8,12 +8,15 @@ back to the per-expert layout on disk (see `register_checkpoint_conversion_mappi
 This file and its siblings are also the remote code of uploaded models: imports of siblings are single-dot.
 """
 
-from __future__ import annotations
-
+import json
 import math
+import os
 import re
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +26,6 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import ConversionOps, WeightConverter
-from transformers.generation import GenerationMixin
 from transformers.integrations import use_experts_implementation
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
@@ -36,9 +38,19 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .configuration_deepseek_moe import FP8_BLOCK, DeepseekMoeConfig
+from .cache_deepseek_moe import LatentCache
+from .configuration_deepseek_moe import (
+    AUTO_MAP,
+    MTP_COPIES,
+    DeepseekMoeConfig,
+    mtp_copies,
+    official_config,
+    remote_code_files,
+)
 from .mla_kernels import mla_decode_triton
 from .moe_kernels import IMPLEMENTATION_NAME, kernels_default
+from .quantization_deepseek_moe import SCALE_SUFFIX, block_size, dequantize_fp8_blockwise, target_dtype
+from .speculative import MtpGenerationMixin
 from .triton_support import triton_runs_on
 
 logger = logging.get_logger(__name__)
@@ -216,6 +228,24 @@ class DeepseekMoeAttention(nn.Module):
         return self.o_proj(attn_output), attn_weights
 
 
+@contextmanager
+def loaded_weights(module: nn.Module) -> Iterator[None]:
+    """Holds an offloaded module's weights in place while code outside its `forward` reads them.
+
+    accelerate's offloading hooks (`device_map` with "cpu"/"disk") load a module's weights only for its own forward
+    and put meta tensors back after it; this runs the module's hook around the block instead. Nothing keeps the
+    weights afterwards, so they stay owned (and offloaded) by their module. Without a hook it does nothing."""
+    hook = getattr(module, "_hf_hook", None)
+    if hook is None:
+        yield
+        return
+    hook.pre_forward(module)
+    try:
+        yield
+    finally:
+        hook.post_forward(module, None)
+
+
 class DeepseekMoeLatentAttention(nn.Module):
     """Multi-head latent attention (DeepSeek-V2/V3).
 
@@ -297,11 +327,15 @@ class DeepseekMoeLatentAttention(nn.Module):
         q_pe, k_pe = self.rope(q_pe, cos, sin), self.rope(k_pe, cos, sin)
         if cache is not None:
             c_kv, k_pe = cache.update(c_kv, k_pe, self.layer_idx)
+        joint = cache.layers[self.layer_idx].latent if isinstance(cache, LatentCache) else None
 
         dropout = 0.0 if not self.training else self.attention_dropout
         mode = kwargs.pop("mla_attention_mode", None) or self.config.mla_attention_mode
         if self.use_absorbed(mode, seq_length, c_kv.shape[2]):
-            attn_output, attn_weights = self.absorbed_attention(q_nope, q_pe, c_kv, k_pe, attention_mask, dropout)
+            with loaded_weights(self.kv_b_proj):  # absorbed attention reads W_UK and W_UV directly
+                attn_output, attn_weights = self.absorbed_attention(
+                    q_nope, q_pe, c_kv, k_pe, attention_mask, dropout, joint
+                )
         else:
             attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
                 self.config._attn_implementation, eager_attention_forward
@@ -338,31 +372,37 @@ class DeepseekMoeLatentAttention(nn.Module):
         k_pe: torch.Tensor,
         attention_mask: torch.Tensor | None,
         dropout: float,
+        joint: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention straight over the cached latent: W_UK is absorbed into the query (q_nope W_UK lives in latent
         space), scores are q_latent · c_kv + q_pe · k_pe, the weighted sum is taken over c_kv and mapped by W_UV.
 
         All heads share the one latent "head" (multi-query attention), so heads are folded into the rows of two
         matrix products that read each cached row once for every head, without concatenating the cache into keys.
-        On CPU this is about twice as fast as routing the same multi-query problem through sdpa. Returns
-        [B, S, heads, v_head_dim] like the expanded path, and the attention weights [B, heads, S, T]."""
+        On CPU this is about twice as fast as routing the same multi-query problem through sdpa. `joint` is the
+        cached `[c_kv | k_pe]` rows as one tensor when the cache stores them side by side (`LatentCache`): then one
+        product over [q_latent | q_pe] gives the scores. Returns [B, S, heads, v_head_dim] like the expanded path,
+        and the attention weights [B, heads, S, T]."""
         batch_size, num_heads, seq_length, _ = q_nope.shape
         kv_length = c_kv.shape[2]
         w_kv = self.kv_b_proj.weight.view(num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         w_uk, w_uv = w_kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
         q_latent = torch.einsum("bhsd,hdr->bhsr", q_nope, w_uk).reshape(batch_size, -1, self.kv_lora_rank)
+        q_rope = q_pe.reshape(batch_size, -1, self.qk_rope_head_dim)
         latent, rotary = c_kv[:, 0], k_pe[:, 0]  # [B, T, r], [B, T, d_r]
         if seq_length == 1 and self.can_use_decode_kernel(q_nope):
             bias = torch.zeros(batch_size, kv_length, dtype=torch.float32, device=q_nope.device)
             if attention_mask is not None:
                 mask = attention_mask[..., :kv_length].reshape(-1, kv_length).expand(batch_size, -1)
                 bias = bias.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else bias + mask
-            q_rope = q_pe.reshape(batch_size, num_heads, self.qk_rope_head_dim)
             out_latent = mla_decode_triton(q_latent, q_rope, latent, rotary, bias, self.scaling).to(q_nope.dtype)
             out_latent = out_latent.view(batch_size, num_heads, 1, self.kv_lora_rank)
             return torch.einsum("bhsr,hvr->bshv", out_latent, w_uv), None
-        scores = torch.bmm(q_pe.reshape(batch_size, -1, self.qk_rope_head_dim), rotary.transpose(1, 2))
-        scores = torch.baddbmm(scores, q_latent, latent.transpose(1, 2), alpha=self.scaling, beta=self.scaling)
+        if joint is not None:
+            scores = torch.bmm(torch.cat((q_latent, q_rope), dim=-1) * self.scaling, joint.transpose(1, 2))
+        else:
+            scores = torch.bmm(q_rope, rotary.transpose(1, 2))
+            scores = torch.baddbmm(scores, q_latent, latent.transpose(1, 2), alpha=self.scaling, beta=self.scaling)
         scores = scores.view(batch_size, num_heads, seq_length, kv_length)
         if attention_mask is None and seq_length > 1:
             # transformers leaves the mask out only for a prefill from position 0 (sdpa's causal shortcut)
@@ -618,8 +658,9 @@ class DeepseekMoeExperts(nn.Module):
             for part, pattern in enumerate(patterns):
                 key = pattern.format(expert)
                 if key in state_dict:
-                    scale = state_dict.pop(key + "_scale_inv", None)
-                    [weight] = _dequantized([state_dict.pop(key)], None if scale is None else [scale])
+                    weight, scale = state_dict.pop(key), state_dict.pop(key + SCALE_SUFFIX, None)
+                    if scale is not None:
+                        weight = dequantize_fp8_blockwise(weight, scale)
                     fused[expert, part * rows : (part + 1) * rows].copy_(weight)
 
 
@@ -762,20 +803,6 @@ class DeepseekMoeDecoderLayer(GradientCheckpointingLayer):
         return hidden_states + ffn_output, router_logits
 
 
-# Official checkpoints give every MTP layer its own copy of the embedding and of the output head (DeepSeek's loaders,
-# vLLM and SGLang expect them); in memory ours share the model's. Copy name (inside the MTP layer) -> tensor copied.
-MTP_COPIES = {"embed_tokens.weight": "model.embed_tokens.weight", "shared_head.head.weight": "lm_head.weight"}
-
-
-def mtp_copies(config: DeepseekMoeConfig) -> dict[str, str]:
-    """Full name of every copy an official checkpoint of this config holds -> name of the tensor it copies."""
-    return {
-        f"model.layers.{config.num_hidden_layers + k}.{copy}": source
-        for k in range(config.num_nextn_predict_layers)
-        for copy, source in MTP_COPIES.items()
-    }
-
-
 class DeepseekMoeSharedHead(nn.Module):
     """The MTP module's final norm (`shared_head.norm`); its `head` is the model's `lm_head`, not a copy."""
 
@@ -870,6 +897,28 @@ class DeepseekMoePreTrainedModel(PreTrainedModel):
             requested_experts = IMPLEMENTATION_NAME
         return super().get_correct_experts_implementation(requested_experts)
 
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, *args, official_format: bool = False, **kwargs
+    ) -> None:
+        """Saves a folder that loads without this package.
+
+        By default: `model_type` `deepseek_moe` with `auto_map` and the model code beside the weights, so
+        `trust_remote_code=True` loads it on a machine without the package. With `official_format=True`: DeepSeek's
+        own config.json (`official_config`) and no code of ours, for transformers' built-ins, vLLM and SGLang."""
+        if not official_format:
+            self.config.auto_map = dict(AUTO_MAP)
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if not kwargs.get("is_main_process", True):
+            return
+        directory = Path(save_directory)
+        if official_format:
+            temporary = directory / "config.json.tmp"
+            temporary.write_text(json.dumps(official_config(self.config), indent=2, sort_keys=True) + "\n")
+            os.replace(temporary, directory / "config.json")
+        else:
+            for path in remote_code_files():
+                shutil.copyfile(path, directory / path.name)
+
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         std = self.config.initializer_range
@@ -916,7 +965,7 @@ class DeepseekMoeModel(DeepseekMoePreTrainedModel):
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
+            cache = LatentCache() if self.config.uses_mla else DynamicCache(config=self.config)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         past_seen_tokens = cache.get_seq_length() if cache is not None else 0
@@ -953,7 +1002,7 @@ class DeepseekMoeModel(DeepseekMoePreTrainedModel):
         return MoeModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache)
 
 
-class DeepseekMoeForCausalLM(DeepseekMoePreTrainedModel, GenerationMixin):
+class DeepseekMoeForCausalLM(DeepseekMoePreTrainedModel, MtpGenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
     _fsdp_plan = {"lm_head": "keep_full_weight"}  # gathered once with the final norm, as transformers' built-ins do
@@ -1059,32 +1108,24 @@ class DeepseekMoeForCausalLM(DeepseekMoePreTrainedModel, GenerationMixin):
                 state_dict[copy] = state_dict[source].clone()
         super().save_pretrained(save_directory, is_main_process=is_main_process, state_dict=state_dict, **kwargs)
 
-    def generate(self, inputs: torch.Tensor | None = None, *args, use_mtp: bool = False, **kwargs):
-        """`generate(..., use_mtp=True)` decodes greedily with the MTP modules drafting tokens (self-speculative
-        decoding; same tokens as plain greedy). Returns the sequences, or with `return_dict_in_generate=True` an
-        `MtpGenerateOutput` that also carries the draft acceptance rate. Other calls are transformers' `generate`."""
-        if not use_mtp:
-            return super().generate(inputs, *args, **kwargs)
-        from .speculative import mtp_greedy_generate
-
-        if args:
-            raise ValueError("generate(use_mtp=True) takes keyword arguments only")
-        generation_config = kwargs.pop("generation_config", None) or self.generation_config
-        options = {
-            "max_new_tokens": kwargs.pop("max_new_tokens", generation_config.max_new_tokens) or 20,
-            "eos_token_id": kwargs.pop("eos_token_id", generation_config.eos_token_id),
-            "pad_token_id": kwargs.pop("pad_token_id", generation_config.pad_token_id),
-            "num_draft_tokens": kwargs.pop("num_draft_tokens", None),
-        }
-        input_ids = kwargs.pop("input_ids", inputs)
-        attention_mask = kwargs.pop("attention_mask", None)
-        return_dict = kwargs.pop("return_dict_in_generate", False)
-        if kwargs.pop("do_sample", False) or generation_config.do_sample:
-            raise ValueError("generate(use_mtp=True) supports greedy decoding only (do_sample=False)")
-        if kwargs:
-            raise ValueError(f"generate(use_mtp=True) does not support {sorted(kwargs)}")
-        output = mtp_greedy_generate(self, input_ids, attention_mask, **options)
-        return output if return_dict else output.sequences
+    def _prepare_cache_for_generation(
+        self, generation_config, model_kwargs: dict, generation_mode, batch_size: int, max_cache_length: int
+    ) -> None:
+        """Where `generate` would make a `DynamicCache` for MLA, make a `LatentCache` sized for the final length
+        instead: its rows are written in place, never copied again. Other cache choices are transformers'."""
+        default_cache = generation_config.cache_implementation in (None, "dynamic")
+        if (
+            self.config.uses_mla
+            and default_cache
+            and model_kwargs.get("cache") is None
+            and generation_config.use_cache is not False
+            and not generation_config.is_assistant
+        ):
+            model_kwargs["cache"] = LatentCache(capacity=max_cache_length)
+            return
+        super()._prepare_cache_for_generation(
+            generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
+        )
 
     def mtp_hidden_states(
         self,
@@ -1181,62 +1222,35 @@ class DeepseekMoeForSequenceClassification(GenericForSequenceClassification, Dee
 # -------------------------------------------------------------------------------------------- checkpoint layout
 
 
-def dequantize_fp8_blockwise(weight: torch.Tensor, scale_inv: torch.Tensor, block: int = FP8_BLOCK) -> torch.Tensor:
-    """W = w_fp8 · s per (block × block) tile; `weight_scale_inv` is the multiplier despite its name.
-
-    The scale grid is ceil(rows/block) × ceil(cols/block): edge tiles are partial (e.g. V3's 576-row
-    `kv_a_proj_with_mqa`), so the expanded grid is cut to the weight's shape rather than inferring the block size.
-    """
-    rows, cols = weight.shape[-2:]
-    expected = (math.ceil(rows / block), math.ceil(cols / block))
-    if tuple(scale_inv.shape[-2:]) != expected:
-        raise ValueError(
-            f"FP8 weight of shape {tuple(weight.shape)} needs a weight_scale_inv grid of {expected} for "
-            f"{block}x{block} blocks, got {tuple(scale_inv.shape)}"
-        )
-    scale = scale_inv.float().repeat_interleave(block, dim=-2)[..., :rows, :]
-    scale = scale.repeat_interleave(block, dim=-1)[..., :cols]
-    return weight.float() * scale
-
-
-def _weights_and_scales(input_dict: dict, patterns: list[str]) -> list[tuple[list, list | None]]:
-    """(weights, scales or None) per weight pattern, in pattern order."""
-    pairs = []
-    for pattern in patterns:
-        weights = input_dict[pattern]
-        weights = weights if isinstance(weights, list) else [weights]
-        scales = input_dict.get(f"{pattern}_scale_inv")
-        pairs.append((weights, scales if scales is None or isinstance(scales, list) else [scales]))
-    return pairs
-
-
-def _dequantized(weights: list[torch.Tensor], scales: list[torch.Tensor] | None) -> list[torch.Tensor]:
-    if scales is None:
-        return weights
-    return [dequantize_fp8_blockwise(w, s) for w, s in zip(weights, scales, strict=True)]
-
-
-class Fp8BlockDequantize(ConversionOps):
-    """Loads a weight, dequantizing it when the checkpoint stores FP8 with a `weight_scale_inv` companion, so
-    official FP8 checkpoints load on any machine. The reverse writes the plain weight and no scale."""
-
-    def convert(self, input_dict: dict, source_patterns: list[str], target_patterns: list[str], **kwargs) -> dict:
-        [(weights, scales)] = _weights_and_scales(input_dict, [p for p in source_patterns if p in input_dict][:1])
-        return {target_patterns[0]: _dequantized(weights, scales)[0]}
-
-    @property
-    def reverse_op(self) -> ConversionOps:
-        return Fp8BlockDequantize()
-
-
 class MergeExperts(ConversionOps):
-    """Per-expert projections (FP8 ones dequantized) → one fused [E, n·rows, cols] tensor: experts stacked on dim 0,
-    projections (gate, up) concatenated on dim 1."""
+    """Per-expert projections → one fused [E, n·rows, cols] tensor: experts stacked on dim 0, projections (gate, up)
+    concatenated on dim 1. Each expert's weight is copied once, straight into its slot and cast on the way; FP8 ones
+    (with a `weight_scale_inv` companion, collected by the FP8 quantizer) are dequantized into it in fp32."""
 
-    def convert(self, input_dict: dict, source_patterns: list[str], target_patterns: list[str], **kwargs) -> dict:
-        weight_patterns = [p for p in source_patterns if not p.endswith("_scale_inv")]
-        stacked = [torch.stack(_dequantized(w, s)) for w, s in _weights_and_scales(input_dict, weight_patterns)]
-        return {target_patterns[0]: torch.cat(stacked, dim=1)}
+    def convert(
+        self,
+        input_dict: dict,
+        source_patterns: list[str],
+        target_patterns: list[str],
+        model: nn.Module | None = None,
+        full_layer_name: str | None = None,
+        config: DeepseekMoeConfig | None = None,
+        **kwargs,
+    ) -> dict:
+        projections = [
+            (input_dict[p], input_dict.get(p + SCALE_SUFFIX)) for p in source_patterns if not p.endswith(SCALE_SUFFIX)
+        ]
+        first = projections[0][0][0]
+        rows, cols = first.shape
+        fused = first.new_empty(
+            (len(projections[0][0]), len(projections) * rows, cols), dtype=target_dtype(model, full_layer_name, first)
+        )
+        for index, (weights, scales) in enumerate(projections):
+            for expert, weight in enumerate(weights):
+                if scales is not None:
+                    weight = dequantize_fp8_blockwise(weight, scales[expert], block_size(config))
+                fused[expert, index * rows : (index + 1) * rows].copy_(weight)
+        return {target_patterns[0]: fused}
 
     @property
     def reverse_op(self) -> ConversionOps:
@@ -1249,9 +1263,8 @@ class SplitExperts(ConversionOps):
     def convert(self, input_dict: dict, source_patterns: list[str], target_patterns: list[str], **kwargs) -> dict:
         fused = next(iter(input_dict.values()))
         fused = fused[0] if isinstance(fused, list) else fused
-        weight_patterns = [p for p in target_patterns if not p.endswith("_scale_inv")]
         output = {}
-        for pattern, projection in zip(weight_patterns, fused.chunk(len(weight_patterns), dim=1), strict=True):
+        for pattern, projection in zip(target_patterns, fused.chunk(len(target_patterns), dim=1), strict=True):
             output.update({pattern.replace("*", str(e)): w.contiguous() for e, w in enumerate(projection.unbind(0))})
         return output
 
@@ -1260,34 +1273,22 @@ class SplitExperts(ConversionOps):
         return MergeExperts()
 
 
-def checkpoint_conversions(fp8_scales: bool = True) -> list[WeightConverter]:
+def checkpoint_conversions() -> list[WeightConverter]:
     """On disk: one tensor per expert (`mlp.experts.{e}.{gate,up,down}_proj.weight`), as DeepSeek, transformers'
-    built-ins, vLLM and SGLang expect; in memory: fused 3D tensors. With `fp8_scales`, each weight pattern also
-    collects its `weight_scale_inv` companion so official FP8 checkpoints load dequantized; the companions exist only
-    on the way in (saving writes plain weights)."""
-
-    def sources(*patterns: str) -> list[str]:
-        return [name for p in patterns for name in ((p, f"{p}_scale_inv") if fp8_scales else (p,))]
-
-    conversions = [
+    built-ins, vLLM and SGLang expect; in memory: fused 3D tensors. FP8 checkpoints add their `weight_scale_inv`
+    companions through the quantizer (quantization_deepseek_moe.py), so plain checkpoints load without that path."""
+    return [
         WeightConverter(
-            source_patterns=sources("mlp.experts.*.gate_proj.weight", "mlp.experts.*.up_proj.weight"),
+            source_patterns=["mlp.experts.*.gate_proj.weight", "mlp.experts.*.up_proj.weight"],
             target_patterns="mlp.experts.gate_up_proj",
             operations=[MergeExperts()],
         ),
         WeightConverter(
-            source_patterns=sources("mlp.experts.*.down_proj.weight"),
+            source_patterns="mlp.experts.*.down_proj.weight",
             target_patterns="mlp.experts.down_proj",
             operations=[MergeExperts()],
         ),
     ]
-    if fp8_scales:
-        conversions.append(
-            WeightConverter(
-                source_patterns=sources("weight"), target_patterns="weight", operations=[Fp8BlockDequantize()]
-            )
-        )
-    return conversions
 
 
 # transformers skips conversions for code outside its own package unless they are registered for the model type.

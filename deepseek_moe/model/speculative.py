@@ -1,35 +1,135 @@
-"""Self-speculative greedy decoding with the model's own multi-token prediction (MTP) modules as the draft.
+"""Self-speculative decoding with the model's own multi-token prediction (MTP) modules as the draft, run as
+transformers' assisted generation.
 
-Each step the MTP chain drafts D tokens after the last known one; the main model verifies them in one forward pass
-over [last token, drafts]; the longest prefix of drafts equal to the main model's greedy choices is accepted, plus
-the main model's token after it. Every emitted token is therefore the main model's greedy token: the output equals
-plain greedy decoding. Rows of a batch advance together by the smallest acceptance of the step.
+`generate(use_mtp=True)` goes through `GenerationMixin.generate`: each step the MTP chain drafts up to D tokens after
+the last known one, the main model verifies them in one forward pass, and transformers' assisted-decoding loop
+accepts them (greedy: the longest prefix equal to the main model's choices; sampling: speculative sampling, which
+keeps the main model's distribution). Logits processors, stopping criteria and streamers are transformers' own.
 
-Model-code sibling (flat import from the modeling file), so it only depends on torch and transformers.
+transformers' `MTPCandidateGenerator` cannot serve this model (why `GenerationMixin.generate(use_mtp=True)` fails
+for it): it reads `num_mtp_layers` from the config ("Could not find `num_mtp_layers`"; our config, like DeepSeek's,
+says `num_nextn_predict_layers`), and given that, it rebuilds the MTP layers as its own `MtpLayer` around the class of
+`layers[-1]` and reloads their weights from the checkpoint files named by `name_or_path` (an `AttributeError` for a
+model built in memory). Ours are DeepSeek's modules (embedding first in `eh_proj`, a MoE block, `shared_head.norm`),
+already loaded with the model. So the draft chain here is a `CandidateGenerator` of our own that runs
+`DeepseekMoeForCausalLM.mtp_hidden_states` and the shared head, plugged in through `_get_candidate_generator`.
+
+Drafting adapts: a draft step pays only if it emits more tokens than it costs in plain steps (its time over the time of
+its own verify pass). The generator measures both, pauses drafting when drafts do not pay, and probes again after a
+pause that doubles after every failed probe. The acceptance rate and every decision are reported on the output of
+`generate(..., return_dict_in_generate=True)`.
+
+Model-code sibling (imported by the modeling file), so it only depends on torch and transformers.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import statistics
+import time
+from collections import deque
+from dataclasses import dataclass, field
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.utils import ModelOutput
+from transformers.generation import GenerationMixin
+from transformers.generation.candidate_generator import CandidateGenerator
+from transformers.generation.logits_process import LogitsProcessorList
+from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 
 @dataclass
-class MtpGenerateOutput(ModelOutput):
-    """`sequences` as `generate` returns them, plus how well the MTP draft did.
+class MtpGenerateOutput(GenerateDecoderOnlyOutput):
+    """transformers' generate output plus how the MTP draft did.
 
-    `acceptance_rate`: drafted tokens the main model agreed with, over drafted tokens (counted per row).
-    `tokens_per_step`: tokens emitted per main-model forward pass after the prefill (1.0 = plain decoding).
+    `acceptance_rate`: drafted tokens the main model accepted, over drafted tokens.
+    `draft_steps` / `plain_steps`: main-model passes after the prefill that verified drafts / ran without (paused).
+    `tokens_per_step`: tokens emitted per main-model pass after the prefill (1.0 = plain decoding).
+    `mtp_decisions`: when drafting paused or resumed, and why (one line each).
     """
 
-    sequences: torch.LongTensor | None = None
     acceptance_rate: float | None = None
-    tokens_per_step: float | None = None
     drafted_tokens: int | None = None
     accepted_tokens: int | None = None
+    draft_steps: int | None = None
+    plain_steps: int | None = None
+    tokens_per_step: float | None = None
+    mtp_decisions: list[str] | None = None
+
+
+@dataclass
+class DraftStatistics:
+    drafted: int = 0
+    accepted: int = 0
+    draft_steps: int = 0
+    plain_steps: int = 0
+    emitted: int = 0
+    decisions: list[str] = field(default_factory=list)
+
+    def merge(self, other: DraftStatistics, label: str) -> None:
+        self.drafted += other.drafted
+        self.accepted += other.accepted
+        self.draft_steps += other.draft_steps
+        self.plain_steps += other.plain_steps
+        self.emitted += other.emitted
+        self.decisions += [label + decision for decision in other.decisions]
+
+
+class AdaptiveDrafting:
+    """When to draft: while a draft step emits more tokens than it costs, in units of its own verify pass.
+
+    A draft step costs its drafting plus one main-model pass over D + 1 tokens; a plain step costs one pass over one
+    token, which the verify pass of the same step stands in for (timed at the same moment, so a busy machine's
+    changing load cancels out; it is an over-estimate, so borderline drafts are kept rather than dropped). Drafting
+    pays while the mean tokens per draft step is at least the median of (step time / verify time) over the last
+    `WINDOW` draft steps. The first decision comes after `FIRST_STEPS` draft steps; a pause lasts `FIRST_PAUSE` plain
+    steps, then one draft step probes (judged with the draft steps before it) and the pause doubles (up to
+    `MAX_PAUSE`) after every probe that still does not pay. A draft step that first runs the MTP modules over the
+    prompt or the positions passed while paused (one batched pass per depth) is not judged: it is not typical."""
+
+    FIRST_STEPS = 2
+    PROBE_STEPS = 1
+    WINDOW = 8
+    FIRST_PAUSE = 32
+    MAX_PAUSE = 512
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.drafting = True
+        self.steps_in_mode = 0
+        self.steps_before_decision = self.FIRST_STEPS
+        self.pause = self.FIRST_PAUSE
+        self.draft_steps: deque[tuple[int, float]] = deque(maxlen=self.WINDOW)  # (tokens, step time / verify time)
+
+    def record(self, drafted: bool, tokens: int, seconds: float, drafting_seconds: float) -> None:
+        self.steps_in_mode += 1
+        if drafted:
+            self.draft_steps.append((tokens, seconds / max(seconds - drafting_seconds, 1e-9)))
+
+    def decide(self, position: int) -> tuple[bool, str | None]:
+        """Whether to draft this step, and a line saying why when the decision changes."""
+        if not self.enabled:
+            return True, None
+        if self.drafting and self.steps_in_mode >= self.steps_before_decision:
+            tokens = sum(t for t, _ in self.draft_steps) / len(self.draft_steps)
+            cost = statistics.median(c for _, c in self.draft_steps)
+            if tokens < cost:
+                self.drafting, self.steps_in_mode = False, 0
+                return False, (
+                    f"pause at length {position}: {tokens:.2f} tokens per draft step < its cost of {cost:.2f} "
+                    f"plain steps; probe again after {self.pause} steps"
+                )
+            if self.steps_before_decision == self.PROBE_STEPS:  # the first decision after a probe
+                self.pause, self.steps_before_decision = self.FIRST_PAUSE, 0
+                return True, f"drafting resumes at length {position}: {tokens:.2f} tokens per draft step >= {cost:.2f}"
+        elif not self.drafting and self.steps_in_mode >= self.pause:
+            self.drafting, self.steps_in_mode, self.steps_before_decision = True, 0, self.PROBE_STEPS
+            self.pause = min(2 * self.pause, self.MAX_PAUSE)
+            return True, f"probe at length {position}"
+        return self.drafting, None
+
+
+def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
 def _crop_layer(cache: Cache, index: int, length: int) -> None:
@@ -40,112 +140,265 @@ def _crop_layer(cache: Cache, index: int, length: int) -> None:
             cache.layers[index].crop(-extra)
 
 
-def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+class PositionBuffer:
+    """Hidden states of the positions [start, end), written at the end and dropped from the front, so a long
+    generation does not copy its whole history every step."""
+
+    def __init__(self) -> None:
+        self.start = 0
+        self.states: torch.Tensor | None = None
+
+    def write(self, position: int, states: torch.Tensor) -> None:
+        """Replaces the positions from `position` on with `states`."""
+        kept = None if self.states is None else self.states[:, : position - self.start]
+        self.states = states if kept is None or kept.shape[1] == 0 else torch.cat([kept, states], 1)
+        self.start = position - (0 if kept is None else kept.shape[1])
+
+    def read(self, begin: int, end: int) -> torch.Tensor:
+        return self.states[:, begin - self.start : end - self.start]
+
+    def drop_before(self, position: int) -> None:
+        self.states = self.states[:, position - self.start :]
+        self.start = position
+
+    @property
+    def end(self) -> int:
+        return self.start + (0 if self.states is None else self.states.shape[1])
 
 
-@torch.no_grad()
-def mtp_greedy_generate(
-    model,
-    input_ids: torch.LongTensor,
-    attention_mask: torch.Tensor | None = None,
-    max_new_tokens: int = 20,
-    eos_token_id: int | list[int] | None = None,
-    pad_token_id: int | None = None,
-    num_draft_tokens: int | None = None,
-) -> MtpGenerateOutput:
-    """Greedy decoding of `max_new_tokens` tokens drafted by the first `num_draft_tokens` MTP depths (default: all)."""
-    config = model.config
-    depths = config.num_nextn_predict_layers if num_draft_tokens is None else num_draft_tokens
-    if not 1 <= depths <= config.num_nextn_predict_layers:
-        raise ValueError(
-            f"use_mtp needs 1 <= num_draft_tokens <= num_nextn_predict_layers={config.num_nextn_predict_layers}, "
-            f"got {depths}"
-        )
-    batch_size, prompt_length = input_ids.shape
-    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.dtype)
-    embed = model.model.embed_tokens
-    first_mtp = config.num_hidden_layers
+class MtpCandidateGenerator(CandidateGenerator):
+    """Drafts with the MTP chain: depth k turns h^{k-1} and the embedding of the token k steps ahead into h^k and
+    predicts the token k + 1 steps ahead; the last position of each depth drafts one token.
 
-    cache = DynamicCache(config=config)
-    prefill = model.model(input_ids, attention_mask=mask, position_ids=_positions(mask), cache=cache, use_cache=True)
-    main_hidden = prefill.last_hidden_state  # h^0 for positions 0..n-1, n = cached length
-    next_token = model.lm_head(main_hidden[:, -1]).argmax(-1, keepdim=True)
-    tokens, mask = torch.cat([input_ids, next_token], 1), torch.cat([mask, torch.ones_like(next_token)], 1)
+    Each depth keeps its own cache over the positions whose inputs are all real (verified) tokens; drafted positions
+    are recomputed next step. The main model's final hidden states h^0 are read by a forward hook on its final norm
+    (cheaper than `output_hidden_states`, which records every layer); `close` removes the hook."""
 
-    mtp_cache = DynamicCache()
-    mtp_hidden: list[torch.Tensor] = [main_hidden[:, :0]] * depths  # h^k buffers, positions 0..processed[k]-1
-    processed = [0] * depths  # positions each depth has seen with only real (non-drafted) tokens
-    drafted = accepted = steps = 0
-    while tokens.shape[1] - prompt_length < max_new_tokens:
-        n = tokens.shape[1] - 1  # t_n is known, not yet cached
+    requires_model_outputs = True
+    model_kwargs_overrides: dict = {}
+
+    def __init__(
+        self,
+        model,
+        max_length: int,
+        do_sample: bool,
+        logits_processor: LogitsProcessorList | None,
+        num_draft_tokens: int,
+        adaptive: bool,
+    ) -> None:
+        self.model = model
+        self.depths = num_draft_tokens
+        self.max_length = max_length
+        self.do_sample = do_sample
+        self.logits_processor = logits_processor
+        self.cache = DynamicCache()
+        self.main_hidden = PositionBuffer()  # h^0 up to position n-1, from the first one depth 1 has not processed
+        self.mtp_hidden = [PositionBuffer() for _ in range(num_draft_tokens)]  # h^k, from where depth k+1 resumes
+        self.processed = [0] * num_draft_tokens
+        self.schedule = AdaptiveDrafting(adaptive)
+        self.statistics = DraftStatistics()
+        self.step_start: float | None = None
+        self.step_drafted = False
+        self.step_drafting_seconds = 0.0
+        self.step_tokens = 0
+        self.last_hidden: torch.Tensor | None = None
+        self.hook = model.model.norm.register_forward_hook(self.keep_last_hidden)
+
+    def keep_last_hidden(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+        self.last_hidden = output
+
+    def close(self) -> None:
+        self.hook.remove()
+
+    def get_candidates(
+        self,
+        input_ids: torch.LongTensor,
+        model_kwargs: dict,
+        model_outputs,
+        is_first_iteration: bool,
+        n_last_matches: int,
+        **kwargs,
+    ) -> tuple[torch.LongTensor, torch.Tensor | None]:
+        now = time.perf_counter()
+        if is_first_iteration:  # the main model's prefill comes first: drafts need its hidden states
+            return input_ids, None
+        if self.step_start is not None and self.step_drafted != "catching up":
+            self.schedule.record(self.step_drafted, self.step_tokens, now - self.step_start, self.step_drafting_seconds)
+        self.step_start, self.step_drafted, self.step_drafting_seconds = now, False, 0.0
+
+        hidden = self.last_hidden  # the prefill's positions, else [t_n, accepted drafts, rejected ones]
+        if self.main_hidden.states is not None:
+            hidden = hidden[:, : n_last_matches + 1]
+        self.main_hidden.write(self.main_hidden.end, hidden)
+        if self.main_hidden.end != input_ids.shape[1] - 1:
+            raise RuntimeError("MTP drafting lost track of the main model's positions (chunked prefill?)")
+
+        depths = min(self.depths, self.max_length - input_ids.shape[1] - 1)
+        draft, decision = self.schedule.decide(input_ids.shape[1])
+        if decision is not None:
+            self.statistics.decisions.append(decision)
+        if not draft or depths < 1:
+            return input_ids, None
+        # A step that first runs the MTP modules over the prompt or the positions passed while paused is not timed.
+        self.step_drafted = "catching up" if input_ids.shape[1] - 1 - self.processed[0] > depths + 1 else True
+        candidate_ids, candidate_logits = self.draft(input_ids, model_kwargs.get("attention_mask"), depths)
+        self.step_drafting_seconds = time.perf_counter() - now
+        return candidate_ids, candidate_logits
+
+    def draft(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None, depths: int
+    ) -> tuple[torch.LongTensor, torch.Tensor]:
+        """Runs depths 1..`depths` over every position not yet processed and drafts one token per depth."""
+        model, embed = self.model, self.model.model.embed_tokens
+        n = input_ids.shape[1] - 1  # t_n is known, not yet cached by the main model
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.dtype)
         positions = _positions(mask)
-        previous, known = main_hidden, tokens
+        previous, known, logits = self.main_hidden, input_ids, []
         for k in range(1, depths + 1):
-            start = processed[k - 1]
-            _crop_layer(mtp_cache, first_mtp + k - 1, start)
+            start = self.processed[k - 1]
+            _crop_layer(self.cache, model.config.num_hidden_layers + k - 1, start)
             hidden_k, head_input = model.mtp_hidden_states(
                 k,
-                previous[:, start:n],
+                previous.read(start, n),
                 embed(known[:, start + k : n + k]),
                 mask[:, :n],
                 positions[:, start:n],
-                cache=mtp_cache,
+                cache=self.cache,
             )
-            mtp_hidden[k - 1] = previous = torch.cat([mtp_hidden[k - 1][:, :start], hidden_k], 1)
-            draft = model.lm_head(head_input[:, -1]).argmax(-1, keepdim=True)
-            known = torch.cat([known, draft], 1)
-            processed[k - 1] = n - k + 1  # position i used t_{i+k}, real only while i + k <= n
+            previous.drop_before(n - k + 1)  # depth k resumes there next step; nothing reads h^{k-1} before it
+            previous = self.mtp_hidden[k - 1]
+            previous.write(start, hidden_k)
+            self.processed[k - 1] = n - k + 1  # position i used t_{i+k}, real only while i + k <= n
+            next_logits = model.lm_head(head_input[:, -1]).float()
+            if self.logits_processor:
+                next_logits = self.logits_processor(known, next_logits)
+            if self.do_sample:
+                token = torch.multinomial(next_logits.softmax(-1), num_samples=1)
+            else:
+                token = next_logits.argmax(-1, keepdim=True)
+            logits.append(next_logits)
+            known = torch.cat([known, token], 1)
+        return known, torch.stack(logits, 1)
 
-        drafts = known[:, n + 1 :]
-        verify_mask = torch.cat([mask, torch.ones_like(drafts)], 1)
-        verify = model.model(
-            known[:, n:],
-            attention_mask=verify_mask,
-            position_ids=_positions(verify_mask)[:, n:],
-            cache=cache,
-            use_cache=True,
+    def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.Tensor, num_matches: int) -> None:
+        statistics, drafted = self.statistics, scores.shape[1] - 1
+        self.step_tokens = int(num_matches) + 1
+        statistics.emitted += self.step_tokens
+        if drafted:
+            statistics.draft_steps += 1
+            statistics.drafted += drafted
+            statistics.accepted += int(num_matches)
+        else:
+            statistics.plain_steps += 1
+
+
+class MtpGenerationMixin(GenerationMixin):
+    """`generate(use_mtp=True, num_draft_tokens=None, mtp_adaptive=True)`: transformers' assisted generation with the
+    MTP draft (see the module docstring). `num_draft_tokens` (1..num_nextn_predict_layers, default all, also read
+    from `num_assistant_tokens` when set) bounds the drafts per step; `mtp_adaptive=False` drafts at every step.
+
+    transformers' assisted loop serves one sequence at a time, so a batch is generated row by row (each row with its
+    own padding) and the rows are right-padded with `pad_token_id` to a common length, as `generate` pads rows that
+    ended early. With `return_dict_in_generate=True` the output is an `MtpGenerateOutput`."""
+
+    def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
+        num_draft_tokens = kwargs.pop("num_draft_tokens", None)
+        adaptive = kwargs.pop("mtp_adaptive", True)
+        generation_config = kwargs.get("generation_config", args[0] if args else None) or self.generation_config
+        if not kwargs.get("use_mtp", generation_config.use_mtp):
+            if num_draft_tokens is not None:
+                raise ValueError("num_draft_tokens needs use_mtp=True")
+            return super().generate(inputs, *args, **kwargs)
+        depth = self.config.num_nextn_predict_layers
+        if depth == 0:
+            raise ValueError(
+                "use_mtp needs multi-token prediction modules, and this model has none (num_nextn_predict_layers=0)"
+            )
+        if (kwargs.get("num_beams") or generation_config.num_beams or 1) > 1:
+            raise ValueError("use_mtp drafts for greedy decoding and sampling; beam search (num_beams > 1) takes none")
+        if num_draft_tokens is None:
+            num_draft_tokens = min(kwargs.get("num_assistant_tokens") or depth, depth)
+        if not 1 <= num_draft_tokens <= depth:
+            raise ValueError(
+                f"use_mtp needs 1 <= num_draft_tokens <= num_nextn_predict_layers={depth}, got {num_draft_tokens}"
+            )
+        self._mtp_options = {"num_draft_tokens": num_draft_tokens, "adaptive": adaptive, "generators": []}
+        try:
+            input_ids = kwargs.get("input_ids", inputs)
+            if input_ids is not None and input_ids.shape[0] > 1:
+                output = self._generate_rows(input_ids, args, kwargs)
+            else:
+                output = super().generate(inputs, *args, **kwargs)
+        finally:
+            generators = self._mtp_options["generators"]
+            for generator in generators:
+                generator.close()
+            del self._mtp_options
+        statistics = DraftStatistics()
+        for row, generator in enumerate(generators):
+            label = f"row {row}: " if len(generators) > 1 else ""
+            statistics.merge(generator.statistics, label)
+        if not isinstance(output, GenerateDecoderOnlyOutput):
+            return output
+        steps = statistics.draft_steps + statistics.plain_steps
+        return MtpGenerateOutput(
+            **output,
+            acceptance_rate=statistics.accepted / statistics.drafted if statistics.drafted else 0.0,
+            drafted_tokens=statistics.drafted,
+            accepted_tokens=statistics.accepted,
+            draft_steps=statistics.draft_steps,
+            plain_steps=statistics.plain_steps,
+            tokens_per_step=statistics.emitted / steps if steps else 0.0,
+            mtp_decisions=statistics.decisions,
         )
-        greedy = model.lm_head(verify.last_hidden_state).argmax(-1)  # main model's choice after each input token
-        agree = (drafts == greedy[:, :depths]).long().cumprod(-1).sum(-1)
-        drafted += batch_size * depths
-        accepted += int(agree.sum())
-        steps += 1
-        step_accepted = int(agree.min())
-        new_tokens = torch.cat([drafts[:, :step_accepted], greedy[:, step_accepted : step_accepted + 1]], 1)
-        if step_accepted < depths:
-            cache.crop(step_accepted - depths)  # forget the rejected drafts
-        main_hidden = torch.cat([main_hidden, verify.last_hidden_state[:, : step_accepted + 1]], 1)
-        tokens = torch.cat([tokens, new_tokens], 1)
-        mask = torch.cat([mask, torch.ones_like(new_tokens)], 1)
 
-    sequences = _finish(tokens[:, : prompt_length + max_new_tokens], prompt_length, eos_token_id, pad_token_id)
-    emitted = sequences.shape[1] - prompt_length
-    return MtpGenerateOutput(
-        sequences=sequences,
-        acceptance_rate=accepted / drafted if drafted else 0.0,
-        tokens_per_step=(emitted - 1) / steps if steps else 0.0,
-        drafted_tokens=drafted,
-        accepted_tokens=accepted,
-    )
+    def _generate_rows(self, input_ids: torch.LongTensor, args: tuple, kwargs: dict):
+        """One `generate` per row, right-padded to a common length with the pad (else end-of-sequence) token."""
+        generation_config = kwargs.get("generation_config", args[0] if args else None) or self.generation_config
+        for name in ("output_scores", "output_logits", "output_attentions", "output_hidden_states"):
+            if kwargs.get(name, getattr(generation_config, name)):
+                raise ValueError(f"generate(use_mtp=True) with {name} serves one sequence at a time (batch size 1)")
+        if "inputs_embeds" in kwargs:
+            raise ValueError("generate(use_mtp=True) with inputs_embeds serves one sequence at a time (batch size 1)")
+        attention_mask = kwargs.pop("attention_mask", None)
+        kwargs.pop("input_ids", None)
+        outputs = [
+            super(MtpGenerationMixin, self).generate(
+                input_ids[row : row + 1],
+                *args,
+                attention_mask=None if attention_mask is None else attention_mask[row : row + 1],
+                **kwargs,
+            )
+            for row in range(input_ids.shape[0])
+        ]
+        rows = [out.sequences if isinstance(out, GenerateDecoderOnlyOutput) else out for out in outputs]
+        pad = kwargs.get("pad_token_id", generation_config.pad_token_id)
+        if pad is None:
+            eos = kwargs.get("eos_token_id", generation_config.eos_token_id)
+            pad = eos[0] if isinstance(eos, list) else eos
+        length = max(row.shape[1] for row in rows)
+        if pad is None and any(row.shape[1] < length for row in rows):
+            raise ValueError("rows of different lengths need a pad_token_id (or eos_token_id) to be padded")
+        sequences = torch.cat([torch.nn.functional.pad(row, (0, length - row.shape[1]), value=pad) for row in rows])
+        if isinstance(outputs[0], GenerateDecoderOnlyOutput):
+            return GenerateDecoderOnlyOutput(sequences=sequences)
+        return sequences
 
-
-def _finish(
-    tokens: torch.LongTensor, prompt_length: int, eos_token_id: int | list[int] | None, pad_token_id: int | None
-) -> torch.LongTensor:
-    """As `generate` does: tokens after a row's end-of-sequence become padding, and the output stops once every row
-    has ended."""
-    if eos_token_id is None:
-        return tokens
-    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id, device=tokens.device)
-    generated = tokens[:, prompt_length:]
-    is_eos = torch.isin(generated, eos)
-    after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
-    if pad_token_id is None:
-        pad_token_id = int(eos[0])
-    generated = generated.masked_fill(after_eos, pad_token_id)
-    ended = is_eos.long().cumsum(-1) > 0
-    all_ended = ended.all(0).nonzero()
-    if len(all_ended):
-        generated = generated[:, : int(all_ended[0]) + 1]
-    return torch.cat([tokens[:, :prompt_length], generated], 1)
+    def _get_candidate_generator(
+        self, generation_config, input_ids, inputs_tensor, logits_processor, model_kwargs, **kwargs
+    ):
+        options = getattr(self, "_mtp_options", None)
+        if not generation_config.use_mtp or options is None:
+            return super()._get_candidate_generator(
+                generation_config, input_ids, inputs_tensor, logits_processor, model_kwargs, **kwargs
+            )
+        generator = MtpCandidateGenerator(
+            self,
+            max_length=generation_config.max_length,
+            do_sample=generation_config.do_sample,
+            logits_processor=logits_processor,
+            num_draft_tokens=options["num_draft_tokens"],
+            adaptive=options["adaptive"],
+        )
+        options["generators"].append(generator)
+        return generator

@@ -1,0 +1,124 @@
+"""The latent cache of multi-head latent attention: `c_kv` and `k_pe` rows side by side in one growing buffer.
+
+transformers' `DynamicCache` concatenates the whole cache with the new rows at every step, so a decode step copies
+everything it has cached (most of a long-context step). `LatentCacheLayer` keeps the rows of a layer in one
+preallocated buffer `[batch, 1, capacity, kv_lora_rank + qk_rope_head_dim]` and writes new rows in place; when full it
+grows by half (rounded up to whole chunks), so each row is copied a bounded number of times over a whole generation,
+and not at all when `generate` sizes it for the final length up front. `keys` and `values` are views of the buffer
+(`c_kv` and `k_pe`, the same tensors a `DynamicCache` holds), and `latent` is the joint view the absorbed decode
+step reads with one matrix product.
+
+Model-code sibling: imported by the modeling file, depends only on torch and transformers.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+CHUNK = 256  # rows: the buffer's capacity is always a whole number of chunks
+
+
+class LatentCacheLayer(DynamicLayer):
+    """One layer's `c_kv` (key slot) and `k_pe` (value slot), stored contiguously per row in a buffer that grows
+    geometrically; cropping, beam reordering and batch selection act on the buffer without losing its spare room."""
+
+    def __init__(self, capacity: int = 0) -> None:
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+        self.buffer: torch.Tensor | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.key_dim = key_states.shape[-1]
+        batch_size, num_heads = key_states.shape[:2]
+        width = self.key_dim + value_states.shape[-1]
+        self.buffer = key_states.new_empty(batch_size, num_heads, _chunks(self.capacity), width)
+        self.length = 0
+        self._refresh_views()
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new rows after the cached ones (growing the buffer if full); returns all `c_kv`, `k_pe` rows."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if end > self.buffer.shape[-2]:
+            self._grow(end)
+        self.buffer[..., self.length : end, : self.key_dim] = key_states
+        self.buffer[..., self.length : end, self.key_dim :] = value_states
+        self.length = end
+        self._refresh_views()
+        return self.keys, self.values
+
+    @property
+    def latent(self) -> torch.Tensor:
+        """The cached rows `[c_kv | k_pe]`, [batch, cached tokens, kv_lora_rank + qk_rope_head_dim] (a view)."""
+        return self.buffer[:, 0, : self.length]
+
+    def _grow(self, needed: int) -> None:
+        """Move into a buffer half as large again (at least `needed` rows): amortised O(1) copies per row."""
+        old = self.buffer
+        self.buffer = old.new_empty(*old.shape[:2], _chunks(max(needed, old.shape[-2] * 3 // 2)), old.shape[-1])
+        self.buffer[..., : self.length, :] = old[..., : self.length, :]
+
+    def _refresh_views(self) -> None:
+        self.keys = self.buffer[..., : self.length, : self.key_dim]
+        self.values = self.buffer[..., : self.length, self.key_dim :]
+
+    def get_seq_length(self) -> int:
+        return self.length if self.is_initialized else 0
+
+    def reset(self) -> None:
+        self.buffer, self.length = None, 0
+        super().reset()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Forget the last `-tokens_to_remove` rows (a negative count, as for `DynamicLayer`); the room stays."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
+        if self.is_initialized:
+            self.length = max(0, self.length + tokens_to_remove)
+            self._refresh_views()
+
+    def _select(self, rows: torch.Tensor) -> None:
+        if self.is_initialized:
+            self.buffer = self.buffer[rows.to(self.buffer.device)]
+            self._refresh_views()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._select(torch.arange(self.buffer.shape[0]).repeat_interleave(repeats))
+
+    def offload(self) -> None:
+        if self.is_initialized:
+            self.buffer = self.buffer.to("cpu", non_blocking=True)
+            self._refresh_views()
+
+    def prefetch(self) -> None:
+        if self.is_initialized and self.buffer.device != self.device:
+            self.buffer = self.buffer.to(self.device, non_blocking=True)
+            self._refresh_views()
+
+
+def _chunks(rows: int) -> int:
+    return max(1, -(-rows // CHUNK)) * CHUNK
+
+
+class LatentCache(DynamicCache):
+    """A `DynamicCache` of `LatentCacheLayer`s (one per layer index used, MTP depths included), each sized for
+    `capacity` tokens up front (`generate` passes its final length) and growing past it when needed."""
+
+    def __init__(self, capacity: int = 0) -> None:
+        super(DynamicCache, self).__init__(layer_class_to_replicate=partial(LatentCacheLayer, capacity=capacity))
