@@ -138,7 +138,6 @@ class DemoReport:
     reload_logits_equal: bool | None = None
     official_export_max_relative_error: float | None = None
     finetune: dict[str, Any] = field(default_factory=dict)
-    skipped: list[str] = field(default_factory=list)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
@@ -165,11 +164,6 @@ class Demo:
     def wrote(self, label: str, path: Path) -> Path:
         self.report.files[label] = str(path.relative_to(self.out))
         return path
-
-    def skip(self, what: str, why: str) -> None:
-        line = f"skipped: {what} ({why})"
-        print(line, flush=True)
-        self.report.skipped.append(line)
 
     # ------------------------------------------------------------------------------------------------ data
 
@@ -535,7 +529,6 @@ def summary_table(report: DemoReport, out: Path) -> str:
         rows.append(("official format in transformers' built-in", f"same logits (max relative error {error:.1e})"))
     if report.finetune:
         rows.append(("LoRA fine-tune", report.finetune["description"]))
-    rows += [("", line) for line in report.skipped]
     machine = report.machine
     load = machine["load_average"]
     rows.append(
@@ -630,7 +623,7 @@ def run_demo(output_dir: str | os.PathLike = "demo-out", quick: bool = False, se
     demo.stage("completions", lambda: demo.samples(model, tokenizer))
     model_dir = demo.stage("save and reload", lambda: demo.save_and_reload(model, tokenizer, batches))
     demo.stage("LoRA fine-tune and merge", lambda: demo.finetune(model_dir, tokenizer))
-    demo.skip("official-format export", "not available")
+    demo.stage("official-format export", lambda: demo.export_official(model, batches))
     demo.stage("FP8 export", lambda: demo.export_fp8(model_dir, batches))
     demo.stage("plots", lambda: demo.plots(records, comparison))
     shutil.rmtree(out / CACHE_DIRECTORY / "tmp", ignore_errors=True)  # emptied temporary files
