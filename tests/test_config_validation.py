@@ -298,3 +298,20 @@ def test_official_config_json_loads_without_warnings(preset: str, tmp_path) -> N
         assert getattr(config, "quantization_config", None) is None
     else:
         assert config.quantization_config.to_dict() == quantization
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [({"rms_norm_eps": -1.0}, "rms_norm_eps"), ({"n_group": 3}, "n_group"), ({"kv_lora_rank": 32.5}, "kv_lora_rank")],
+)
+def test_from_pretrained_overrides_are_checked_before_any_weight(override, field, tmp_path, monkeypatch) -> None:
+    """`from_pretrained(path, field=value)` sets fields after the config checked itself; the model checks again."""
+    DeepseekMoeForCausalLM(DeepseekMoeConfig.from_preset("tiny-v3")).save_pretrained(tmp_path)
+    DeepseekMoeForCausalLM.from_pretrained(tmp_path)  # the saved model itself loads
+
+    def refuse(*args, **kwargs) -> None:
+        raise AssertionError("a weight was allocated from an invalid config")
+
+    monkeypatch.setattr(torch.nn.Embedding, "__init__", refuse)
+    with pytest.raises(ValueError, match=field):
+        DeepseekMoeForCausalLM.from_pretrained(tmp_path, **override)

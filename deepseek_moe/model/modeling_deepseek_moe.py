@@ -890,6 +890,12 @@ class DeepseekMoePreTrainedModel(PreTrainedModel):
     # Official MTP layers carry copies of the shared embedding and head (`MTP_COPIES`); ours share the model's own.
     _keys_to_ignore_on_load_unexpected = [r"model\.layers\.\d+\.(" + "|".join(map(re.escape, MTP_COPIES)) + ")$"]
 
+    def __init__(self, config: DeepseekMoeConfig, *inputs, **kwargs) -> None:
+        # `from_pretrained(path, field=value)` and hand edits set fields after the config checked itself: check
+        # again before any weight is allocated.
+        config.validate()
+        super().__init__(config, *inputs, **kwargs)
+
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
         """Unless the user chose one, run the experts with our Triton kernels (`"deepseek_triton"`, registered by
         `moe_kernels`) where CUDA and triton are present, and keep transformers' default everywhere else."""
