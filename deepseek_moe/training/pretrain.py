@@ -500,26 +500,13 @@ class Layout:
             extra.load_state_dict(saved)
 
     def clip_grad_norm_(self, model, max_norm: float) -> torch.Tensor:
-        """Clip to a global 2-norm. Engine layouts shard parameters over different meshes (experts on the EP mesh,
-        the rest on the FSDP mesh), which torch's clip cannot stack: the norm is taken per mesh, made whole, then
-        combined."""
+        """Clip to a global 2-norm: Accelerate's for DDP; for engine layouts, whose parameters live on different
+        device meshes, `parallel.clip_grad_norm`."""
         if not self.engine:
             return self.accelerator.clip_grad_norm_(model.parameters(), max_norm)
-        groups: dict[Any, list[torch.Tensor]] = {}
-        for parameter in model.parameters():
-            if parameter.grad is not None:
-                groups.setdefault(getattr(parameter.grad, "device_mesh", None), []).append(parameter.grad)
-        norms = []
-        for grads in groups.values():
-            norm = torch.nn.utils.get_total_norm(grads, 2.0)
-            norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        total = torch.stack(norms).norm(2.0)
-        coefficient = min(1.0, max_norm / (total.item() + 1e-6))
-        if coefficient < 1.0:
-            for grads in groups.values():
-                for grad in grads:
-                    grad.mul_(coefficient)
-        return total
+        from .parallel import clip_grad_norm
+
+        return clip_grad_norm(model, max_norm)
 
 
 class _fsdp_no_sync:
@@ -688,7 +675,8 @@ def _train(accelerator, args: TrainArguments, model, tokenizer, on_step) -> Trai
     )
     if not engine:
         with warnings.catch_warnings():
-            # DDP calls broadcast_buffers deprecated; Accelerate has no other way to keep rank-local counts unsynced.
+            # Buffers (the correction bias, RoPE tables) are equal on every rank by construction, so DDP need not
+            # broadcast them each forward; it calls broadcast_buffers deprecated, and Accelerate has no other switch.
             warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
             model, optimizer = accelerator.prepare(model, optimizer)
     state = TrainState()
