@@ -38,14 +38,14 @@ def register() -> None:
     modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.setdefault(
         model_type, "DeepseekMoeForSequenceClassification"
     )
+    # Plain attributes from now on: `__getattr__` (and so this function) runs only until the first registration.
+    globals().update({name: getattr(modeling, name) for name in _MODEL_CLASSES})
 
 
 def __getattr__(name: str):
     if name in _MODEL_CLASSES:
         register()
-        from . import modeling_deepseek_moe
-
-        return getattr(modeling_deepseek_moe, name)
+        return globals()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
