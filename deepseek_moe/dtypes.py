@@ -20,16 +20,22 @@ DTYPE_ALIASES: dict[str, str] = {
 DTYPE_NAMES = ("auto", *DTYPE_ALIASES)
 
 
+def dtype_attribute(name: str | torch.dtype) -> str:
+    """The torch attribute name (`bfloat16`, `float16`, `float32`) of an accepted spelling (any case) or of a torch
+    dtype of those, without importing torch."""
+    if isinstance(name, str):
+        if name.lower() in DTYPE_ALIASES:
+            return DTYPE_ALIASES[name.lower()]
+    elif str(name).removeprefix("torch.") in DTYPE_ALIASES.values():
+        return str(name).removeprefix("torch.")
+    raise ValueError(f"unknown dtype {name!r}; expected one of {', '.join(DTYPE_ALIASES)}")
+
+
 def torch_dtype(name: str | torch.dtype) -> torch.dtype:
     """`bf16`/`bfloat16`/`fp16`/`float16`/`fp32`/`float32` (any case) or a torch dtype of those, as a torch dtype."""
     import torch
 
-    if isinstance(name, torch.dtype):
-        if name in (torch.bfloat16, torch.float16, torch.float32):
-            return name
-    elif isinstance(name, str) and name.lower() in DTYPE_ALIASES:
-        return getattr(torch, DTYPE_ALIASES[name.lower()])
-    raise ValueError(f"unknown dtype {name!r}; expected one of {', '.join(DTYPE_ALIASES)}")
+    return getattr(torch, dtype_attribute(name))
 
 
 def load_dtype(name: str) -> str | torch.dtype:
@@ -37,4 +43,4 @@ def load_dtype(name: str) -> str | torch.dtype:
     return "auto" if name == "auto" else torch_dtype(name)
 
 
-__all__ = ["DTYPE_ALIASES", "DTYPE_NAMES", "load_dtype", "torch_dtype"]
+__all__ = ["DTYPE_ALIASES", "DTYPE_NAMES", "dtype_attribute", "load_dtype", "torch_dtype"]

@@ -5,11 +5,14 @@ kept outside the model folder, which ships as Hub remote code."""
 from __future__ import annotations
 
 import copy
+import json
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .model import DeepseekMoeConfig
+    from .model.architecture_deepseek_moe import DeepseekMoeValues
 
 _YARN = {
     "type": "yarn",
@@ -180,18 +183,44 @@ def load_config(preset_or_path: str | os.PathLike) -> DeepseekMoeConfig:
     (ours or an official DeepSeek one). Anything else, or an invalid config, is a `ValueError` saying what is wrong."""
     from .model import DeepseekMoeConfig
 
+    path = _config_file(preset_or_path)
+    if path is None:
+        return DeepseekMoeConfig.from_preset(os.fspath(preset_or_path))
+    try:
+        return DeepseekMoeConfig.from_pretrained(path)
+    except (OSError, TypeError) as error:  # unreadable file, JSON that is not an object
+        raise ValueError(f"{path}: not a readable config.json ({error})") from error
+
+
+def load_values(preset_or_path: str | os.PathLike) -> DeepseekMoeValues:
+    """`load_config` without transformers: the same sources, normalisation and checks (`hidden_act` aside, whose
+    choices are transformers' activations), as plain values (for conversion)."""
+    from .model.architecture_deepseek_moe import DeepseekMoeValues
+
+    path = _config_file(preset_or_path)
+    if path is None:
+        return DeepseekMoeValues.from_dict(copy.deepcopy(PRESETS[os.fspath(preset_or_path)]))
+    try:
+        values = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}: not a readable config.json ({error})") from error
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: not a readable config.json (a JSON {type(values).__name__}, not an object)")
+    return DeepseekMoeValues.from_dict(values)
+
+
+def _config_file(preset_or_path: str | os.PathLike) -> str | None:
+    """The config.json a name means (a local path wins over a preset of the same name, as in transformers), or None
+    for a preset; anything else is a `ValueError`."""
     name = os.fspath(preset_or_path)
-    # A local path wins over a preset of the same name, as in transformers.
-    if os.path.isfile(name) or os.path.isfile(os.path.join(name, "config.json")):
-        try:
-            return DeepseekMoeConfig.from_pretrained(name)
-        except (OSError, TypeError) as error:  # unreadable file, JSON that is not an object
-            raise ValueError(f"{name}: not a readable config.json ({error})") from error
+    for path in (name, os.path.join(name, "config.json")):
+        if os.path.isfile(path):
+            return path
     if name in PRESETS:
-        return DeepseekMoeConfig.from_preset(name)
+        return None
     raise ValueError(
         f"{name!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a config.json or a directory with one"
     )
 
 
-__all__ = ["PRESETS", "SMALL_PRESETS", "from_preset", "load_config"]
+__all__ = ["PRESETS", "SMALL_PRESETS", "from_preset", "load_config", "load_values"]

@@ -11,6 +11,7 @@ import torch
 from deepseek_moe import DeepseekMoeConfig
 from deepseek_moe.conversion.layouts import INDEX_FILE, expected_shapes
 from deepseek_moe.conversion.safetensors_io import StreamingWriter, index_json, parse_size, plan_shards
+from deepseek_moe.conversion.tensors import dtype_of, write_tensor
 
 
 def write_random_checkpoint(
@@ -25,14 +26,16 @@ def write_random_checkpoint(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     shapes, optional = expected_shapes(config)
-    groups = [{name: (dtype, shape)} for name, shape in shapes.items() if name not in optional]
+    groups = [
+        {name: (dtype_of(torch.empty(0, dtype=dtype)), shape)} for name, shape in shapes.items() if name not in optional
+    ]
     files = plan_shards(groups, parse_size(max_shard_size))
     generator = torch.Generator().manual_seed(seed)
     with StreamingWriter(directory, files) as writer:
         for planned in files:
             for name, (_, shape) in planned.tensors.items():
                 values = torch.ones(shape) if len(shape) == 1 else torch.randn(shape, generator=generator) * 0.02
-                writer.write(planned.name, name, values.to(dtype))
+                write_tensor(writer, planned.name, name, values.to(dtype))
         writer.finish()
     if len(files) > 1:
         (directory / INDEX_FILE).write_text(index_json(files))

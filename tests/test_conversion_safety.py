@@ -160,16 +160,16 @@ def test_an_interruption_keeps_complete_shards_and_the_rerun_resumes(work, monke
     reference = convert_checkpoint(source, work / "reference", max_shard_size=SHARDS, progress=False)
     assert len(reference.files) >= 4
     loads, interruptions = [], [40]
-    real_load = convert_module.load_weight
+    real_step = convert_module._write_step  # reads one weight (copied or computed) and writes its outputs
 
-    def interrupted(checkpoint, name, *args, **kwargs):
-        loads.append(name)
+    def interrupted(checkpoint, step, *args, **kwargs):
+        loads.append(step.weight)
         if interruptions and len(loads) == interruptions[0]:
             interruptions.clear()
             interrupt()
-        return real_load(checkpoint, name, *args, **kwargs)
+        return real_step(checkpoint, step, *args, **kwargs)
 
-    monkeypatch.setattr(convert_module, "load_weight", interrupted)
+    monkeypatch.setattr(convert_module, "_write_step", interrupted)
     message = rf"\({reason}\); \d+ of \d+ files are complete in .*re-run the same command to resume"
     with pytest.raises(ConversionInterrupted, match=message):
         convert_checkpoint(source, output, max_shard_size=SHARDS, progress=False)

@@ -12,20 +12,15 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
-
-from ..model.configuration_deepseek_moe import DeepseekMoeConfig, mtp_copies
-from ..model.quantization_deepseek_moe import FP8_BLOCK
-from .safetensors_io import ConversionError, TensorInfo, read_header, read_tensor
+from ..model.architecture_deepseek_moe import FP8_BLOCK, DeepseekMoeArchitecture, mtp_copies
+from .safetensors_io import ConversionError, TensorInfo, read_header
 
 SCALE_SUFFIX = "_scale_inv"
-INDEX_FILE = SAFE_WEIGHTS_INDEX_NAME  # model.safetensors.index.json
-SINGLE_FILE = SAFE_WEIGHTS_NAME  # model.safetensors
+INDEX_FILE = "model.safetensors.index.json"  # transformers' names for sharded and single-file weights
+SINGLE_FILE = "model.safetensors"
 _MP_FILE = re.compile(r"^model(\d+)-mp(\d+)\.safetensors$")
 
 # DeepSeek-V3 `inference/convert.py`: official module name → (inference name, dimension sliced across ranks).
@@ -99,7 +94,7 @@ class LogicalTensor:
     dim: int | None = None
 
     @property
-    def dtype(self) -> torch.dtype:
+    def dtype(self) -> str:
         return self.parts[0].dtype
 
     @property
@@ -113,10 +108,10 @@ class LogicalTensor:
     def nbytes(self) -> int:
         return sum(part.nbytes for part in self.parts)
 
-    def load(self, reader: Callable[[TensorInfo], torch.Tensor] = read_tensor) -> torch.Tensor:
-        if self.dim is None:
-            return reader(self.parts[0])
-        return torch.cat([reader(part) for part in self.parts], dim=self.dim)
+    @property
+    def stored(self) -> TensorInfo | None:
+        """The one stored tensor holding all of it (its bytes can be copied as they are), if there is one."""
+        return self.parts[0] if len(self.parts) == 1 else None
 
 
 @dataclass
@@ -206,32 +201,12 @@ def read_index(path: Path) -> dict[str, str]:
     return weight_map
 
 
-def load_weight(
-    checkpoint: Checkpoint, name: str, reader: Callable[[TensorInfo], torch.Tensor] = read_tensor
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A weight and its FP8 scale (None for plain weights)."""
-    scale = checkpoint.tensors.get(name + SCALE_SUFFIX)
-    return checkpoint.tensors[name].load(reader), scale.load(reader) if scale is not None else None
-
-
 def scale_grid(shape: tuple[int, ...]) -> tuple[int, int]:
     """Shape of a 128×128-block `weight_scale_inv`: partial edge blocks count as whole ones."""
     return math.ceil(shape[0] / FP8_BLOCK), math.ceil(shape[1] / FP8_BLOCK)
 
 
-def quantize_fp8_blockwise(weight: torch.Tensor, block: int = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
-    """Official FP8 form: e4m3 values and one fp32 `weight_scale_inv` = amax/448 per 128×128 block (the
-    dequantization multiplier). Edge blocks are zero-padded when their amax is taken, as in DeepSeek's release."""
-    rows, cols = weight.shape
-    grid = scale_grid(weight.shape)
-    padded = torch.nn.functional.pad(weight.float(), (0, grid[1] * block - cols, 0, grid[0] * block - rows))
-    blocks = padded.view(grid[0], block, grid[1], block)
-    scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-4) / torch.finfo(torch.float8_e4m3fn).max
-    quantized = (blocks / scale[:, None, :, None]).to(torch.float8_e4m3fn)
-    return quantized.view(padded.shape)[:rows, :cols].contiguous(), scale
-
-
-def expected_shapes(config: DeepseekMoeConfig) -> tuple[dict[str, tuple[int, ...]], set[str]]:
+def expected_shapes(config: DeepseekMoeArchitecture) -> tuple[dict[str, tuple[int, ...]], set[str]]:
     """Shapes of every tensor the config's checkpoint must hold, exactly as `save_pretrained` writes them (official
     per-expert names, no tied head), and the names it may hold besides: the copies of the embedding and head in
     official MTP layers. Computed from the config alone, so conversion needs no model code; `tests/test_conversion.py`
@@ -261,7 +236,7 @@ def _linear(name: str, out_features: int, in_features: int, bias: bool = False) 
     return {f"{name}.weight": (out_features, in_features), **({f"{name}.bias": (out_features,)} if bias else {})}
 
 
-def _attention_shapes(config: DeepseekMoeConfig, prefix: str) -> dict[str, tuple[int, ...]]:
+def _attention_shapes(config: DeepseekMoeArchitecture, prefix: str) -> dict[str, tuple[int, ...]]:
     """MLA (q-LoRA or plain `q_proj`, the joint `kv_a_proj_with_mqa`, `kv_b_proj`) or 16B's q/k/v/o."""
     hidden, heads, bias = config.hidden_size, config.num_attention_heads, config.attention_bias
     if not config.uses_mla:
@@ -296,7 +271,7 @@ def _mlp_shapes(hidden: int, intermediate: int, prefix: str) -> dict[str, tuple[
     }
 
 
-def _moe_shapes(config: DeepseekMoeConfig, prefix: str) -> dict[str, tuple[int, ...]]:
+def _moe_shapes(config: DeepseekMoeArchitecture, prefix: str) -> dict[str, tuple[int, ...]]:
     """The router (with V3's correction bias), one SwiGLU per routed expert and the fused shared experts."""
     hidden, width = config.hidden_size, config.moe_intermediate_size
     shapes = {prefix + "gate.weight": (config.n_routed_experts, hidden)}

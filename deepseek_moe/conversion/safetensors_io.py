@@ -1,50 +1,61 @@
-"""safetensors read and written one tensor at a time.
+"""safetensors read and written one tensor at a time, in the standard library alone.
 
 The safetensors library reads through mmap (touched pages stay resident while the file is open) and writes whole
 state dicts, so peak memory would grow with shard size. The format is simple (8-byte header length, a JSON header
-of dtypes, shapes and byte ranges, then the raw bytes), so reading a tensor is one `readinto` into a fresh buffer and
-writing streams bytes after a header planned in advance: peak memory is about one tensor.
+of dtypes, shapes and byte ranges, then the raw bytes), so headers are planned in advance and a tensor copied
+unchanged streams from its file through one reused buffer (no torch, no page faults on fresh memory); tensors that
+are computed (`tensors.py`) are written from their own memory: peak memory is about one tensor.
+
+Dtypes are safetensors' names (`BF16`, `F8_E4M3`, ...); `tensors.py` maps them to torch's.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
+import os
 import re
 import struct
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
-
-import torch
 
 
 class ConversionError(ValueError):
     """A checkpoint cannot be converted as asked; the message names the file, tensor or setting at fault."""
 
 
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
+# safetensors dtype -> (bytes per element, torch attribute name).
+DTYPES: dict[str, tuple[int, str]] = {
+    "F64": (8, "float64"),
+    "F32": (4, "float32"),
+    "F16": (2, "float16"),
+    "BF16": (2, "bfloat16"),
+    "F8_E4M3": (1, "float8_e4m3fn"),
+    "F8_E5M2": (1, "float8_e5m2"),
+    "I64": (8, "int64"),
+    "I32": (4, "int32"),
+    "I16": (2, "int16"),
+    "I8": (1, "int8"),
+    "U8": (1, "uint8"),
+    "BOOL": (1, "bool"),
 }
-_DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
 SHARD_METADATA = {"format": "pt"}
+# Bytes copied per read/write of an unchanged tensor (one buffer, reused).
+COPY_CHUNK = 16 * 2**20
 
 
-def nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
-    return math.prod(shape) * dtype.itemsize
+def nbytes(dtype: str, shape: tuple[int, ...]) -> int:
+    return math.prod(shape) * DTYPES[dtype][0]
+
+
+def dtype_named(torch_name: str) -> str:
+    """The safetensors dtype of a torch attribute name (`bfloat16` -> `BF16`)."""
+    return next(name for name, (_, attribute) in DTYPES.items() if attribute == torch_name)
 
 
 @dataclass(frozen=True)
@@ -53,7 +64,7 @@ class TensorInfo:
 
     file: Path
     name: str
-    dtype: torch.dtype
+    dtype: str
     shape: tuple[int, ...]
     offset: int  # from the start of the file
 
@@ -100,12 +111,12 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     return infos
 
 
-def _header_entry(path: Path, name: str, entry: object) -> tuple[int, int, torch.dtype, tuple[int, ...]]:
+def _header_entry(path: Path, name: str, entry: object) -> tuple[int, int, str, tuple[int, ...]]:
     """(begin, end, dtype, shape) of one header entry, or a `ConversionError` saying what is wrong with it."""
     if not isinstance(entry, dict):
         raise ConversionError(f"{path}: header entry {name!r} is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise ConversionError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
     if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
         raise ConversionError(f"{path}: tensor {name!r} has an invalid shape {shape!r}")
@@ -116,24 +127,23 @@ def _header_entry(path: Path, name: str, entry: object) -> tuple[int, int, torch
         or not 0 <= offsets[0] <= offsets[1]
     ):
         raise ConversionError(f"{path}: tensor {name!r} has invalid data_offsets {offsets!r}")
-    torch_dtype = SAFETENSORS_DTYPES[dtype]
-    if offsets[1] - offsets[0] != nbytes(torch_dtype, tuple(shape)):
+    if offsets[1] - offsets[0] != nbytes(dtype, tuple(shape)):
         raise ConversionError(
             f"{path}: tensor {name!r} spans {offsets[1] - offsets[0]} bytes, its shape {shape} of {dtype} needs "
-            f"{nbytes(torch_dtype, tuple(shape))}"
+            f"{nbytes(dtype, tuple(shape))}"
         )
-    return offsets[0], offsets[1], torch_dtype, tuple(shape)
+    return offsets[0], offsets[1], dtype, tuple(shape)
 
 
-def read_tensor(info: TensorInfo) -> torch.Tensor:
-    """One tensor read into its own buffer (no mmap, so nothing stays resident after it is dropped)."""
-    buffer = torch.empty(info.nbytes, dtype=torch.uint8)
-    with open(info.file, "rb") as file:
-        file.seek(info.offset)
-        read = file.readinto(buffer.numpy())
-    if read != info.nbytes:
-        raise ConversionError(f"{info.file}: truncated, a tensor needs {info.nbytes} bytes and {read} are there")
-    return buffer.view(info.dtype).reshape(info.shape)
+def read_into(info: TensorInfo, buffer: memoryview, offset: int = 0) -> int:
+    """Bytes of `info` from `offset` on into `buffer` (as many as fit; no mmap, so nothing stays resident); the
+    count read. A file shorter than its header says is a `ConversionError`."""
+    wanted = min(len(buffer), info.nbytes - offset)
+    with open(info.file, "rb", buffering=0) as file:
+        read = os.preadv(file.fileno(), [buffer[:wanted]], info.offset + offset)
+    if read != wanted:
+        raise ConversionError(f"{info.file}: truncated, a tensor needs {info.nbytes} bytes and fewer are there")
+    return read
 
 
 @dataclass
@@ -141,7 +151,7 @@ class PlannedFile:
     """An output file whose header is fixed before any tensor is written: names in writing order."""
 
     name: str
-    tensors: dict[str, tuple[torch.dtype, tuple[int, ...]]] = field(default_factory=dict)
+    tensors: dict[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict)
 
     @property
     def data_bytes(self) -> int:
@@ -152,7 +162,7 @@ class PlannedFile:
         for name, (dtype, shape) in self.tensors.items():
             size = nbytes(dtype, shape)
             span = [offset, offset + size]
-            entries[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": span}
+            entries[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": span}
             offset += size
         text = json.dumps({"__metadata__": SHARD_METADATA, **entries}, separators=(",", ":")).encode()
         text += b" " * (-len(text) % 8)  # the data section starts 8-byte aligned
@@ -166,44 +176,68 @@ class PlannedFile:
 class StreamingWriter:
     """Writes planned files tensor by tensor, in planned order; a file is opened at its first tensor and closed at
     its last, so several can be filled at once (model-parallel ranks) or one after the other (size shards). Each
-    file's sha256 is computed as it is written and passed with its size to `on_complete` once it is closed."""
+    file's CRC-32 is computed as it is written and passed with its size to `on_complete` once it is closed (the resume
+    manifest's record that the file is whole)."""
 
     def __init__(
         self,
         directory: Path,
         files: list[PlannedFile],
-        on_complete: Callable[[str, int, str], None] | None = None,
+        on_complete: Callable[[str, int, int], None] | None = None,
     ) -> None:
         self.directory = directory
         self.files = {planned.name: planned for planned in files}
         self.pending = {planned.name: list(planned.tensors) for planned in files}
-        self.open_files: dict[str, tuple[BinaryIO, hashlib._Hash]] = {}
+        self.open_files: dict[str, tuple[BinaryIO, int]] = {}  # file -> (handle, CRC-32 so far)
         self.on_complete = on_complete
+        self._buffer: memoryview | None = None
 
-    def write(self, file_name: str, name: str, tensor: torch.Tensor) -> None:
+    def write(self, file_name: str, name: str, dtype: str, shape: tuple[int, ...], data: memoryview) -> None:
+        """A computed tensor: its bytes, `dtype` and `shape`."""
+        self._begin(file_name, name, dtype, shape)
+        self._append(file_name, data)
+        self._end(file_name)
+
+    def copy(self, file_name: str, name: str, source: TensorInfo) -> None:
+        """A tensor unchanged: its bytes streamed from the source file through one reused buffer."""
+        self._begin(file_name, name, source.dtype, source.shape)
+        if self._buffer is None:
+            self._buffer = memoryview(bytearray(COPY_CHUNK))
+        done = 0
+        while done < source.nbytes:
+            read = read_into(source, self._buffer, done)
+            self._append(file_name, self._buffer[:read])
+            done += read
+        self._end(file_name)
+
+    def _begin(self, file_name: str, name: str, dtype: str, shape: tuple[int, ...]) -> None:
         planned, pending = self.files[file_name], self.pending[file_name]
         expected = planned.tensors.get(name)
-        if not pending or pending[0] != name or expected != (tensor.dtype, tuple(tensor.shape)):
+        if not pending or pending[0] != name or expected != (dtype, tuple(shape)):
             raise RuntimeError(
-                f"{file_name}: wrote {name} {tensor.dtype} {tuple(tensor.shape)}, planned "
-                f"{pending[0] if pending else None} {expected}"
+                f"{file_name}: wrote {name} {dtype} {tuple(shape)}, planned {pending[0] if pending else None} "
+                f"{expected}"
             )
         if file_name not in self.open_files:
-            handle = open(self.directory / file_name, "wb")  # noqa: SIM115 (closed below)
-            self.open_files[file_name] = handle, hashlib.sha256()
-            self._write(file_name, planned.header())
-        self._write(file_name, tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+            handle = open(self.directory / file_name, "wb", buffering=0)  # noqa: SIM115 (closed in `_end`)
+            self.open_files[file_name] = handle, 0
+            self._append(file_name, memoryview(planned.header()))
+
+    def _append(self, file_name: str, data: memoryview) -> None:
+        handle, crc = self.open_files[file_name]
+        written = 0
+        while written < len(data):  # an unbuffered write may take only part
+            written += handle.write(data[written:])
+        self.open_files[file_name] = handle, zlib.crc32(data, crc)
+
+    def _end(self, file_name: str) -> None:
+        pending = self.pending[file_name]
         pending.pop(0)
         if not pending:
-            handle, digest = self.open_files.pop(file_name)
+            handle, crc = self.open_files.pop(file_name)
             handle.close()
             if self.on_complete is not None:
-                self.on_complete(file_name, planned.file_bytes, digest.hexdigest())
-
-    def _write(self, file_name: str, data: bytes) -> None:
-        handle, digest = self.open_files[file_name]
-        handle.write(data)
-        digest.update(data)
+                self.on_complete(file_name, self.files[file_name].file_bytes, crc)
 
     def finish(self) -> None:
         """Raises if a planned tensor was never written."""
@@ -239,7 +273,7 @@ def parse_size(size: int | str) -> int:
     return value
 
 
-def plan_shards(groups: list[dict[str, tuple[torch.dtype, tuple[int, ...]]]], max_bytes: int) -> list[PlannedFile]:
+def plan_shards(groups: list[dict[str, tuple[str, tuple[int, ...]]]], max_bytes: int) -> list[PlannedFile]:
     """Fill shards greedily in order with whole groups (a weight and its scale stay together); a group larger than
     the limit gets a shard of its own. One shard is `model.safetensors`, more are `model-0000k-of-0000N`."""
     shards: list[PlannedFile] = []

@@ -12,7 +12,8 @@ from torch import nn
 from ..model.configuration_deepseek_moe import DeepseekMoeConfig
 from ..model.modeling_deepseek_moe import DeepseekMoeForCausalLM, DeepseekMoeRotaryEmbedding
 from ..model.quantization_deepseek_moe import dequantize_fp8_blockwise
-from .layouts import Checkpoint, layer_index, load_weight
+from .layouts import Checkpoint, layer_index
+from .tensors import load_weight
 
 
 def _official(checkpoint: Checkpoint, name: str) -> torch.Tensor:

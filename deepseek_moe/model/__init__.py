@@ -2,13 +2,12 @@
 Hub remote code of saved models (single-dot sibling imports only); this `__init__` is not, and registers the classes
 with transformers' Auto classes and the static name tables Trainer reads, idempotently.
 
-While the `deepseek-moe` command line starts, registration (and with it the modeling code, transformers' model
-machinery and triton) waits until a model class is first asked for, so commands that need only the config (`convert`,
-`info`) import what they use: `deepseek_moe.model.configuration_deepseek_moe` stays light."""
+While the `deepseek-moe` command line starts, registration (and with it transformers, the modeling code and triton)
+waits until the config or a model class is first asked for, so commands that need only plain config values
+(`convert`, which reads them through `architecture_deepseek_moe`) import no transformers at all."""
 
 from .. import _COMMAND_LINE
 from ..presets import from_preset
-from .configuration_deepseek_moe import DeepseekMoeConfig
 
 _MODEL_CLASSES = (
     "DeepseekMoeForCausalLM",
@@ -18,6 +17,15 @@ _MODEL_CLASSES = (
 )
 
 
+def _config_class() -> type:
+    """The config class, with the presets (which live outside the remote code) bound to it as `from_preset`."""
+    from .configuration_deepseek_moe import DeepseekMoeConfig
+
+    DeepseekMoeConfig.from_preset = classmethod(from_preset)
+    globals()["DeepseekMoeConfig"] = DeepseekMoeConfig
+    return DeepseekMoeConfig
+
+
 def register() -> None:
     """Import the modeling code and register it with transformers' Auto classes and Trainer's name tables."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -25,12 +33,13 @@ def register() -> None:
 
     from . import modeling_deepseek_moe as modeling
 
-    model_type = DeepseekMoeConfig.model_type
-    AutoConfig.register(model_type, DeepseekMoeConfig, exist_ok=True)
-    AutoModel.register(DeepseekMoeConfig, modeling.DeepseekMoeModel, exist_ok=True)
-    AutoModelForCausalLM.register(DeepseekMoeConfig, modeling.DeepseekMoeForCausalLM, exist_ok=True)
+    config_class = _config_class()
+    model_type = config_class.model_type
+    AutoConfig.register(model_type, config_class, exist_ok=True)
+    AutoModel.register(config_class, modeling.DeepseekMoeModel, exist_ok=True)
+    AutoModelForCausalLM.register(config_class, modeling.DeepseekMoeForCausalLM, exist_ok=True)
     AutoModelForSequenceClassification.register(
-        DeepseekMoeConfig, modeling.DeepseekMoeForSequenceClassification, exist_ok=True
+        config_class, modeling.DeepseekMoeForSequenceClassification, exist_ok=True
     )
     # Trainer and the label smoother recognise causal LMs by class name in these static tables.
     modeling_auto.MODEL_MAPPING_NAMES.setdefault(model_type, "DeepseekMoeModel")
@@ -43,14 +52,14 @@ def register() -> None:
 
 
 def __getattr__(name: str):
+    if name == "DeepseekMoeConfig":
+        return _config_class()
     if name in _MODEL_CLASSES:
         register()
         return globals()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-# Presets live outside the remote code; the package binds them to the config class it ships.
-DeepseekMoeConfig.from_preset = classmethod(from_preset)
 if not _COMMAND_LINE:
     register()
 

@@ -44,6 +44,8 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "deepseek": {**_V2_DEFAULTS, "num_hidden_layers": 32, "kv_lora_rank": None, "q_lora_rank": None,
                  "rope_interleave": False},
 }  # fmt: skip
+# Official FP8 checkpoints (V3) scale their e4m3 weights per FP8_BLOCK x FP8_BLOCK tile (see the quantizer).
+FP8_BLOCK = 128
 # Keys official files carry that no code reads (DeepSeek's expert-parallel size, Llama's tensor-parallel split).
 UNUSED_OFFICIAL_KEYS = ("ep_size", "pretraining_tp")
 
@@ -532,4 +534,4 @@ class DeepseekMoeValues(DeepseekMoeArchitecture):
         return {**self.extra, **fields, "model_type": self.model_type}
 
 
-__all__ = ["DeepseekMoeArchitecture", "DeepseekMoeValues", "normalize_config_dict"]
+__all__ = ["FP8_BLOCK", "DeepseekMoeArchitecture", "DeepseekMoeValues", "normalize_config_dict"]

@@ -26,7 +26,8 @@ from transformers.quantizers.auto import (
 )
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-FP8_BLOCK = 128
+from .architecture_deepseek_moe import FP8_BLOCK
+
 OFFICIAL_QUANT_METHOD = "fp8"  # what DeepSeek's config.json says
 QUANT_METHOD = "deepseek_fp8"  # our registration, so transformers' own "fp8" quantizer stays untouched for others
 SCALE_SUFFIX = "_scale_inv"
