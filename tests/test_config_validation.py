@@ -3,6 +3,7 @@ naming the field and raised before any model (and so any weight) is built; offic
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -16,7 +17,9 @@ from transformers.utils import logging
 
 from deepseek_moe import DeepseekMoeConfig, DeepseekMoeForCausalLM
 from deepseek_moe.model import configuration_deepseek_moe, modeling_deepseek_moe
-from deepseek_moe.model.configuration_deepseek_moe import FIELD_RULES, Rule
+from deepseek_moe.model.architecture_deepseek_moe import DeepseekMoeArchitecture, DeepseekMoeValues
+from deepseek_moe.model.configuration_deepseek_moe import FIELD_RULES, Rule, official_config
+from deepseek_moe.presets import PRESETS
 
 OUR_FIELDS = sorted(
     {f.name for f in dataclasses.fields(DeepseekMoeConfig)} - {f.name for f in dataclasses.fields(PreTrainedConfig)}
@@ -315,3 +318,56 @@ def test_from_pretrained_overrides_are_checked_before_any_weight(override, field
     monkeypatch.setattr(torch.nn.Embedding, "__init__", refuse)
     with pytest.raises(ValueError, match=field):
         DeepseekMoeForCausalLM.from_pretrained(tmp_path, **override)
+
+
+# ------------------------------------------------------------------------------- plain values (the converter's)
+
+# Only the transformers config checks `hidden_act` against transformers' activations.
+TRANSFORMERS_ONLY = [("hidden_act", "no-such-choice"), ("hidden_act", "swishy")]
+
+
+@pytest.mark.parametrize(("field", "value"), [param for param in FUZZ if param.values not in TRANSFORMERS_ONLY])
+def test_plain_values_reject_every_fuzzed_field(field: str, value) -> None:
+    """`DeepseekMoeValues`, which conversion reads configs with (no transformers), applies the same field rules."""
+    with pytest.raises(ValueError, match=f"DeepseekMoeConfig.{field}"):
+        DeepseekMoeValues.from_dict({**_valid_config_json("tiny-v3"), field: value})
+
+
+# The FP8 `quantization_config` is the transformers config's too: conversion reads the scales themselves and writes
+# DeepSeek's entry anew.
+PLAIN_CASES = {
+    name: case
+    for name, case in NAMED_CASES.items()
+    if (case[2], case[1].get(case[2])) not in TRANSFORMERS_ONLY and case[2] != "quantization_config"
+}
+
+
+@pytest.mark.parametrize(("preset", "overrides", "field"), PLAIN_CASES.values(), ids=PLAIN_CASES.keys())
+def test_plain_values_reject_every_named_case(preset: str, overrides: dict, field: str) -> None:
+    """And the same rules between fields, RoPE included."""
+    values = {**_valid_config_json(preset), **overrides}
+    if "rope_scaling" in overrides or "rope_theta" in overrides:
+        values.pop("rope_parameters")
+    with pytest.raises(ValueError, match=field):
+        DeepseekMoeValues.from_dict(values)
+
+
+PLAIN_SOURCES = {
+    **{f"{name} official": lambda name=name: official_config(DeepseekMoeConfig.from_preset(name)) for name in PRESETS},
+    **{f"{name} ours": lambda name=name: _valid_config_json(name) for name in PRESETS},
+    "official fp8": lambda: {**PRESETS["tiny-v3"], "quantization_config": {"quant_method": "fp8", "fmt": "e4m3",
+                             "activation_scheme": "dynamic", "weight_block_size": [128, 128]}},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("source", PLAIN_SOURCES)
+def test_plain_values_read_and_write_the_same_config(source: str) -> None:
+    """Every field, derived ones included, equals the transformers config's from the same dict, and what the values
+    write (the converter's config.json) reads back as that same config."""
+    config_dict = PLAIN_SOURCES[source]()
+    config = DeepseekMoeConfig.from_dict(copy.deepcopy(config_dict))
+    values = DeepseekMoeValues.from_dict(copy.deepcopy(config_dict))
+    for field in dataclasses.fields(DeepseekMoeArchitecture):
+        if field.name != "rope_parameters":  # transformers standardises it; compared through the written config
+            assert getattr(values, field.name) == getattr(config, field.name), field.name
+    assert DeepseekMoeConfig.from_dict(json.loads(json.dumps(values.to_dict()))).to_dict() == config.to_dict()

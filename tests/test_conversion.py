@@ -22,7 +22,7 @@ from checkpoint_utils import (
     to_official_fp8,
     write_sharded,
 )
-from conftest import assert_close, builtin_config, tiny_model
+from conftest import assert_close, builtin_config, file_tree, tiny_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from synthetic import write_random_checkpoint
@@ -40,6 +40,7 @@ from deepseek_moe.conversion import (
     quantize_fp8_blockwise,
     verify_conversion,
 )
+from deepseek_moe.conversion import convert as convert_module
 from deepseek_moe.conversion.streamed_logits import largest_layer_bytes, streamed_logits
 
 CHILDREN = Path(__file__).resolve().parent  # the child_*.py scripts some tests run in a fresh process
@@ -187,6 +188,35 @@ def test_fp8_round_trip_stays_within_quantization_error(tmp_path):
     convert_checkpoint(tmp_path / "fp8", tmp_path / "again", target="fp8", progress=False)
     again = read_all(tmp_path / "again")
     assert all(torch.equal(again[n].view(torch.uint8), t.view(torch.uint8)) for n, t in fp8.items() if t.dim() == 2)
+
+
+# Every weight split across ranks in whole 128-row FP8 blocks (DeepSeek's inference format needs them).
+WHOLE_BLOCKS = dict(
+    hidden_size=128, intermediate_size=256, moe_intermediate_size=128, num_attention_heads=16, kv_lora_rank=128
+)
+
+
+@pytest.mark.parametrize(
+    ("source", "options", "shapes"),
+    [("bf16", {}, EDGE_BLOCKS), ("bf16", {"target": "mp", "mp": 1}, EDGE_BLOCKS),
+     ("bf16", {"target": "mp", "mp": 2}, EDGE_BLOCKS), ("fp8", {"target": "fp8"}, EDGE_BLOCKS),
+     ("fp8", {"target": "mp", "mp": 1}, WHOLE_BLOCKS)],
+    ids=["bf16 to ours", "bf16 to mp1", "bf16 to mp2", "fp8 to fp8", "fp8 to mp1"],
+)  # fmt: skip
+def test_copied_tensors_are_the_bytes_torch_would_write(tmp_path, monkeypatch, source, options, shapes):
+    """Tensors that keep their bytes are streamed from the source file without torch; forced through torch instead
+    (read, cast to their own dtype, sliced, written) every file comes out byte-identical, and some were copied."""
+    config = DeepseekMoeConfig.from_preset("tiny-v3", **shapes)
+    save_official(config, tmp_path / "fp32", seed=6)
+    convert_checkpoint(tmp_path / "fp32", tmp_path / "bf16", dtype="bf16", progress=False)
+    convert_checkpoint(tmp_path / "fp32", tmp_path / "fp8", target="fp8", progress=False)
+    plan = plan_conversion(tmp_path / source, **options)
+    assert any(step.make is None for step in plan.steps)
+    convert_checkpoint(tmp_path / source, tmp_path / "copied", progress=False, **options)
+    monkeypatch.setattr(convert_module, "_copies", lambda source, names, dtypes: [None] * len(names))
+    assert all(step.make is not None for step in plan_conversion(tmp_path / source, **options).steps)
+    convert_checkpoint(tmp_path / source, tmp_path / "computed", progress=False, **options)
+    assert file_tree(tmp_path / "copied") == file_tree(tmp_path / "computed")
 
 
 def test_vectorized_quantizer_matches_the_block_loop():

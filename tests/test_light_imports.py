@@ -16,15 +16,8 @@ from deepseek_moe.conversion.layouts import expected_shapes
 from deepseek_moe.presets import PRESETS
 
 HEAVY_FOR_HELP = ("torch", "transformers", "huggingface_hub", "triton", "safetensors")
-HEAVY_FOR_CONVERT = (
-    "deepseek_moe.model.modeling_deepseek_moe",
-    "transformers.modeling_utils",
-    "transformers.masking_utils",
-    "triton",
-    "peft",
-    "datasets",
-)  # not accelerate: the config module's `transformers.activations` (hidden_act choices) imports it, through
-# transformers.core_model_loading
+# A conversion needs headers, plain config values and (only when it changes bytes) torch: no transformers at all.
+HEAVY_FOR_CONVERT = ("transformers", "accelerate", "deepseek_moe.model.configuration_deepseek_moe", "triton", "peft")
 
 
 def _imported_modules(*arguments: str) -> set[str]:
@@ -43,12 +36,19 @@ def test_help_imports_no_heavy_package(arguments):
     assert not {name for name in modules if name.split(".")[0] in HEAVY_FOR_HELP}
 
 
-def test_plain_conversion_imports_no_model_code(tmp_path):
+@pytest.mark.parametrize(
+    ("arguments", "needs_torch"),
+    [((), False), (("--to", "mp"), False), (("--dtype", "bf16"), True), (("--to", "fp8"), True)],
+    ids=["copy to ours", "copy to mp", "cast", "quantize"],
+)
+def test_conversion_imports_no_transformers_and_torch_only_to_compute(tmp_path, arguments, needs_torch):
+    """A conversion whose tensors keep their bytes (a reshard, DeepSeek's inference format) imports no torch; one that
+    casts or quantizes does; none imports transformers, the model code or triton."""
     model = DeepseekMoeForCausalLM(DeepseekMoeConfig.from_preset("tiny-v3"))
     model.save_pretrained(tmp_path / "source")
-    modules = _imported_modules("convert", str(tmp_path / "source"), str(tmp_path / "out"), "--dtype", "bf16")
+    modules = _imported_modules("convert", str(tmp_path / "source"), str(tmp_path / "out"), *arguments)
     assert (tmp_path / "out" / "config.json").is_file()
-    assert "deepseek_moe.conversion.convert" in modules and "torch" in modules
+    assert "deepseek_moe.conversion.convert" in modules and ("torch" in modules) == needs_torch
     assert not {name for name in modules if name in HEAVY_FOR_CONVERT or name.split(".")[0] in HEAVY_FOR_CONVERT}
 
 
