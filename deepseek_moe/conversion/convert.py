@@ -50,6 +50,7 @@ from .layouts import (
     to_mp_name,
 )
 from .safetensors_io import (
+    CASTABLE_DTYPES,
     DTYPES,
     FLOAT_DTYPES,
     FP8_DTYPES,
@@ -93,7 +94,7 @@ class Output:
     name: str
     dtype: str  # safetensors' name
     shape: tuple[int, ...]
-    copy_of: str | None = None  # the source tensor whose bytes this is, unchanged
+    copy_of: str | None = None  # the source tensor this streams from (its bytes as they are, or cast to `dtype`)
 
     @property
     def nbytes(self) -> int:
@@ -102,7 +103,7 @@ class Output:
 
 @dataclass
 class Step:
-    """One source weight (and its scale) becomes `outputs`: each copied from its `copy_of` when `make` is None, else
+    """One source weight (and its scale) becomes `outputs`: each streamed from its `copy_of` when `make` is None, else
     produced by `make(weight, scale)` (torch tensors) in the same order."""
 
     weight: str
@@ -218,12 +219,16 @@ def _fp8(weight: torch.Tensor, scale: torch.Tensor | None) -> list[torch.Tensor]
 
 
 def _copies(source: Checkpoint, names: list[str], dtypes: list[str]) -> list[str | None]:
-    """For each output (source tensor `names[i]` in `dtypes[i]`, unsliced), the name of the source tensor it copies
-    byte for byte: all of them when each is one stored tensor already in that dtype, else none."""
+    """For each output (source tensor `names[i]` in `dtypes[i]`, unsliced), the name of the source tensor it streams
+    from: all of them when each is one stored tensor already in that dtype or in one that casts elementwise to it
+    (not FP8, which has block scales), else none."""
     tensors = [source.tensors[name] for name in names]
     pairs = zip(tensors, dtypes, strict=True)
-    same = all(tensor.stored is not None and tensor.dtype == dtype for tensor, dtype in pairs)
-    return list(names) if same else [None] * len(names)
+    streamed = all(
+        tensor.stored is not None and (tensor.dtype == dtype or {tensor.dtype, dtype} <= set(CASTABLE_DTYPES))
+        for tensor, dtype in pairs
+    )
+    return list(names) if streamed else [None] * len(names)
 
 
 def _quantized(name: str, shape: tuple[int, ...]) -> bool:
@@ -272,7 +277,7 @@ def _mp_steps(
         else:
             ranks = list(range(mp))
         if dim is not None:
-            if tensor.shape[dim] % (mp * (FP8_BLOCK if keep_fp8 else 1)):
+            if mp > 1 and tensor.shape[dim] % (mp * (FP8_BLOCK if keep_fp8 else 1)):  # one rank: nothing to split
                 raise ConversionError(
                     f"{name}: dimension {dim} of size {tensor.shape[dim]} cannot be split into {mp} ranks"
                     + (" of whole 128-row FP8 blocks" if keep_fp8 else "")
@@ -459,7 +464,13 @@ def _write_step(source: Checkpoint, step: Step, writer: StreamingWriter, files: 
     wanted = [index for index, output in enumerate(step.outputs) if output.file in files]
     if step.make is None:
         for output in (step.outputs[index] for index in wanted):
-            writer.copy(output.file, output.name, source.tensors[output.copy_of].stored)
+            stored = source.tensors[output.copy_of].stored
+            if stored.dtype == output.dtype:
+                writer.copy(output.file, output.name, stored)
+            else:
+                from .tensors import write_cast
+
+                write_cast(writer, output.file, output.name, stored, output.dtype)
     else:
         from .tensors import load_weight, write_tensor
 

@@ -42,8 +42,9 @@ DTYPES: dict[str, tuple[int, str]] = {
     "U8": (1, "uint8"),
     "BOOL": (1, "bool"),
 }
-FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
+CASTABLE_DTYPES = ("F64", "F32", "F16", "BF16")  # cast into each other elementwise (FP8 has block scales)
+FLOAT_DTYPES = (*CASTABLE_DTYPES, *FP8_DTYPES)
 SHARD_METADATA = {"format": "pt"}
 # Bytes copied per read/write of an unchanged tensor (one buffer, reused).
 COPY_CHUNK = 16 * 2**20
@@ -194,23 +195,24 @@ class StreamingWriter:
 
     def write(self, file_name: str, name: str, dtype: str, shape: tuple[int, ...], data: memoryview) -> None:
         """A computed tensor: its bytes, `dtype` and `shape`."""
-        self._begin(file_name, name, dtype, shape)
-        self._append(file_name, data)
-        self._end(file_name)
+        self.begin(file_name, name, dtype, shape)
+        self.append(file_name, data)
+        self.end(file_name)
 
     def copy(self, file_name: str, name: str, source: TensorInfo) -> None:
         """A tensor unchanged: its bytes streamed from the source file through one reused buffer."""
-        self._begin(file_name, name, source.dtype, source.shape)
+        self.begin(file_name, name, source.dtype, source.shape)
         if self._buffer is None:
             self._buffer = memoryview(bytearray(COPY_CHUNK))
         done = 0
         while done < source.nbytes:
             read = read_into(source, self._buffer, done)
-            self._append(file_name, self._buffer[:read])
+            self.append(file_name, self._buffer[:read])
             done += read
-        self._end(file_name)
+        self.end(file_name)
 
-    def _begin(self, file_name: str, name: str, dtype: str, shape: tuple[int, ...]) -> None:
+    def begin(self, file_name: str, name: str, dtype: str, shape: tuple[int, ...]) -> None:
+        """Start the next planned tensor of `file_name` (its bytes follow in `append` calls, then `end`)."""
         planned, pending = self.files[file_name], self.pending[file_name]
         expected = planned.tensors.get(name)
         if not pending or pending[0] != name or expected != (dtype, tuple(shape)):
@@ -219,18 +221,18 @@ class StreamingWriter:
                 f"{expected}"
             )
         if file_name not in self.open_files:
-            handle = open(self.directory / file_name, "wb", buffering=0)  # noqa: SIM115 (closed in `_end`)
+            handle = open(self.directory / file_name, "wb", buffering=0)  # noqa: SIM115 (closed in `end`)
             self.open_files[file_name] = handle, 0
-            self._append(file_name, memoryview(planned.header()))
+            self.append(file_name, memoryview(planned.header()))
 
-    def _append(self, file_name: str, data: memoryview) -> None:
+    def append(self, file_name: str, data: memoryview) -> None:
         handle, crc = self.open_files[file_name]
         written = 0
         while written < len(data):  # an unbuffered write may take only part
             written += handle.write(data[written:])
         self.open_files[file_name] = handle, zlib.crc32(data, crc)
 
-    def _end(self, file_name: str) -> None:
+    def end(self, file_name: str) -> None:
         pending = self.pending[file_name]
         pending.pop(0)
         if not pending:

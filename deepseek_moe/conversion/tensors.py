@@ -1,9 +1,10 @@
-"""The part of a conversion that computes (torch): tensors read from their bytes, cast, dequantized from or quantized
-to FP8, split across ranks. Imported only by conversions that change bytes; tensors copied unchanged need no torch
-(`safetensors_io.StreamingWriter.copy`)."""
+"""The part of a conversion that computes (torch): tensors cast chunk by chunk as they stream, or read whole to be
+dequantized from or quantized to FP8 and split across ranks. Imported only by conversions that change bytes; tensors
+copied unchanged need no torch (`safetensors_io.StreamingWriter.copy`)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -43,6 +44,34 @@ def load_weight(
     """A weight and its FP8 scale (None for plain weights)."""
     scale = checkpoint.tensors.get(name + SCALE_SUFFIX)
     return load(checkpoint.tensors[name], reader), load(scale, reader) if scale is not None else None
+
+
+# Elements cast per step of `write_cast`; its two buffers (read and cast, 8 bytes an element at most) are reused.
+CAST_CHUNK = 4 * 2**20
+_scratch: dict[str, torch.Tensor] = {}
+
+
+def _buffer(role: str) -> torch.Tensor:
+    if role not in _scratch or _scratch[role].numel() < CAST_CHUNK * 8:
+        _scratch[role] = torch.empty(CAST_CHUNK * 8, dtype=torch.uint8)
+    return _scratch[role]
+
+
+def write_cast(writer: StreamingWriter, file_name: str, name: str, source: TensorInfo, dtype: str) -> None:
+    """A stored tensor cast to `dtype` as it streams, a chunk at a time through two reused buffers: an elementwise
+    cast, so the bytes equal those of the whole tensor cast at once, with neither held in memory."""
+    writer.begin(file_name, name, dtype, source.shape)
+    count, done = math.prod(source.shape), 0
+    read, cast = _buffer("read"), _buffer("cast")
+    source_dtype, source_size, size = torch_dtype(source.dtype), DTYPES[source.dtype][0], DTYPES[dtype][0]
+    while done < count:
+        chunk = min(CAST_CHUNK, count - done)
+        read_into(source, memoryview(read.numpy())[: chunk * source_size], done * source_size)
+        values = read[: chunk * source_size].view(source_dtype)
+        cast[: chunk * size].view(torch_dtype(dtype)).copy_(values)
+        writer.append(file_name, memoryview(cast.numpy())[: chunk * size])
+        done += chunk
+    writer.end(file_name)
 
 
 def write_tensor(writer: StreamingWriter, file_name: str, name: str, tensor: torch.Tensor) -> None:
