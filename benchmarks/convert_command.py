@@ -67,8 +67,10 @@ FLOOR = "import torch, safetensors.torch, tqdm"
 
 
 def timed(command: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MB) of one fresh process."""
+    """(wall seconds, peak RSS in MB) of one fresh process, started with no dirty pages waiting to be written back
+    (the previous arm's output would otherwise slow this one's writes)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    os.sync()
     start = time.perf_counter()
     result = subprocess.run(["/usr/bin/time", "-f", "%M", *command], capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - start
