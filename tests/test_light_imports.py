@@ -43,7 +43,8 @@ def test_help_imports_no_heavy_package(arguments):
 )
 def test_conversion_imports_no_transformers_and_torch_only_to_compute(tmp_path, arguments, needs_torch):
     """A conversion whose tensors keep their bytes (a reshard, DeepSeek's inference format) imports no torch; one that
-    casts or quantizes does; none imports transformers, the model code or triton."""
+    casts or quantizes does; none imports transformers, the model code or triton. (Dequantizing an FP8 source is the
+    one conversion that imports transformers: the block math lives in the model's quantizer module.)"""
     model = DeepseekMoeForCausalLM(DeepseekMoeConfig.from_preset("tiny-v3"))
     model.save_pretrained(tmp_path / "source")
     modules = _imported_modules("convert", str(tmp_path / "source"), str(tmp_path / "out"), *arguments)
