@@ -54,6 +54,10 @@ def register() -> None:
 def __getattr__(name: str):
     if name == "DeepseekMoeConfig":
         return _config_class()
+    if name == "DeepseekFp8Config":  # transformers' quantizer machinery: only when asked for
+        from .quantization_deepseek_moe import DeepseekFp8Config
+
+        return DeepseekFp8Config
     if name in _MODEL_CLASSES:
         register()
         return globals()[name]
@@ -63,4 +67,4 @@ def __getattr__(name: str):
 if not _COMMAND_LINE:
     register()
 
-__all__ = ["DeepseekMoeConfig", *_MODEL_CLASSES]
+__all__ = ["DeepseekFp8Config", "DeepseekMoeConfig", *_MODEL_CLASSES]
