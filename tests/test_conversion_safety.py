@@ -4,6 +4,7 @@ hostile checkpoints (headers, index entries) get one-line errors naming the file
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -13,6 +14,7 @@ import struct
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -144,6 +146,32 @@ def test_leftovers_are_removed_only_when_their_owner_is_gone(work) -> None:
     convert_checkpoint(work / "source", work / "out", progress=False)
     assert not dead.exists() and (alive / "model-00001-of-00009.safetensors").read_bytes() == b"partial"
     assert [path.name for path in replaced.iterdir()] == ["added-later.txt"]
+
+
+@pytest.mark.parametrize("record", ["crc32", "sha256"])
+def test_a_leftover_shard_is_kept_only_with_a_checksum_that_matches(work, record) -> None:
+    """The re-run takes over a leftover of the same conversion and keeps a complete shard whose CRC-32 matches; a
+    manifest that records shards another way (sha256, before CRC-32) gives nothing to check, so the shard is written
+    again. Either way the output ends as an uninterrupted run's."""
+    source = work / "source"
+    reference = convert_checkpoint(source, work / "reference", max_shard_size=SHARDS, progress=False)
+    plan = plan_conversion(source, max_shard_size=SHARDS)
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    leftover = work / f".out.converting-{int(finished.stdout)}-0123abcd"
+    leftover.mkdir()
+    first = reference.files[0]
+    data = (work / "reference" / first).read_bytes()
+    (leftover / first).write_bytes(data)
+    checksum = zlib.crc32(data) if record == "crc32" else hashlib.sha256(data).hexdigest()
+    manifest = {
+        "fingerprint": convert_module.plan_fingerprint(plan),
+        "complete": {first: {"size": len(data), record: checksum}},
+    }
+    (leftover / MANIFEST).write_text(json.dumps(manifest))
+    os.utime(leftover / first, ns=(1, 1))  # a kept file keeps this time
+    convert_checkpoint(source, work / "out", max_shard_size=SHARDS, progress=False)
+    assert file_tree(work / "out") == file_tree(work / "reference") and not leftover.exists()
+    assert ((work / "out" / first).stat().st_mtime_ns == 1) == (record == "crc32")
 
 
 def _ctrl_c() -> None:
