@@ -12,7 +12,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from deepseek_moe.model import fp8_kernels  # noqa: E402
+from deepseek_moe.model import fp8_kernels, moe_kernels  # noqa: E402
 from deepseek_moe.model.fp8_kernels import act_quant, fp8_gemm_runs_on, fp8_linear  # noqa: E402
 from deepseek_moe.training.fp8 import quantize_blocks  # noqa: E402
 
@@ -209,3 +209,112 @@ def test_fp8_linear_falls_back_to_dequantized_weights_where_triton_cannot_run(mo
     expected = x.bfloat16().double() @ dequantize64(weight_q, weight_scale, (128, 128)).T + bias.double()
     assert y.dtype == torch.bfloat16
     assert (y.double() - expected).abs().max() <= 2**-7 * expected.abs().max()
+
+
+def _fp8_experts(num_experts: int, hidden: int, inter: int, seed: int) -> list[torch.Tensor]:
+    """Random E4M3 expert weights with their block scales (spread over two decades, so a scale read from the wrong
+    block shows): gate_up [E, 2I, H] (gate rows, then up), its scales, down [E, H, I], its scales."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors = []
+    for rows, cols in ((2 * inter, hidden), (hidden, inter)):
+        values = (torch.randn(num_experts, rows, cols, generator=generator) * 100).clamp(-448, 448).to(E4M3)
+        grid = (num_experts, math.ceil(rows / 128), math.ceil(cols / 128))
+        scale = torch.exp(torch.rand(grid, generator=generator) * math.log(100)) / (100 * 448 * cols**0.5)
+        tensors += [values, scale]
+    return tensors
+
+
+def _routing(num_tokens: int, num_experts: int, top_k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distinct experts per token, skewed popularity, the last expert never chosen; token 0's slots and token 2's
+    last slot are routed to no expert (id E, the expert-parallel sentinel) when there are enough tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.randn(num_tokens, num_experts, generator=generator) + torch.linspace(2, 0, num_experts)
+    scores[:, -1] = -math.inf
+    weights, index = scores.softmax(-1).topk(top_k)
+    if num_tokens >= 3:
+        index[0], index[2, -1] = num_experts, num_experts
+    return index, weights
+
+
+def reference_fp8_experts(x, index, weights, gate_up, gate_up_scale, down, down_scale, ue8m0):
+    """Token by token over its selected experts in fp64: x quantized per 1×128 tile, E4M3 weights dequantized,
+    h = silu(gate)·up quantized per 1×128 tile from its fp32 value (as the kernel holds it), the down projection,
+    the routing weight; also the same sum with h left unquantized (to show the h quantization is there)."""
+    num_experts = gate_up.shape[0]
+    x_q, x_scale = reference_act_quant(x, ue8m0)
+    x64 = dequantize64(x_q, x_scale, (1, 128))
+    out, out_unquantized_h = torch.zeros(x.shape, dtype=torch.float64), torch.zeros(x.shape, dtype=torch.float64)
+    for token, (experts, token_weights) in enumerate(zip(index.tolist(), weights.double(), strict=True)):
+        for expert, weight in zip(experts, token_weights, strict=True):
+            if expert >= num_experts:
+                continue
+            gate, up = (dequantize64(gate_up[expert], gate_up_scale[expert], (128, 128)) @ x64[token]).chunk(2)
+            h = torch.nn.functional.silu(gate) * up
+            h_q, h_scale = reference_act_quant(h.float()[None], ue8m0)
+            w_down = dequantize64(down[expert], down_scale[expert], (128, 128))
+            out[token] += weight * w_down @ dequantize64(h_q, h_scale, (1, 128))[0]
+            out_unquantized_h[token] += weight * w_down @ h
+    return out, out_unquantized_h
+
+
+@pytest.mark.parametrize("inter", [128, 256])
+@pytest.mark.parametrize("hidden", [256, 200], ids=["H256", "H200-partial"])
+@pytest.mark.parametrize("num_tokens", [1, 5, 37])
+def test_fused_experts_fp8_against_a_token_by_token_fp64_loop(num_tokens, hidden, inter):
+    """E=8, top-2: skewed routing with an expert that gets no token, slots and a whole token routed to no expert.
+    The kernels and the reference see the same E4M3 bits except h, which each computes from its own gate/up sums
+    (fp32 in the kernel), so an h value on an E4M3 rounding boundary may round one step apart: the error is checked
+    in norm (at most 1e-3, ten times below what dropping the h quantization changes) and per token."""
+    num_experts, top_k = 8, 2
+    x = torch.randn(num_tokens, hidden, generator=torch.Generator().manual_seed(10))
+    weights_fp8 = _fp8_experts(num_experts, hidden, inter, seed=11)
+    index, routing = _routing(num_tokens, num_experts, top_k, seed=12)
+    out = moe_kernels.fused_experts_fp8(
+        x.to(DEVICE), index.to(DEVICE), routing.to(DEVICE), *(t.to(DEVICE) for t in weights_fp8)
+    )
+    assert out.dtype == torch.float32 and out.shape == x.shape
+    expected, unquantized_h = reference_fp8_experts(x, index, routing, *weights_fp8, ue8m0=False)
+    error = out.cpu().double() - expected
+    assert error.norm() <= 1e-3 * expected.norm(), error.norm() / expected.norm()
+    assert (error.norm(dim=1) <= 1e-2 * expected.norm(dim=1) + 1e-30).all()
+    if num_tokens >= 3:
+        assert torch.equal(out[0].cpu(), torch.zeros(hidden))  # routed to no expert
+    assert (unquantized_h - expected).norm() >= 1e-2 * expected.norm()
+
+
+@pytest.mark.parametrize("dtype, scale_fmt", [(torch.bfloat16, None), (torch.float32, "ue8m0")], ids=str)
+def test_fused_experts_fp8_bf16_and_ue8m0_scales(dtype, scale_fmt):
+    """bf16 activations (the result rounded once per slot and once after the sum: a few 2⁻⁸ ulps) and power-of-two
+    scales for both activation quantizations."""
+    x = torch.randn(21, 256, generator=torch.Generator().manual_seed(13)).to(dtype)
+    weights_fp8 = _fp8_experts(8, 256, 128, seed=14)
+    index, routing = _routing(21, 8, 2, seed=15)
+    out = moe_kernels.fused_experts_fp8(
+        x.to(DEVICE),
+        index.to(DEVICE),
+        routing.to(DEVICE, dtype),
+        *(t.to(DEVICE) for t in weights_fp8),
+        scale_fmt=scale_fmt,
+    )
+    assert out.dtype == dtype
+    expected, unquantized_h = reference_fp8_experts(
+        x.float(), index, routing.to(dtype), *weights_fp8, ue8m0=scale_fmt == "ue8m0"
+    )
+    tolerance = 1e-3 if dtype == torch.float32 else 2**-7
+    assert (out.cpu().double() - expected).norm() <= tolerance * expected.norm()
+    if dtype == torch.float32:
+        assert (unquantized_h - expected).norm() >= 1e-2 * expected.norm()
+
+
+def test_fused_experts_fp8_rejects_what_it_cannot_run():
+    x, index, routing = torch.randn(3, 256), torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 2)
+    gate_up, gate_up_scale, down, down_scale = _fp8_experts(4, 256, 100, seed=0)
+    with pytest.raises(ValueError, match="multiple of 128.*got 100"):
+        moe_kernels.fused_experts_fp8(x, index, routing, gate_up, gate_up_scale, down, down_scale)
+    gate_up, gate_up_scale, down, down_scale = _fp8_experts(4, 256, 128, seed=0)
+    with pytest.raises(ValueError, match="act='silu'"):
+        moe_kernels.fused_experts_fp8(x, index, routing, gate_up, gate_up_scale, down, down_scale, act="gelu")
+    with pytest.raises(ValueError, match="down_proj_scale_inv must have shape"):
+        moe_kernels.fused_experts_fp8(x, index, routing, gate_up, gate_up_scale, down, down_scale[:, :1])
+    with pytest.raises(ValueError, match="gate_up_proj must be float8_e4m3fn"):
+        moe_kernels.fused_experts_fp8(x, index, routing, gate_up.float(), gate_up_scale, down, down_scale)
