@@ -44,6 +44,7 @@ from transformers.quantizers.auto import (
 from transformers.utils.quantization_config import FineGrainedFP8Config
 
 from .fp8_kernels import fp8_gemm_runs_on, fp8_linear
+from .moe_kernels import fused_experts_fp8
 
 FP8_BLOCK = 128
 OFFICIAL_QUANT_METHOD = "fp8"  # what DeepSeek's config.json says
@@ -265,8 +266,6 @@ def fp8_experts_forward(
     forward, which dequantizes one expert at a time."""
     refuse_training(self)
     if runs_fp8_kernels(hidden_states) and self.config.hidden_act == "silu" and hasattr(self, "down_proj_scale_inv"):
-        from .moe_kernels import fused_experts_fp8  # TODO(fp8-moe): module-level once it lands
-
         scale_fmt = self.config.quantization_config.scale_fmt
         return fused_experts_fp8(
             hidden_states,
