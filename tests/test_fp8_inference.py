@@ -160,6 +160,8 @@ def test_by_default_fp8_is_kept_only_on_gpus_running_the_kernels(checkpoint):
     assert model.model.layers[1].mlp.experts.gate_up_proj.dtype == torch.bfloat16
     assert not keeps_fp8_on(None) and not keeps_fp8_on("cpu") and not keeps_fp8_on({"model": 0, "lm_head": "cpu"})
     assert keeps_fp8_on("cuda") == (torch.cuda.is_available() and quantization.fp8_gemm_runs_on("cuda"))
+    if keeps_fp8_on("cuda"):  # a GPU where the kernels run: kept by default
+        assert load(folder, dequantize=None, device_map="cuda").model.layers[1].mlp.experts.down_proj.dtype == E4M3
 
 
 def test_experts_of_partial_blocks_are_dequantized_while_linears_stay_fp8(tmp_path, torch_path):
@@ -217,7 +219,15 @@ def test_save_writes_the_official_fp8_layout_and_reloads_bit_exact(checkpoint, t
     assert all(torch.equal(t, expected[k]) for k, t in load(tmp_path, dequantize=True).state_dict().items())
 
 
-# ------------------------------------------------------------------------ Triton FP8 kernels (interpreter on CPU)
+# ------------------------------------------------------------ Triton FP8 kernels (on a GPU, else the interpreter)
+
+KERNEL_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+needs_kernels = pytest.mark.skipif(
+    not quantization.fp8_gemm_runs_on(KERNEL_DEVICE), reason="FP8 Triton kernels: no FP8 GPU and no TRITON_INTERPRET=1"
+)
+# Against the E4M3 emulation only summation differs: fp32 under the interpreter; on GPUs FP8 tensor cores accumulate
+# each 128-long chunk with ~14 bits before the fp32 promotion (DeepSeek-V3 report §3.3.2), hence the looser bound.
+KERNEL_TOLERANCE = 1e-3 if KERNEL_DEVICE.type == "cuda" else 1e-5
 
 
 def e4m3_activations(x: torch.Tensor) -> torch.Tensor:
@@ -229,31 +239,33 @@ def e4m3_activations(x: torch.Tensor) -> torch.Tensor:
     return ((tiles / scale).to(E4M3).float() * scale).flatten(-2)[..., :width].to(x.dtype)
 
 
+@needs_kernels
 def test_triton_fp8_linears_match_the_model_with_e4m3_activations(checkpoint, monkeypatch):
     """With every FP8 linear on the Triton GEMM, the fp32 logits equal those of the same weights with each linear's
     input rounded through E4M3 (emulated, PyTorch path) up to fp32 summation order; the unquantized model differs by
     far more, so the kernels did run. Experts stay on the eager path here (their kernel: the next test)."""
     folder, reference = checkpoint
-    kernels = load(folder, False, dtype=torch.float32, experts_implementation="eager")
+    kernels = load(folder, False, dtype=torch.float32, experts_implementation="eager").to(KERNEL_DEVICE)
     emulated = load(folder, False, dtype=torch.float32, experts_implementation="eager")
     for module in emulated.modules():
         if isinstance(module, DeepseekFp8Linear):
             module.register_forward_pre_hook(lambda module, args: (e4m3_activations(args[0]),))
     with torch.no_grad():
-        fast = kernels(INPUT_IDS).logits
+        fast = kernels(INPUT_IDS.to(KERNEL_DEVICE)).logits.cpu()
         monkeypatch.setattr(quantization, "fp8_gemm_runs_on", lambda device: False)
         slow, plain = emulated(INPUT_IDS).logits, reference(INPUT_IDS).logits
     scale = plain.abs().max()
     error, drift = (fast - slow).abs().max() / scale, (fast - plain).abs().max() / scale
-    # Measured: 6e-7 against the emulation, 0.2 against unquantized activations (routing flips included).
-    assert error <= 1e-5 and drift > 1e-2
+    # Measured (interpreter): 6e-7 against the emulation, 0.2 against unquantized activations (routing flips too).
+    assert error <= KERNEL_TOLERANCE and drift > 1e-2
 
 
+@needs_kernels
 def test_triton_fp8_experts_match_e4m3_activations_on_the_files_weights(checkpoint):
     """One MoE layer's kept experts through the fused FP8 kernel against a token-by-token loop on the files' weights
     (dequantized by checkpoint_utils' own expansion), x and the SwiGLU output rounded through E4M3 per 1×128 tile."""
     folder, _ = checkpoint
-    model = load(folder, dequantize=False, dtype=torch.float32)
+    model = load(folder, dequantize=False, dtype=torch.float32).to(KERNEL_DEVICE)
     experts = model.model.layers[1].mlp.experts
     files = read_files(folder)
     generator = torch.Generator().manual_seed(3)
@@ -261,7 +273,7 @@ def test_triton_fp8_experts_match_e4m3_activations_on_the_files_weights(checkpoi
     top_k_index = torch.stack([torch.randperm(experts.num_experts, generator=generator)[:4] for _ in range(7)])
     top_k_weights = torch.rand(7, 4, generator=generator)
     with torch.no_grad():
-        fast = experts(hidden, top_k_index, top_k_weights)
+        fast = experts(*(t.to(KERNEL_DEVICE) for t in (hidden, top_k_index, top_k_weights))).cpu()
 
     def weight(expert: int, projection: str) -> torch.Tensor:
         name = f"model.layers.1.mlp.experts.{expert}.{projection}_proj.weight"
@@ -273,12 +285,14 @@ def test_triton_fp8_experts_match_e4m3_activations_on_the_files_weights(checkpoi
         for expert, routing_weight in zip(experts_of_token, weights, strict=True):
             h = torch.nn.functional.silu(weight(expert, "gate") @ x) * (weight(expert, "up") @ x)
             expected[token] += routing_weight * (weight(expert, "down") @ e4m3_activations(h))
-    assert_close(fast, expected, 1e-5, "fused FP8 experts vs E4M3 emulation")  # measured 3e-7: summation order
+    assert_close(fast, expected, KERNEL_TOLERANCE, "fused FP8 experts vs E4M3 emulation")  # interpreter: 3e-7
 
 
+@needs_kernels
 def test_kept_fp8_generates_with_the_triton_kernels(checkpoint):
     folder, _ = checkpoint
-    model = load(folder, dequantize=False)
+    model = load(folder, dequantize=False).to(KERNEL_DEVICE)
     assert model.config._experts_implementation == "deepseek_fp8"
     with torch.no_grad():
-        assert model.generate(INPUT_IDS[:1, :3], max_new_tokens=2, do_sample=False).shape == (1, 5)
+        prompt = INPUT_IDS[:1, :3].to(KERNEL_DEVICE)
+        assert model.generate(prompt, max_new_tokens=2, do_sample=False).shape == (1, 5)
