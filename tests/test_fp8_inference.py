@@ -20,7 +20,7 @@ from checkpoint_utils import QUANTIZATION_CONFIG, dequantize, write_fp8_checkpoi
 from conftest import assert_close
 from safetensors import safe_open
 
-import deepseek_moe.model.quantization_deepseek_moe as quantization
+import deepseek_moe.model.fp8_kernels as fp8_kernels
 from deepseek_moe import DeepseekMoeForCausalLM
 from deepseek_moe.model.quantization_deepseek_moe import DeepseekFp8Config, DeepseekFp8Linear, keeps_fp8_on
 
@@ -41,7 +41,7 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture
 def torch_path(monkeypatch):
     """A machine where the FP8 Triton kernels do not run: kept weights are dequantized one at a time instead."""
-    monkeypatch.setattr(quantization, "fp8_gemm_runs_on", lambda device: False)
+    monkeypatch.setattr(fp8_kernels, "fp8_gemm_runs_on", lambda device: False)
 
 
 def load(folder, dequantize: bool | None, dtype=torch.bfloat16, **kwargs):
@@ -159,7 +159,7 @@ def test_by_default_fp8_is_kept_only_on_gpus_running_the_kernels(checkpoint):
     assert not model.is_quantized and not hasattr(model.config, "quantization_config")
     assert model.model.layers[1].mlp.experts.gate_up_proj.dtype == torch.bfloat16
     assert not keeps_fp8_on(None) and not keeps_fp8_on("cpu") and not keeps_fp8_on({"model": 0, "lm_head": "cpu"})
-    assert keeps_fp8_on("cuda") == (torch.cuda.is_available() and quantization.fp8_gemm_runs_on("cuda"))
+    assert keeps_fp8_on("cuda") == (torch.cuda.is_available() and fp8_kernels.fp8_gemm_runs_on("cuda"))
     if keeps_fp8_on("cuda"):  # a GPU where the kernels run: kept by default
         assert load(folder, dequantize=None, device_map="cuda").model.layers[1].mlp.experts.down_proj.dtype == E4M3
 
@@ -223,7 +223,7 @@ def test_save_writes_the_official_fp8_layout_and_reloads_bit_exact(checkpoint, t
 
 KERNEL_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 needs_kernels = pytest.mark.skipif(
-    not quantization.fp8_gemm_runs_on(KERNEL_DEVICE), reason="FP8 Triton kernels: no FP8 GPU and no TRITON_INTERPRET=1"
+    not fp8_kernels.fp8_gemm_runs_on(KERNEL_DEVICE), reason="FP8 Triton kernels: no FP8 GPU and no TRITON_INTERPRET=1"
 )
 # Against the E4M3 emulation only summation differs: fp32 under the interpreter; on GPUs FP8 tensor cores accumulate
 # each 128-long chunk with ~14 bits before the fp32 promotion (DeepSeek-V3 report §3.3.2), hence the looser bound.
@@ -252,7 +252,7 @@ def test_triton_fp8_linears_match_the_model_with_e4m3_activations(checkpoint, mo
             module.register_forward_pre_hook(lambda module, args: (e4m3_activations(args[0]),))
     with torch.no_grad():
         fast = kernels(INPUT_IDS.to(KERNEL_DEVICE)).logits.cpu()
-        monkeypatch.setattr(quantization, "fp8_gemm_runs_on", lambda device: False)
+        monkeypatch.setattr(fp8_kernels, "fp8_gemm_runs_on", lambda device: False)
         slow, plain = emulated(INPUT_IDS).logits, reference(INPUT_IDS).logits
     scale = plain.abs().max()
     error, drift = (fast - slow).abs().max() / scale, (fast - plain).abs().max() / scale

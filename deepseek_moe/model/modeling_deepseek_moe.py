@@ -27,6 +27,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import ConversionOps, WeightConverter
 from transformers.integrations import use_experts_implementation
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
@@ -56,6 +57,7 @@ from .quantization_deepseek_moe import (
     block_size,
     dense_weight,
     dequantize_fp8_blockwise,
+    fp8_experts_forward,
     keeps_fp8_experts,
     target_dtype,
 )
@@ -1335,6 +1337,7 @@ def checkpoint_conversions() -> list[WeightConverter]:
 
 # transformers skips conversions for code outside its own package unless they are registered for the model type.
 register_checkpoint_conversion_mapping(DeepseekMoeConfig.model_type, checkpoint_conversions(), overwrite=True)
+ALL_EXPERTS_FUNCTIONS.register(FP8_EXPERTS_IMPLEMENTATION, fp8_experts_forward)  # kept FP8 experts
 
 
 __all__ = [

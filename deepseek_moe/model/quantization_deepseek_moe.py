@@ -16,7 +16,8 @@ dequantization *multiplier*, amax/448, despite the name) and says so in `config.
   into the activations' dtype, which reproduces the dequantized model exactly. `save_pretrained` writes the official
   layout back (per-expert E4M3 weights with their `weight_scale_inv`, DeepSeek's `quantization_config`).
 
-Plain checkpoints never see this code.
+Plain checkpoints never see this code. The kernels (and triton) are imported where they are used: the config imports
+this module, and commands that need only the config stay light.
 
 transformers' own fine-grained FP8 loader infers the block size from the scale grid, which is wrong for partial edge
 blocks (V3's 576-row `kv_a_proj_with_mqa`); here the declared block size is used and the expanded grid cut to shape.
@@ -34,7 +35,6 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 from transformers.core_model_loading import ConversionOps, WeightConverter
-from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from transformers.quantizers import HfQuantizer
 from transformers.quantizers.auto import (
     AUTO_QUANTIZER_MAPPING,
@@ -42,9 +42,6 @@ from transformers.quantizers.auto import (
     register_quantizer,
 )
 from transformers.utils.quantization_config import FineGrainedFP8Config
-
-from .fp8_kernels import fp8_gemm_runs_on, fp8_linear
-from .moe_kernels import fused_experts_fp8
 
 FP8_BLOCK = 128
 OFFICIAL_QUANT_METHOD = "fp8"  # what DeepSeek's config.json says
@@ -202,6 +199,8 @@ def refuse_training(module: nn.Module) -> None:
 
 def runs_fp8_kernels(hidden_states: torch.Tensor) -> bool:
     """The Triton FP8 GEMMs serve inference (they have no backward) where Triton runs for these activations."""
+    from .fp8_kernels import fp8_gemm_runs_on
+
     return not (torch.is_grad_enabled() and hidden_states.requires_grad) and fp8_gemm_runs_on(hidden_states.device)
 
 
@@ -229,6 +228,8 @@ class DeepseekFp8Linear(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         refuse_training(self)
         if runs_fp8_kernels(hidden_states):
+            from .fp8_kernels import fp8_linear
+
             return fp8_linear(hidden_states, self.weight, self.weight_scale_inv, self.bias, self.scale_fmt)
         return F.linear(hidden_states, self.dequantized_weight(hidden_states.dtype), self.bias)
 
@@ -262,10 +263,12 @@ def keep_experts_fp8(experts: nn.Module) -> None:
 def fp8_experts_forward(
     self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
-    """`ExpertsInterface` entry of kept FP8 experts: the fused FP8 Triton kernels where they run, else the module's own
-    forward, which dequantizes one expert at a time."""
+    """`ExpertsInterface` entry of kept FP8 experts (registered by the modeling code): the fused FP8 Triton kernels
+    where they run, else the module's own forward, which dequantizes one expert at a time."""
     refuse_training(self)
     if runs_fp8_kernels(hidden_states) and self.config.hidden_act == "silu" and hasattr(self, "down_proj_scale_inv"):
+        from .moe_kernels import fused_experts_fp8
+
         scale_fmt = self.config.quantization_config.scale_fmt
         return fused_experts_fp8(
             hidden_states,
@@ -386,6 +389,8 @@ class DeepseekFp8HfQuantizer(HfQuantizer):
 
 def keeps_fp8_on(device_map: Any) -> bool:
     """Whether every device of a `from_pretrained` device map is a GPU where the FP8 Triton GEMMs run (no map: CPU)."""
+    from .fp8_kernels import fp8_gemm_runs_on
+
     if device_map is None:
         return False
     targets = device_map.values() if isinstance(device_map, dict) else [device_map]
@@ -404,8 +409,6 @@ def _register() -> None:
     if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
         register_quantization_config(QUANT_METHOD)(DeepseekFp8Config)
         register_quantizer(QUANT_METHOD)(DeepseekFp8HfQuantizer)
-    if FP8_EXPERTS_IMPLEMENTATION not in ALL_EXPERTS_FUNCTIONS:
-        ALL_EXPERTS_FUNCTIONS.register(FP8_EXPERTS_IMPLEMENTATION, fp8_experts_forward)
 
 
 _register()
