@@ -191,6 +191,25 @@ def test_kept_fp8_is_inference_only(checkpoint, torch_path):
     assert not model.hf_quantizer.is_trainable  # transformers' Trainer refuses it
     with pytest.raises(ValueError, match="keeps its experts in FP8"):
         model.set_experts_implementation("grouped_mm")
+    with pytest.raises(ValueError, match="dequantize must be True, False or None"):
+        DeepseekFp8Config(dequantize="no")
+
+
+def test_dequantize_turns_a_kept_model_into_the_dequantized_one(checkpoint, torch_path):
+    """transformers' `model.dequantize()`: plain weights equal to loading dequantized, which then train."""
+    folder, _ = checkpoint
+    model = load(folder, dequantize=False).dequantize()
+    expected = load(folder, dequantize=True)
+    assert not model.is_quantized and not hasattr(model.config, "quantization_config")
+    assert type(model.model.layers[0].self_attn.kv_b_proj) is torch.nn.Linear
+    assert model.config._experts_implementation == expected.config._experts_implementation
+    state = model.state_dict()
+    assert state.keys() == expected.state_dict().keys()
+    assert all(torch.equal(state[k], t) and state[k].dtype == t.dtype for k, t in expected.state_dict().items())
+    model.train()
+    model(INPUT_IDS, labels=INPUT_IDS).loss.backward()
+    assert model.model.layers[1].mlp.experts.gate_up_proj.grad is not None
+    assert model.model.layers[0].self_attn.kv_b_proj.weight.grad is not None
 
 
 @pytest.mark.parametrize("official_format", [False, True])

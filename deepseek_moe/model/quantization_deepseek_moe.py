@@ -347,6 +347,26 @@ class DeepseekFp8HfQuantizer(HfQuantizer):
                 parameter.requires_grad_(False)
         return model
 
+    @torch.no_grad()
+    def _dequantize(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+        """`model.dequantize()`: every kept E4M3 weight becomes a plain one in `dtype` (the model's), e.g. to train."""
+        self.quantization_config.dequantize = True
+        for name, module in list(model.named_modules()):
+            if isinstance(module, DeepseekFp8Linear):
+                linear = nn.Linear(module.in_features, module.out_features, module.bias is not None, dtype=dtype)
+                linear.weight.copy_(module.dequantized_weight(dtype))
+                if module.bias is not None:
+                    linear.bias.copy_(module.bias)
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, linear.to(module.weight.device))
+            for fused in ("gate_up_proj", "down_proj"):
+                scale = module._parameters.pop(fused + SCALE_SUFFIX, None)
+                if scale is not None:
+                    weight = dequantize_fp8_blockwise(getattr(module, fused), scale).to(dtype)
+                    setattr(module, fused, nn.Parameter(weight))
+        model.set_experts_implementation(model.get_correct_experts_implementation(None))
+        return model
+
     def get_load_operations(self) -> dict:
         return {"dequantize": Fp8BlockDequantize}
 
