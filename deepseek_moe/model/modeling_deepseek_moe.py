@@ -51,6 +51,7 @@ from .configuration_deepseek_moe import (
 from .mla_kernels import mla_decode_triton
 from .moe_kernels import IMPLEMENTATION_NAME, kernels_default
 from .quantization_deepseek_moe import (
+    FP8_DTYPE,
     FP8_EXPERTS_IMPLEMENTATION,
     SCALE_SUFFIX,
     DeepseekFp8Linear,
@@ -635,7 +636,7 @@ class DeepseekMoeExperts(nn.Module):
         for expert, (rows, gate_up_proj, down_proj) in enumerate(per_expert):
             if rows.shape[0] == 0:
                 continue
-            if gate_up_proj.dtype != rows.dtype:  # kept FP8: one expert dequantized at a time, never all of them
+            if gate_up_proj.dtype == FP8_DTYPE:  # kept FP8: one expert dequantized at a time, never all of them
                 gate_up_proj, down_proj = self.dequantized_expert(expert, rows.dtype)
             gate, up = F.linear(rows, gate_up_proj).chunk(2, dim=-1)
             outputs.append(F.linear(self.act_fn(gate) * up, down_proj))
