@@ -19,6 +19,7 @@ import torch
 from checkpoint_utils import QUANTIZATION_CONFIG, dequantize, write_fp8_checkpoint
 from conftest import assert_close
 from safetensors import safe_open
+from transformers import Trainer, TrainingArguments
 
 import deepseek_moe.model.fp8_kernels as fp8_kernels
 from deepseek_moe import DeepseekMoeForCausalLM
@@ -178,7 +179,7 @@ def test_experts_of_partial_blocks_are_dequantized_while_linears_stay_fp8(tmp_pa
         assert torch.equal(kept(INPUT_IDS).logits, dequantized(INPUT_IDS).logits)
 
 
-def test_kept_fp8_is_inference_only(checkpoint, torch_path):
+def test_kept_fp8_is_inference_only(checkpoint, torch_path, tmp_path):
     folder, _ = checkpoint
     model = load(folder, dequantize=False)
     model.train()
@@ -188,7 +189,9 @@ def test_kept_fp8_is_inference_only(checkpoint, torch_path):
     logits = model(INPUT_IDS).logits  # eval forward with autograd on: gradients reach the inputs' producers
     logits.sum().backward()
     assert model.model.embed_tokens.weight.grad is not None
-    assert not model.hf_quantizer.is_trainable  # transformers' Trainer refuses it
+    assert not model.hf_quantizer.is_trainable
+    with pytest.raises(ValueError, match="fine-tuning on purely quantized models"):
+        Trainer(model=model, args=TrainingArguments(output_dir=tmp_path, use_cpu=True, report_to=[]))
     with pytest.raises(ValueError, match="keeps its experts in FP8"):
         model.set_experts_implementation("grouped_mm")
     with pytest.raises(ValueError, match="dequantize must be True, False or None"):
