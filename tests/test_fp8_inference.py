@@ -154,6 +154,23 @@ def test_kept_fp8_runs_exactly_like_the_dequantized_model_on_cpu(checkpoint, tor
         assert_close(kept_fp32(INPUT_IDS).logits, reference(INPUT_IDS).logits, 1e-5, "fp32 kept vs reference")
 
 
+def test_kept_fp8_runs_with_layers_offloaded_to_disk(checkpoint, torch_path, tmp_path):
+    """accelerate's offload hooks carry E4M3 weights and scales too; absorbed decoding reads the offloaded kv_b_proj
+    through its hook (`loaded_weights`)."""
+    folder, _ = checkpoint
+    on_disk = {f"model.layers.{i}": "disk" for i in (1, 2)}
+    device_map = {name: "cpu" for name in ("model.embed_tokens", "model.layers.0", "model.layers.3", "model.norm")}
+    device_map.update(on_disk, **{"model.rotary_emb": "cpu", "lm_head": "cpu"})
+    offloaded = load(folder, False, device_map=device_map, offload_folder=tmp_path)
+    assert offloaded.model.layers[1].self_attn.kv_b_proj.weight.device.type == "meta"
+    kept = load(folder, False)
+    with torch.no_grad():
+        assert torch.equal(offloaded(INPUT_IDS).logits, kept(INPUT_IDS).logits)
+        prompt = INPUT_IDS[:1]
+        expected = kept.generate(prompt, max_new_tokens=3, do_sample=False)
+        assert torch.equal(offloaded.generate(prompt, max_new_tokens=3, do_sample=False), expected)
+
+
 def test_by_default_fp8_is_kept_only_on_gpus_running_the_kernels(checkpoint):
     folder, _ = checkpoint
     model = load(folder, dequantize=None)
