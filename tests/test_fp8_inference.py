@@ -132,9 +132,8 @@ def test_kept_fp8_takes_about_half_the_memory_of_bf16(checkpoint, torch_path):
     assert nbytes(kept) == fp8_bytes + other_bytes
     # The quantized weights take half their bf16 bytes, the scales adding well under 1% at these (partial) blocks.
     assert 0.5 < fp8_bytes / bf16_bytes_of_fp8 < 0.505
-    # This tiny model's embedding and head (bf16 in both) are a large share; V3's are ~0.3% of its weights.
-    assert nbytes(kept) / nbytes(bf16) == pytest.approx((fp8_bytes + other_bytes) / (bf16_bytes_of_fp8 + other_bytes))
-    assert nbytes(kept) / nbytes(bf16) < 0.7
+    # Whole model: 0.525 here, where the bf16 embedding, head and router weigh more than in V3 (0.502 from its shapes).
+    assert 0.5 < nbytes(kept) / nbytes(bf16) < 0.53
 
 
 def test_kept_fp8_runs_exactly_like_the_dequantized_model_on_cpu(checkpoint, torch_path):
