@@ -6,6 +6,10 @@ conftest puts triton in its CPU interpreter (`TRITON_INTERPRET=1`), so shapes ar
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -318,3 +322,21 @@ def test_fused_experts_fp8_rejects_what_it_cannot_run():
         moe_kernels.fused_experts_fp8(x, index, routing, gate_up, gate_up_scale, down, down_scale[:, :1])
     with pytest.raises(ValueError, match="gate_up_proj must be float8_e4m3fn"):
         moe_kernels.fused_experts_fp8(x, index, routing, gate_up.float(), gate_up_scale, down, down_scale)
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        pytest.param(["--quick", "90", "bf16"], id="sm90-bf16-one-variant-each"),
+        pytest.param(["90", "bf16", "89", "fp16"], id="all-variants", marks=pytest.mark.slow),
+    ],
+)
+def test_fp8_kernels_compile_for_fp8_gpus(arguments, tmp_path):
+    """Triton's GPU pipeline (down to a cubin) accepts the FP8 kernels, which the interpreter cannot tell (it runs
+    kernels the GPU compiler rejects); no GPU needed. Runs outside the interpreter, in a subprocess."""
+    script = Path(__file__).with_name("fp8_kernels_aot_compile.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    package_root = str(Path(fp8_kernels.__file__).resolve().parents[2])
+    env.update(PYTHONPATH=os.pathsep.join([package_root, str(script.parent)]), TRITON_CACHE_DIR=str(tmp_path))
+    result = subprocess.run([sys.executable, str(script), *arguments], env=env, capture_output=True)
+    assert result.returncode == 0, result.stderr.decode()[-3000:]

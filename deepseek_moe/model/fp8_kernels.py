@@ -46,6 +46,8 @@ def triton_gemm_available(tensor: torch.Tensor) -> bool:
 
 
 if triton is not None:
+    # Module-level values a jit function reads must be constexpr globals.
+    _AMAX_FLOOR, _E4M3_MAX = tl.constexpr(AMAX_FLOOR), tl.constexpr(E4M3_MAX)
 
     @triton.jit
     def pow2_ceil(s):
@@ -70,8 +72,8 @@ if triton is not None:
     @triton.jit
     def quantize_tiles(x, UE8M0: tl.constexpr):
         """x [R, 128] fp32 (masked entries 0) → (E4M3-valued fp32 [R, 128], scales [R]), one scale per row."""
-        amax = tl.maximum(tl.max(tl.abs(x), axis=1), AMAX_FLOOR)
-        scale = tl.math.div_rn(amax, E4M3_MAX)
+        amax = tl.maximum(tl.max(tl.abs(x), axis=1), _AMAX_FLOOR)
+        scale = tl.math.div_rn(amax, _E4M3_MAX)
         if UE8M0:
             scale = pow2_ceil(scale)
         return round_to_e4m3(tl.math.div_rn(x, scale[:, None])), scale
