@@ -31,11 +31,11 @@ def main(targets: list[tuple[int, str]], quick: bool) -> None:
             (dtype, False, 128, 64),
             (dtype, True, 128, 16),
         )[first]:
-            constexprs = {"HAS_BIAS": has_bias, "B_ROWS": b_rows, "BLOCK_M": block_m, "BLOCK_N": 64}
-            constexprs |= {"BLOCK_K": 128, "UPCAST": False}
+            constexprs = {"HAS_BIAS": has_bias, "B_ROWS": b_rows, "BLOCK_M": block_m, "BLOCK_K": 128, "UPCAST": False}
             pointers = {"a_ptr": FP8, "b_ptr": FP8, "c_ptr": out_dtype, "bias_ptr": out_dtype}
             pointers |= {"a_scale_ptr": "fp32", "b_scale_ptr": "fp32"}
-            _compile(fp8_kernels._block_scaled_gemm_kernel, constexprs, single, arch, dtype, pointers)
+            for config in fp8_kernels.fp8_gemm_configs()[first]:
+                _compile(fp8_kernels._block_scaled_gemm_kernel, constexprs, config, arch, dtype, pointers)
         index = dict.fromkeys(INDEX_POINTERS, "i32")
         gate_up = {"x_ptr": FP8, "w_ptr": FP8, "h_ptr": FP8, "x_scale_ptr": "fp32", "w_scale_ptr": "fp32"}
         gate_up |= {"h_scale_ptr": "fp32", **index}
@@ -43,11 +43,11 @@ def main(targets: list[tuple[int, str]], quick: bool) -> None:
         down |= {"weights_ptr": dtype, **index}
         for block_m in (moe_kernels.BLOCK_M_DECODE, moe_kernels.BLOCK_M_TRAIN)[first]:
             base = {"UPCAST": False, "BLOCK_M": block_m, "BLOCK_K": 128}
-            for config in moe_kernels._fp8_configs((128,))[first]:
+            for config in fp8_kernels.fp8_gemm_configs((128,))[first]:
                 for ue8m0 in (False, True)[first]:
                     kernel = moe_kernels._gate_up_swiglu_fp8_kernel
                     _compile(kernel, {**base, "UE8M0": ue8m0}, config, arch, dtype, gate_up)
-            for config in moe_kernels._fp8_configs((64, 128))[first]:
+            for config in fp8_kernels.fp8_gemm_configs((64, 128))[first]:
                 _compile(moe_kernels._grouped_gemm_scatter_fp8_kernel, base, config, arch, dtype, down)
         print(f"sm_{arch} {dtype}: all FP8 kernels compiled")
 

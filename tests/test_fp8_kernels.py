@@ -203,6 +203,19 @@ def test_fp8_linear_within_e4m3_error_of_the_unquantized_product(scale_fmt, dtyp
     assert error.max() > 1e-3 * exact.abs().max()  # the inputs really were rounded to E4M3
 
 
+def test_empty_batches_pass_through():
+    weight, weight_q, weight_scale = _fp8_weight(136, 200, seed=9)
+    for shape in ((0, 200), (2, 0, 200)):
+        x = torch.randn(shape, device=DEVICE)
+        assert fp8_linear(x, weight_q.to(DEVICE), weight_scale.to(DEVICE)).shape == (*shape[:-1], 136)
+        quantized, scale = act_quant(x)
+        assert quantized.shape == shape and scale.shape == (*shape[:-1], 2)
+    experts = [t.to(DEVICE) for t in _fp8_experts(4, 256, 128, seed=0)]
+    empty = torch.zeros(0, 256, device=DEVICE)
+    index, routing = torch.zeros(0, 2, dtype=torch.long, device=DEVICE), torch.zeros(0, 2, device=DEVICE)
+    assert moe_kernels.fused_experts_fp8(empty, index, routing, *experts).shape == (0, 256)
+
+
 def test_fp8_linear_falls_back_to_dequantized_weights_where_triton_cannot_run(monkeypatch):
     """Outside the Triton path: W dequantized in fp32 and F.linear (the activations stay unquantized)."""
     monkeypatch.setattr(fp8_kernels, "fp8_gemm_runs_on", lambda device: False)
@@ -322,6 +335,8 @@ def test_fused_experts_fp8_rejects_what_it_cannot_run():
         moe_kernels.fused_experts_fp8(x, index, routing, gate_up, gate_up_scale, down, down_scale[:, :1])
     with pytest.raises(ValueError, match="gate_up_proj must be float8_e4m3fn"):
         moe_kernels.fused_experts_fp8(x, index, routing, gate_up.float(), gate_up_scale, down, down_scale)
+    with pytest.raises(ValueError, match="H = 200"):
+        moe_kernels.fused_experts_fp8(x[:, :200], index, routing, gate_up, gate_up_scale, down, down_scale)
 
 
 @pytest.mark.parametrize(
