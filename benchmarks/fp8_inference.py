@@ -45,10 +45,13 @@ V3 |= {"kv_a": 576, "v_head": 128}
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """E4M3 + 128×128 `weight_scale_inv` of a bf16 weight [..., N, K], one matrix at a time (bounded memory)."""
-    pairs = [quantize_blocks(matrix, (128, 128)) for matrix in weight.reshape(-1, *weight.shape[-2:])]
-    quantized, scale = (
-        torch.stack(parts).view(*weight.shape[:-2], *parts[0].shape) for parts in zip(*pairs, strict=True)
-    )
+    rows, cols = weight.shape[-2:]
+    quantized = torch.empty(weight.shape, dtype=torch.float8_e4m3fn, device=weight.device)
+    scale = weight.new_empty(*weight.shape[:-2], -(-rows // 128), -(-cols // 128), dtype=torch.float32)
+    for matrix, matrix_q, matrix_scale in zip(
+        weight.view(-1, rows, cols), quantized.view(-1, rows, cols), scale.view(-1, *scale.shape[-2:]), strict=True
+    ):
+        matrix_q[:], matrix_scale[:] = quantize_blocks(matrix, (128, 128))
     return quantized, scale
 
 
