@@ -6,7 +6,8 @@ promotion of partial sums). Used by FP8 inference (`fp8_linear`, and the MoE ker
 the blockwise FP8 training recipe (`block_scaled_gemm`, from `training/fp8.py`).
 
 Quantization (`act_quant`): amax of the tile clamped at 1e-4, s = amax / 448 (for `scale_fmt="ue8m0"` rounded up to
-a power of two), q = e4m3(x / s) rounded to nearest even; the same convention as `training/fp8.py::quantize_blocks`.
+a power of two), q = e4m3(x / s) rounded to nearest even; the same convention as `training/fp8.py::quantize_blocks`
+(which takes a float log2 for ue8m0, so a scale one ulp above 2^k may stay 2^k there, the quotient saturating at 448).
 The kernel divides with IEEE rounding (`div_rn`), takes ceil(log2 s) from the float's bits, and rounds x / s to
 E4M3 in fp32 arithmetic before the final (then exact) cast, so it is bit-exact with PyTorch's reference everywhere:
 Triton's `/` and `log2` are approximate on GPUs, and its interpreter's fp32→fp8 cast drops the carry of values
