@@ -24,9 +24,13 @@ E4M3 = torch.float8_e4m3fn
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not fp8_gemm_runs_on(DEVICE), reason="needs an FP8 GPU or TRITON_INTERPRET=1")
 # fp32 accumulation slack per unit of Σ|a·b|: (128 terms per chunk + chunks + scaling) roundings of 2⁻²⁴ in the
-# interpreter. On a GPU the FP8 tensor cores keep fewer bits within a 128-chunk (DeepSeek measured ~14 on H800),
-# which is what the per-chunk promotion bounds.
-ACCUMULATION = 2**-24 * 140 if DEVICE == "cpu" else 2**-13
+# interpreter. On a GPU the FP8 tensor cores keep only about 14 bits while they sum a 128-chunk (DeepSeek's H800
+# measurement, which the per-chunk promotion bounds): 2⁻⁸ there, a margin over typical √128·2⁻¹⁴ ≈ 2⁻¹⁰·⁵ (not
+# calibrated on hardware yet).
+ACCUMULATION = 2**-24 * 140 if DEVICE == "cpu" else 2**-8
+# The fused experts against the fp64 loop, relative Frobenius error overall and per token: on a GPU the gate/up sums
+# differ from fp64 by that accumulation error, which moves a few percent of h's E4M3 roundings by one step.
+EXPERTS_TOLERANCE = {"cpu": (1e-3, 1e-2), "cuda": (2e-2, 5e-2)}[DEVICE]
 
 
 def reference_act_quant(x: torch.Tensor, ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -285,7 +289,8 @@ def test_fused_experts_fp8_against_a_token_by_token_fp64_loop(num_tokens, hidden
     """E=8, top-2: skewed routing with an expert that gets no token, slots and a whole token routed to no expert.
     The kernels and the reference see the same E4M3 bits except h, which each computes from its own gate/up sums
     (fp32 in the kernel), so an h value on an E4M3 rounding boundary may round one step apart: the error is checked
-    in norm (at most 1e-3, ten times below what dropping the h quantization changes) and per token."""
+    in norm (at most 1e-3 in the interpreter, twenty times below what dropping the h quantization changes) and per
+    token."""
     num_experts, top_k = 8, 2
     x = torch.randn(num_tokens, hidden, generator=torch.Generator().manual_seed(10))
     weights_fp8 = _fp8_experts(num_experts, hidden, inter, seed=11)
@@ -296,8 +301,9 @@ def test_fused_experts_fp8_against_a_token_by_token_fp64_loop(num_tokens, hidden
     assert out.dtype == torch.float32 and out.shape == x.shape
     expected, unquantized_h = reference_fp8_experts(x, index, routing, *weights_fp8, ue8m0=False)
     error = out.cpu().double() - expected
-    assert error.norm() <= 1e-3 * expected.norm(), error.norm() / expected.norm()
-    assert (error.norm(dim=1) <= 1e-2 * expected.norm(dim=1) + 1e-30).all()
+    overall, per_token = EXPERTS_TOLERANCE
+    assert error.norm() <= overall * expected.norm(), error.norm() / expected.norm()
+    assert (error.norm(dim=1) <= per_token * expected.norm(dim=1) + 1e-30).all()
     if num_tokens >= 3:
         assert torch.equal(out[0].cpu(), torch.zeros(hidden))  # routed to no expert
     assert (unquantized_h - expected).norm() >= 1e-2 * expected.norm()
@@ -321,7 +327,7 @@ def test_fused_experts_fp8_bf16_and_ue8m0_scales(dtype, scale_fmt):
     expected, unquantized_h = reference_fp8_experts(
         x.float(), index, routing.to(dtype), *weights_fp8, ue8m0=scale_fmt == "ue8m0"
     )
-    tolerance = 1e-3 if dtype == torch.float32 else 2**-7
+    tolerance = max(EXPERTS_TOLERANCE[0], 0 if dtype == torch.float32 else 2**-7)
     assert (out.cpu().double() - expected).norm() <= tolerance * expected.norm()
     if dtype == torch.float32:
         assert (unquantized_h - expected).norm() >= 1e-2 * expected.norm()
