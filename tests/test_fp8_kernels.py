@@ -6,6 +6,10 @@ conftest puts triton in its CPU interpreter (`TRITON_INTERPRET=1`), so shapes ar
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,18 +24,26 @@ E4M3 = torch.float8_e4m3fn
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not fp8_gemm_runs_on(DEVICE), reason="needs an FP8 GPU or TRITON_INTERPRET=1")
 # fp32 accumulation slack per unit of Σ|a·b|: (128 terms per chunk + chunks + scaling) roundings of 2⁻²⁴ in the
-# interpreter. On a GPU the FP8 tensor cores keep fewer bits within a 128-chunk (DeepSeek measured ~14 on H800),
-# which is what the per-chunk promotion bounds.
-ACCUMULATION = 2**-24 * 140 if DEVICE == "cpu" else 2**-13
+# interpreter. On a GPU the FP8 tensor cores keep only about 14 bits while they sum a 128-chunk (DeepSeek's H800
+# measurement, which the per-chunk promotion bounds): 2⁻⁸ there, a margin over typical √128·2⁻¹⁴ ≈ 2⁻¹⁰·⁵ (not
+# calibrated on hardware yet).
+ACCUMULATION = 2**-24 * 140 if DEVICE == "cpu" else 2**-8
+# The fused experts against the fp64 loop, relative Frobenius error overall and per token: on a GPU the gate/up sums
+# differ from fp64 by that accumulation error, which moves a few percent of h's E4M3 roundings by one step.
+EXPERTS_TOLERANCE = {"cpu": (1e-3, 1e-2), "cuda": (2e-2, 5e-2)}[DEVICE]
 
 
 def reference_act_quant(x: torch.Tensor, ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """DeepSeek's `act_quant` (inference/kernel.py) tile by tile: amax of the 1×128 tile (here possibly partial)
     clamped at 1e-4, s = amax / 448 in fp32, for ue8m0 2^ceil(log2 s), q = e4m3(x / s) (round to nearest even).
 
-    The conventions of `reference_quantize` in test_fp8_training.py, which was checked once against DeepSeek's
-    `inference/kernel.py` under TRITON_INTERPRET=1 (scales bit-exact; E4M3 bytes equal wherever the interpreter's own
-    fp32→fp8 cast rounds correctly); ceil(log2 s) is taken in float64 here, exact for any fp32 s."""
+    `act_quant` was checked once (not at test time: GitHub is unreachable here) against DeepSeek's own kernel
+    (deepseek-ai/DeepSeek-V3 `inference/kernel.py` at 9b4e978) under TRITON_INTERPRET=1, 64×512 inputs over nine
+    decades, both scale formats, three seeds: scales bit-exact; E4M3 bytes equal to torch's cast of DeepSeek's own
+    quotient x / s everywhere, and to DeepSeek's kernel output except where the interpreter's fp32→fp8 cast drops
+    the carry (about 2% of values, e.g. 7.756 → 4.0 instead of 8.0). These are the conventions of
+    `reference_quantize` in test_fp8_training.py, checked the same way; ceil(log2 s) is taken in float64 here,
+    exact for any fp32 s."""
     rows = x.reshape(-1, x.shape[-1]).float().cpu()
     k_tiles = math.ceil(rows.shape[1] / 128)
     quantized, scale = torch.empty(rows.shape, dtype=E4M3), torch.empty(rows.shape[0], k_tiles)
@@ -199,6 +211,19 @@ def test_fp8_linear_within_e4m3_error_of_the_unquantized_product(scale_fmt, dtyp
     assert error.max() > 1e-3 * exact.abs().max()  # the inputs really were rounded to E4M3
 
 
+def test_empty_batches_pass_through():
+    weight, weight_q, weight_scale = _fp8_weight(136, 200, seed=9)
+    for shape in ((0, 200), (2, 0, 200)):
+        x = torch.randn(shape, device=DEVICE)
+        assert fp8_linear(x, weight_q.to(DEVICE), weight_scale.to(DEVICE)).shape == (*shape[:-1], 136)
+        quantized, scale = act_quant(x)
+        assert quantized.shape == shape and scale.shape == (*shape[:-1], 2)
+    experts = [t.to(DEVICE) for t in _fp8_experts(4, 256, 128, seed=0)]
+    empty = torch.zeros(0, 256, device=DEVICE)
+    index, routing = torch.zeros(0, 2, dtype=torch.long, device=DEVICE), torch.zeros(0, 2, device=DEVICE)
+    assert moe_kernels.fused_experts_fp8(empty, index, routing, *experts).shape == (0, 256)
+
+
 def test_fp8_linear_falls_back_to_dequantized_weights_where_triton_cannot_run(monkeypatch):
     """Outside the Triton path: W dequantized in fp32 and F.linear (the activations stay unquantized)."""
     monkeypatch.setattr(fp8_kernels, "fp8_gemm_runs_on", lambda device: False)
@@ -264,7 +289,8 @@ def test_fused_experts_fp8_against_a_token_by_token_fp64_loop(num_tokens, hidden
     """E=8, top-2: skewed routing with an expert that gets no token, slots and a whole token routed to no expert.
     The kernels and the reference see the same E4M3 bits except h, which each computes from its own gate/up sums
     (fp32 in the kernel), so an h value on an E4M3 rounding boundary may round one step apart: the error is checked
-    in norm (at most 1e-3, ten times below what dropping the h quantization changes) and per token."""
+    in norm (at most 1e-3 in the interpreter, twenty times below what dropping the h quantization changes) and per
+    token."""
     num_experts, top_k = 8, 2
     x = torch.randn(num_tokens, hidden, generator=torch.Generator().manual_seed(10))
     weights_fp8 = _fp8_experts(num_experts, hidden, inter, seed=11)
@@ -275,8 +301,9 @@ def test_fused_experts_fp8_against_a_token_by_token_fp64_loop(num_tokens, hidden
     assert out.dtype == torch.float32 and out.shape == x.shape
     expected, unquantized_h = reference_fp8_experts(x, index, routing, *weights_fp8, ue8m0=False)
     error = out.cpu().double() - expected
-    assert error.norm() <= 1e-3 * expected.norm(), error.norm() / expected.norm()
-    assert (error.norm(dim=1) <= 1e-2 * expected.norm(dim=1) + 1e-30).all()
+    overall, per_token = EXPERTS_TOLERANCE
+    assert error.norm() <= overall * expected.norm(), error.norm() / expected.norm()
+    assert (error.norm(dim=1) <= per_token * expected.norm(dim=1) + 1e-30).all()
     if num_tokens >= 3:
         assert torch.equal(out[0].cpu(), torch.zeros(hidden))  # routed to no expert
     assert (unquantized_h - expected).norm() >= 1e-2 * expected.norm()
@@ -300,7 +327,7 @@ def test_fused_experts_fp8_bf16_and_ue8m0_scales(dtype, scale_fmt):
     expected, unquantized_h = reference_fp8_experts(
         x.float(), index, routing.to(dtype), *weights_fp8, ue8m0=scale_fmt == "ue8m0"
     )
-    tolerance = 1e-3 if dtype == torch.float32 else 2**-7
+    tolerance = max(EXPERTS_TOLERANCE[0], 0 if dtype == torch.float32 else 2**-7)
     assert (out.cpu().double() - expected).norm() <= tolerance * expected.norm()
     if dtype == torch.float32:
         assert (unquantized_h - expected).norm() >= 1e-2 * expected.norm()
@@ -318,3 +345,23 @@ def test_fused_experts_fp8_rejects_what_it_cannot_run():
         moe_kernels.fused_experts_fp8(x, index, routing, gate_up, gate_up_scale, down, down_scale[:, :1])
     with pytest.raises(ValueError, match="gate_up_proj must be float8_e4m3fn"):
         moe_kernels.fused_experts_fp8(x, index, routing, gate_up.float(), gate_up_scale, down, down_scale)
+    with pytest.raises(ValueError, match="H = 200"):
+        moe_kernels.fused_experts_fp8(x[:, :200], index, routing, gate_up, gate_up_scale, down, down_scale)
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        pytest.param(["--quick", "90", "bf16"], id="sm90-bf16-one-variant-each"),
+        pytest.param(["90", "bf16", "89", "fp16"], id="all-variants", marks=pytest.mark.slow),
+    ],
+)
+def test_fp8_kernels_compile_for_fp8_gpus(arguments, tmp_path):
+    """Triton's GPU pipeline (down to a cubin) accepts the FP8 kernels, which the interpreter cannot tell (it runs
+    kernels the GPU compiler rejects); no GPU needed. Runs outside the interpreter, in a subprocess."""
+    script = Path(__file__).with_name("fp8_kernels_aot_compile.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    package_root = str(Path(fp8_kernels.__file__).resolve().parents[2])
+    env.update(PYTHONPATH=os.pathsep.join([package_root, str(script.parent)]), TRITON_CACHE_DIR=str(tmp_path))
+    result = subprocess.run([sys.executable, str(script), *arguments], env=env, capture_output=True)
+    assert result.returncode == 0, result.stderr.decode()[-3000:]

@@ -6,7 +6,8 @@ promotion of partial sums). Used by FP8 inference (`fp8_linear`, and the MoE ker
 the blockwise FP8 training recipe (`block_scaled_gemm`, from `training/fp8.py`).
 
 Quantization (`act_quant`): amax of the tile clamped at 1e-4, s = amax / 448 (for `scale_fmt="ue8m0"` rounded up to
-a power of two), q = e4m3(x / s) rounded to nearest even; the same convention as `training/fp8.py::quantize_blocks`.
+a power of two), q = e4m3(x / s) rounded to nearest even; the same convention as `training/fp8.py::quantize_blocks`
+(which takes a float log2 for ue8m0, so a scale one ulp above 2^k may stay 2^k there, the quotient saturating at 448).
 The kernel divides with IEEE rounding (`div_rn`), takes ceil(log2 s) from the float's bits, and rounds x / s to
 E4M3 in fp32 arithmetic before the final (then exact) cast, so it is bit-exact with PyTorch's reference everywhere:
 Triton's `/` and `log2` are approximate on GPUs, and its interpreter's fp32→fp8 cast drops the carry of values
@@ -45,7 +46,22 @@ def triton_gemm_available(tensor: torch.Tensor) -> bool:
     return tensor.is_cuda and fp8_gemm_runs_on(tensor.device)
 
 
+def fp8_gemm_configs(block_ns: tuple[int, ...] = (64, 128)) -> list:
+    """Autotune configs of the FP8 GEMM kernels (here and in `moe_kernels.py`): BLOCK_N and warps/stages on GPUs
+    (BLOCK_K is the 128-long quantization tile; DeepSeek autotunes a wider grid), one config under the interpreter,
+    whose autotuner needs a GPU."""
+    if INTERPRET:
+        return [triton.Config({"BLOCK_N": block_ns[-1]}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+        for block_n in block_ns
+        for warps, stages in ((4, 3), (8, 3), (4, 4))
+    ]
+
+
 if triton is not None:
+    # Module-level values a jit function reads must be constexpr globals.
+    _AMAX_FLOOR, _E4M3_MAX = tl.constexpr(AMAX_FLOOR), tl.constexpr(E4M3_MAX)
 
     @triton.jit
     def pow2_ceil(s):
@@ -70,8 +86,8 @@ if triton is not None:
     @triton.jit
     def quantize_tiles(x, UE8M0: tl.constexpr):
         """x [R, 128] fp32 (masked entries 0) → (E4M3-valued fp32 [R, 128], scales [R]), one scale per row."""
-        amax = tl.maximum(tl.max(tl.abs(x), axis=1), AMAX_FLOOR)
-        scale = tl.math.div_rn(amax, E4M3_MAX)
+        amax = tl.maximum(tl.max(tl.abs(x), axis=1), _AMAX_FLOOR)
+        scale = tl.math.div_rn(amax, _E4M3_MAX)
         if UE8M0:
             scale = pow2_ceil(scale)
         return round_to_e4m3(tl.math.div_rn(x, scale[:, None])), scale
@@ -112,6 +128,7 @@ if triton is not None:
             acc += tl.dot(a, b, out_dtype=tl.float32) * a_scale[:, None] * b_scale[None, :]
         return acc
 
+    @triton.autotune(configs=fp8_gemm_configs(), key=["N", "K", "B_ROWS", "HAS_BIAS", "BLOCK_M"])
     @triton.jit
     def _block_scaled_gemm_kernel(
         a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr,
@@ -175,6 +192,8 @@ def act_quant(x: torch.Tensor, block: int = 128, scale_fmt: str | None = None) -
     quantized = torch.empty(m, k, dtype=E4M3, device=x.device)
     scale = torch.empty(m, k_tiles, dtype=torch.float32, device=x.device)
     block_m = 16
+    if m == 0:  # a grid needs programs
+        return quantized.view(x.shape), scale.view(*x.shape[:-1], k_tiles)
     _act_quant_kernel[(triton.cdiv(m, block_m), k_tiles)](
         rows, quantized, scale, m, k, rows.stride(0), quantized.stride(0), scale.stride(0),
         UE8M0=scale_fmt == "ue8m0", BLOCK_M=block_m, BLOCK_K=block,
@@ -203,27 +222,32 @@ def block_scaled_gemm(
         raise RuntimeError("block_scaled_gemm needs triton")
     (m, k), n = a.shape, b.shape[0]
     c = torch.empty(m, n, dtype=out_dtype, device=a.device)
-    block_m, block_n = _block_m(m), 64
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    if m == 0 or n == 0:  # a grid needs programs
+        return c
+    block_m = _block_m(m)
+    grid = lambda cfg: (triton.cdiv(m, block_m), triton.cdiv(n, cfg["BLOCK_N"]))  # noqa: E731
     _block_scaled_gemm_kernel[grid](
         a, b, c, a_scale, b_scale, c if bias is None else bias,
         m, n, k,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
         a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1),
-        HAS_BIAS=bias is not None, B_ROWS=b_rows, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK_K,
-        UPCAST=INTERPRET,
+        HAS_BIAS=bias is not None, B_ROWS=b_rows, BLOCK_M=block_m, BLOCK_K=BLOCK_K, UPCAST=INTERPRET,
     )  # fmt: skip
     return c
 
 
-def _check_weight(weight: torch.Tensor, weight_scale_inv: torch.Tensor, caller: str) -> None:
+def check_fp8_weight(weight: torch.Tensor, scale_inv: torch.Tensor, caller: str, name: str = "weight") -> None:
+    """A clear error unless `weight` is E4M3 [..., N, K] with one scale per 128×128 block in `scale_inv`
+    [..., ceil(N/128), ceil(K/128)] (the kernels would read out of bounds otherwise)."""
     if weight.dtype != E4M3 or weight.dim() < 2:
-        raise ValueError(f"{caller}: weight must be float8_e4m3fn [N, K], got {weight.dtype} {tuple(weight.shape)}")
-    blocks = (*weight.shape[:-2], *(math.ceil(size / BLOCK_K) for size in weight.shape[-2:]))
-    if tuple(weight_scale_inv.shape) != blocks:
         raise ValueError(
-            f"{caller}: weight_scale_inv must have shape {blocks} (one scale per 128×128 block of the weight "
-            f"{tuple(weight.shape)}), got {tuple(weight_scale_inv.shape)}"
+            f"{caller}: {name} must be float8_e4m3fn [..., N, K], got {weight.dtype} {tuple(weight.shape)}"
+        )
+    blocks = (*weight.shape[:-2], *(math.ceil(size / BLOCK_K) for size in weight.shape[-2:]))
+    if tuple(scale_inv.shape) != blocks:
+        raise ValueError(
+            f"{caller}: {name}_scale_inv must have shape {blocks} (one scale per 128×128 block of the {name} "
+            f"{tuple(weight.shape)}), got {tuple(scale_inv.shape)}"
         )
 
 
@@ -239,7 +263,7 @@ def fp8_linear(
     promotion per 128-K chunk. Where the FP8 kernels cannot run (`fp8_gemm_runs_on`), W is dequantized in fp32 and
     multiplied with F.linear instead."""
     _check_scale_fmt(scale_fmt, "fp8_linear")
-    _check_weight(weight, weight_scale_inv, "fp8_linear")
+    check_fp8_weight(weight, weight_scale_inv, "fp8_linear")
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"fp8_linear: x has {x.shape[-1]} features, the weight expects {weight.shape[1]}")
     if not fp8_gemm_runs_on(x.device):
@@ -259,6 +283,8 @@ __all__ = [
     "E4M3_MAX",
     "act_quant",
     "block_scaled_gemm",
+    "check_fp8_weight",
+    "fp8_gemm_configs",
     "fp8_gemm_runs_on",
     "fp8_linear",
     "triton_gemm_available",

@@ -36,7 +36,7 @@ import torch
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from .fp8_kernels import BLOCK_K as FP8_BLOCK
-from .fp8_kernels import E4M3, act_quant, fp8_gemm_runs_on
+from .fp8_kernels import E4M3, act_quant, check_fp8_weight, fp8_gemm_configs, fp8_gemm_runs_on
 from .triton_support import INTERPRET, tl, triton, triton_runs_on
 
 IMPLEMENTATION_NAME = "deepseek_triton"
@@ -97,18 +97,6 @@ def _gemm_configs() -> list:
     return [
         triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=warps, num_stages=stages)
         for block_n, block_k, warps, stages in ((64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 4), (64, 128, 4, 4))
-    ]
-
-
-def _fp8_configs(block_ns: tuple[int, ...]) -> list:
-    """FP8 kernels: BLOCK_K is the 128-long quantization tile (one scale per chunk); one config under the
-    interpreter, a few warps/stages choices on GPUs."""
-    if INTERPRET:
-        return [triton.Config({"BLOCK_N": block_ns[-1]}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
-        for block_n in block_ns
-        for warps, stages in ((4, 3), (8, 3), (4, 4))
     ]
 
 
@@ -271,7 +259,7 @@ if triton is not None:
     from .fp8_kernels import block_scaled_dot, quantize_tiles
 
     # BLOCK_N = 128: a program holds whole 1×128 tiles of h, so it quantizes them for the down GEMM itself.
-    @triton.autotune(configs=_fp8_configs((128,)), key=["inter", "hidden", "UE8M0"])
+    @triton.autotune(configs=fp8_gemm_configs((128,)), key=["inter", "hidden", "UE8M0", "BLOCK_M"])
     @triton.jit
     def _gate_up_swiglu_fp8_kernel(
         x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, h_ptr, h_scale_ptr,
@@ -309,7 +297,7 @@ if triton is not None:
         tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
         tl.store(h_scale_ptr + rows.to(tl.int64) * (inter // BLOCK_K) + tl.program_id(1), h_scale, mask=row_mask)
 
-    @triton.autotune(configs=_fp8_configs((64, 128)), key=["N", "K"])
+    @triton.autotune(configs=fp8_gemm_configs((64, 128)), key=["N", "K", "BLOCK_M"])
     @triton.jit
     def _grouped_gemm_scatter_fp8_kernel(
         a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, out_ptr, weights_ptr,
@@ -665,30 +653,20 @@ def _check_fp8_experts(
     """Clear errors for what the FP8 kernels cannot take."""
     if act != "silu":
         raise ValueError(f"fused_experts_fp8: only act='silu' (SwiGLU experts) is supported, got {act!r}")
-    num_experts, two_inter, _ = gate_up_proj.shape
+    check_fp8_weight(gate_up_proj, gate_up_proj_scale_inv, "fused_experts_fp8", "gate_up_proj")
+    check_fp8_weight(down_proj, down_proj_scale_inv, "fused_experts_fp8", "down_proj")
+    num_experts, two_inter = gate_up_proj.shape[:2]
     inter = two_inter // 2
+    if gate_up_proj.shape != (num_experts, 2 * inter, hidden) or down_proj.shape != (num_experts, hidden, inter):
+        raise ValueError(
+            f"fused_experts_fp8: expected gate_up_proj [E, 2I, H] and down_proj [E, H, I] with H = {hidden}, got "
+            f"{tuple(gate_up_proj.shape)} and {tuple(down_proj.shape)}"
+        )
     if inter % FP8_BLOCK:
         raise ValueError(
             f"fused_experts_fp8: the expert intermediate size must be a multiple of {FP8_BLOCK} (gate and up blocks "
             f"must not share a 128-row scale block), got {inter}; dequantize such experts instead"
         )
-    blocks = lambda rows, cols: (num_experts, -(-rows // FP8_BLOCK), -(-cols // FP8_BLOCK))  # noqa: E731
-    expected = {
-        "gate_up_proj": ((num_experts, two_inter, hidden), blocks(two_inter, hidden)),
-        "down_proj": ((num_experts, hidden, inter), blocks(hidden, inter)),
-    }
-    given = {"gate_up_proj": (gate_up_proj, gate_up_proj_scale_inv), "down_proj": (down_proj, down_proj_scale_inv)}
-    for name, (weight, scale) in given.items():
-        shape, scale_shape = expected[name]
-        if weight.dtype != E4M3 or tuple(weight.shape) != shape:
-            raise ValueError(
-                f"fused_experts_fp8: {name} must be float8_e4m3fn {shape}, got {weight.dtype} {tuple(weight.shape)}"
-            )
-        if tuple(scale.shape) != scale_shape:
-            raise ValueError(
-                f"fused_experts_fp8: {name}_scale_inv must have shape {scale_shape} (one scale per 128×128 block), "
-                f"got {tuple(scale.shape)}"
-            )
 
 
 @torch.no_grad()
