@@ -4,8 +4,8 @@ the bytes of bf16, runs like the dequantized model, refuses training, and saves 
 
 References are independent of the kept path: the files themselves (read with safetensors), the dequantized model of
 `test_fp8_loading` (itself checked against `checkpoint_utils`' naive block loop) and shapes. The CPU tests run with the
-Triton kernels switched off (`torch_path`: a machine where they do not run); the kernel test runs them under Triton's
-interpreter, which conftest selects on machines without a GPU."""
+Triton kernels switched off (`torch_path`: a machine where they do not run); the kernel tests run them on a GPU when
+there is one, else under Triton's interpreter (which conftest selects on machines without a GPU)."""
 
 from __future__ import annotations
 
