@@ -22,11 +22,12 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
     echo "$name: exit $status in $((SECONDS - start)) s" | tee -a "$OUT/summary.txt"
 }
 
-step environment 60 bash -c "nvidia-smi; $PYTHON -c 'import torch, transformers, triton; \
+step environment 30 bash -c "nvidia-smi; $PYTHON -c 'import torch, transformers, triton; \
 print(torch.__version__, transformers.__version__, triton.__version__, torch.cuda.get_device_name())'"
 # Kernel tests: natively compiled Triton (no interpreter: conftest picks it only without nvidia-smi).
-step kernel_tests 240 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_mla_kernel.py tests/test_moe_kernels.py \
+step kernel_tests 150 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_mla_kernel.py tests/test_moe_kernels.py \
     tests/test_fp8_training.py $(ls tests/test_fp8_kernels.py tests/test_fp8_inference.py 2>/dev/null)
-step moe_layer_bf16 90 "$PYTHON" benchmarks/moe_layer.py --dtype bfloat16 --scale 1 --expert-scale 1 --reps 5
-step training_bf16 90 "$PYTHON" benchmarks/training.py --dtype bfloat16 --steps 5
+step fp8_inference 150 "$PYTHON" benchmarks/fp8_inference.py --reps 5
+step moe_layer_bf16 60 "$PYTHON" benchmarks/moe_layer.py --dtype bfloat16 --scale 1 --expert-scale 1 --reps 5
+step training_bf16 60 "$PYTHON" benchmarks/training.py --dtype bfloat16 --steps 5
 cat "$OUT/summary.txt"
