@@ -295,8 +295,8 @@ def test_drafts_equal_the_mtp_chain_recomputed_without_cache(monkeypatch):
     recorded = []
     draft = speculative.MtpCandidateGenerator.draft
 
-    def recording_draft(self, input_ids, attention_mask, depths):
-        candidates, logits = draft(self, input_ids, attention_mask, depths)
+    def recording_draft(self, input_ids, *args):
+        candidates, logits = draft(self, input_ids, *args)
         recorded.append((input_ids, candidates[:, input_ids.shape[1] :]))
         return candidates, logits
 
