@@ -81,11 +81,13 @@ class AdaptiveDrafting:
     A draft step costs its drafting plus one main-model pass over D + 1 tokens; a plain step costs one pass over one
     token, which the verify pass of the same step stands in for (timed at the same moment, so a busy machine's
     changing load cancels out; it is an over-estimate, so borderline drafts are kept rather than dropped). Drafting
-    pays while the mean tokens per draft step is at least the median of (step time / verify time) over the last
-    `WINDOW` draft steps. The first decision comes after `FIRST_STEPS` draft steps; a pause lasts `FIRST_PAUSE` plain
-    steps, then one draft step probes (judged with the draft steps before it) and the pause doubles (up to
-    `MAX_PAUSE`) after every probe that still does not pay. A draft step that first runs the MTP modules over the
-    prompt or the positions passed while paused (one batched pass per depth) is not judged: it is not typical."""
+    pays while the mean tokens per draft step is at least the median of (step time / verify time), both over the
+    last `WINDOW` draft steps. A draft step that first runs the MTP modules over the prompt or over the positions
+    passed while paused (one batched pass per depth) counts for its tokens but not for its time, which is not
+    typical. The first decision comes after `FIRST_STEPS` draft steps (one of them timed at least); a pause lasts
+    `FIRST_PAUSE` plain steps, then one draft step probes (judged with the draft steps before it: it is the one
+    that catches up, so drafting a model whose drafts are never accepted costs that one step per pause) and the
+    pause doubles (up to `MAX_PAUSE`) after every probe that still does not pay."""
 
     FIRST_STEPS = 2
     PROBE_STEPS = 1
@@ -99,20 +101,23 @@ class AdaptiveDrafting:
         self.steps_in_mode = 0
         self.steps_before_decision = self.FIRST_STEPS
         self.pause = self.FIRST_PAUSE
-        self.draft_steps: deque[tuple[int, float]] = deque(maxlen=self.WINDOW)  # (tokens, step time / verify time)
+        self.tokens: deque[int] = deque(maxlen=self.WINDOW)  # tokens emitted per draft step
+        self.costs: deque[float] = deque(maxlen=self.WINDOW)  # step time / verify time of the timed ones
 
-    def record(self, drafted: bool, tokens: int, seconds: float, drafting_seconds: float) -> None:
+    def record(self, drafted: bool, tokens: int, seconds: float, drafting_seconds: float, timed: bool) -> None:
         self.steps_in_mode += 1
         if drafted:
-            self.draft_steps.append((tokens, seconds / max(seconds - drafting_seconds, 1e-9)))
+            self.tokens.append(tokens)
+            if timed:
+                self.costs.append(seconds / max(seconds - drafting_seconds, 1e-9))
 
     def decide(self, position: int) -> tuple[bool, str | None]:
         """Whether to draft this step, and a line saying why when the decision changes."""
         if not self.enabled:
             return True, None
-        if self.drafting and self.steps_in_mode >= self.steps_before_decision:
-            tokens = sum(t for t, _ in self.draft_steps) / len(self.draft_steps)
-            cost = statistics.median(c for _, c in self.draft_steps)
+        if self.drafting and self.steps_in_mode >= self.steps_before_decision and self.costs:
+            tokens = sum(self.tokens) / len(self.tokens)
+            cost = statistics.median(self.costs)
             if tokens < cost:
                 self.drafting, self.steps_in_mode = False, 0
                 return False, (
@@ -203,6 +208,9 @@ class MtpCandidateGenerator(CandidateGenerator):
         self.processed = [0] * num_draft_tokens
         self.schedule = AdaptiveDrafting(adaptive)
         self.statistics = DraftStatistics()
+        # What other processes take from this one must not count: on a CPU the thread's own time, on an accelerator
+        # the wall time (the loop waits for the device at every step).
+        self.clock = time.thread_time if model.device.type == "cpu" else time.perf_counter
         self.step_start: float | None = None
         self.step_drafted = False
         self.step_drafting_seconds = 0.0
@@ -225,11 +233,12 @@ class MtpCandidateGenerator(CandidateGenerator):
         n_last_matches: int,
         **kwargs,
     ) -> tuple[torch.LongTensor, torch.Tensor | None]:
-        now = time.perf_counter()
+        now = self.clock()
         if is_first_iteration:  # the main model's prefill comes first: drafts need its hidden states
             return input_ids, None
-        if self.step_start is not None and self.step_drafted != "catching up":
-            self.schedule.record(self.step_drafted, self.step_tokens, now - self.step_start, self.step_drafting_seconds)
+        if self.step_start is not None:
+            seconds, timed = now - self.step_start, self.step_drafted != "catching up"
+            self.schedule.record(bool(self.step_drafted), self.step_tokens, seconds, self.step_drafting_seconds, timed)
         self.step_start, self.step_drafted, self.step_drafting_seconds = now, False, 0.0
 
         hidden = self.last_hidden  # the prefill's positions, else [t_n, accepted drafts, rejected ones]
@@ -250,7 +259,7 @@ class MtpCandidateGenerator(CandidateGenerator):
         candidate_ids, candidate_logits = self.draft(
             input_ids, model_kwargs.get("attention_mask"), model_kwargs["position_ids"], depths
         )
-        self.step_drafting_seconds = time.perf_counter() - now
+        self.step_drafting_seconds = self.clock() - now
         return candidate_ids, candidate_logits
 
     def draft(
@@ -294,6 +303,8 @@ class MtpCandidateGenerator(CandidateGenerator):
         return known, torch.stack(logits, 1)
 
     def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.Tensor, num_matches: int) -> None:
+        if self.main_hidden.buffer is None:  # the prefill's token: not a step of the draft's
+            return
         statistics, drafted = self.statistics, scores.shape[1] - 1
         self.step_tokens = int(num_matches) + 1
         statistics.emitted += self.step_tokens
