@@ -2,9 +2,11 @@
 transformers' assisted generation.
 
 `generate(use_mtp=True)` goes through `GenerationMixin.generate`: each step the MTP chain drafts up to D tokens after
-the last known one, the main model verifies them in one forward pass, and transformers' assisted-decoding loop
-accepts them (greedy: the longest prefix equal to the main model's choices; sampling: speculative sampling, which
-keeps the main model's distribution). Logits processors, stopping criteria and streamers are transformers' own.
+the last known one, the main model verifies them in one forward pass, and they are accepted as transformers'
+assisted decoding accepts them (greedy: the longest prefix equal to the main model's choices; sampling: speculative
+sampling, which keeps the main model's distribution). Logits processors, stopping criteria and streamers are
+transformers' own. The loop is `MtpGenerationMixin._assisted_decoding`: transformers' steps without the per-step
+bookkeeping that outweighs the draft's gain on a small model; transformers' own loop runs where ours does not serve.
 
 transformers' `MTPCandidateGenerator` cannot serve this model (why `GenerationMixin.generate(use_mtp=True)` fails
 for it): it reads `num_mtp_layers` from the config ("Could not find `num_mtp_layers`"; our config, like DeepSeek's,
@@ -15,8 +17,9 @@ already loaded with the model. So the draft chain here is a `CandidateGenerator`
 `DeepseekMoeForCausalLM.mtp_hidden_states` and the shared head, plugged in through `_get_candidate_generator`.
 
 Drafting adapts: a draft step pays only if it emits more tokens than it costs in plain steps (its time over the time of
-its own verify pass). The generator measures both, pauses drafting when drafts do not pay, and probes again after a
-pause that doubles after every failed probe. The acceptance rate and every decision are reported on the output of
+its own verify pass, on a CPU in the thread's own CPU time, so other processes on a busy machine do not count). The
+generator measures both, pauses drafting when drafts do not pay, and probes again after a pause that doubles after
+every failed probe. The acceptance rate and every decision are reported on the output of
 `generate(..., return_dict_in_generate=True)`.
 
 Model-code sibling (imported by the modeling file), so it only depends on torch and transformers.
