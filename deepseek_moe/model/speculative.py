@@ -40,6 +40,8 @@ from transformers.generation.logits_process import LogitsProcessorList
 from transformers.generation.stopping_criteria import StoppingCriteriaList
 from transformers.generation.utils import GenerateDecoderOnlyOutput, _speculative_sampling
 
+from .cache_deepseek_moe import LatentCache
+
 
 @dataclass
 class MtpGenerateOutput(GenerateDecoderOnlyOutput):
@@ -205,7 +207,7 @@ class MtpCandidateGenerator(CandidateGenerator):
         self.max_length = max_length
         self.do_sample = do_sample
         self.logits_processor = logits_processor
-        self.cache = DynamicCache()
+        self.cache = LatentCache(capacity=max_length) if model.config.uses_mla else DynamicCache()  # as generate's
         self.main_hidden = PositionBuffer()  # h^0 up to position n-1, from the first one depth 1 has not processed
         self.mtp_hidden = [PositionBuffer() for _ in range(num_draft_tokens)]  # h^k, from where depth k+1 resumes
         self.processed = [0] * num_draft_tokens
