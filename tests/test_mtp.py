@@ -173,8 +173,9 @@ class _Collect(BaseStreamer):
         {"min_new_tokens": 10, "max_new_tokens": 14, "eos_token_id": 20, "pad_token_id": 0},
         {"max_length": 13, "eos_token_id": None},
         {"max_new_tokens": 12, "repetition_penalty": 1.5, "eos_token_id": None},
+        {"max_new_tokens": 8, "eos_token_id": None, "output_hidden_states": True},  # transformers' loop serves it
     ],
-    ids=["min_new_tokens", "max_length", "repetition_penalty"],
+    ids=["min_new_tokens", "max_length", "repetition_penalty", "hidden_states"],
 )
 def test_speculative_greedy_equals_plain_greedy_with_generate_options(trained_model, options):
     prompt = torch.tensor([[10, 11, 12, 13]])
@@ -362,22 +363,6 @@ def test_mtp_loop_equals_transformers_assisted_loop(trained_model, monkeypatch, 
     assert len(ours.scores) == len(theirs.scores) == ours.sequences.shape[1] - prompt.shape[1]
     for mine, reference in zip(ours.scores + ours.logits, theirs.scores + theirs.logits, strict=True):
         assert torch.equal(mine, reference)
-
-
-def test_hidden_states_in_the_output_use_transformers_loop_with_the_same_tokens(trained_model):
-    prompt = torch.tensor([[10, 11, 12, 13]])
-    plain = trained_model.generate(prompt, max_new_tokens=8, do_sample=False, eos_token_id=None)
-    out = trained_model.generate(
-        prompt,
-        max_new_tokens=8,
-        use_mtp=True,
-        mtp_adaptive=False,
-        eos_token_id=None,
-        return_dict_in_generate=True,
-        output_hidden_states=True,
-    )
-    assert torch.equal(out.sequences, plain)
-    assert out.hidden_states is not None and out.accepted_tokens > 0
 
 
 def test_step_counts_are_the_main_model_passes_after_the_prefill(trained_model):
