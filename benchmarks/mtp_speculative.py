@@ -19,6 +19,7 @@ its time: `mtp_hidden_states` returning one tensor, and `mtp_logits`).
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import platform
 import statistics
@@ -78,6 +79,51 @@ def run_arms(
     return median, {name: statistics.median(times) for name, times in cpu.items()}
 
 
+def cost_breakdown(model: DeepseekMoeForCausalLM, prompts: list[torch.Tensor], new_tokens: int) -> None:
+    """Where a greedy step's CPU time goes, plain and with MTP: the main model's forward passes, the MTP drafts
+    (`MtpCandidateGenerator.draft`) and the rest (the decoding loop), timed by wrapping the two functions."""
+    from deepseek_moe.model import speculative
+
+    spent = {"forward": 0.0, "draft": 0.0}
+
+    def timed(function, key: str):
+        @functools.wraps(function)
+        def wrapper(*args, **kwargs):
+            start = time.thread_time()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                spent[key] += time.thread_time() - start
+
+        return wrapper
+
+    forward, draft = type(model).forward, speculative.MtpCandidateGenerator.draft
+    type(model).forward, speculative.MtpCandidateGenerator.draft = timed(forward, "forward"), timed(draft, "draft")
+    try:
+        for options in ({}, {"use_mtp": True}):
+            spent.update(forward=0.0, draft=0.0)
+            steps = drafts = 0
+            start = time.thread_time()
+            for prompt in prompts:
+                out = model.generate(
+                    prompt, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, **options,
+                    return_dict_in_generate=True,
+                )  # fmt: skip
+                steps += getattr(out, "draft_steps", new_tokens - 1) + getattr(out, "plain_steps", 0)
+                drafts += getattr(out, "draft_steps", 0)
+            total = time.thread_time() - start
+            rest = total - spent["forward"] - spent["draft"]
+            per_draft = f"{spent['draft'] / drafts * 1e3:.3f} ms per draft, " if drafts else ""
+            print(
+                f"{'MTP' if options else 'plain'} greedy, trained model: {total * 1e3:.0f} ms CPU for "
+                f"{len(prompts) * new_tokens} tokens in {steps} steps after the prefills; forward passes "
+                f"(prefills included) {spent['forward'] * 1e3:.0f} ms, drafts {spent['draft'] * 1e3:.0f} ms "
+                f"({per_draft}{drafts} drafts), the rest {rest * 1e3:.0f} ms ({rest / steps * 1e3:.3f} ms per step)"
+            )
+    finally:
+        type(model).forward, speculative.MtpCandidateGenerator.draft = forward, draft
+
+
 class BaselineLoop:
     """`generate`-like access to an older file's `mtp_greedy_generate`, so it runs as one more arm."""
 
@@ -100,6 +146,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--baseline-loop", metavar="FILE", help="an older speculative.py to time as one more arm")
+    parser.add_argument("--breakdown", action="store_true", help="also print where a step's CPU time goes")
     parser.add_argument(
         "--trained", metavar="DIR", help="load the trained model from DIR, else train it and save it there"
     )
@@ -178,6 +225,8 @@ def main() -> None:
             steps = f"{draft_steps} / {plain_steps}"
         cpu = f"{tokens / cpu_timings[name]:.1f} | {cpu_ratio:.2f}x"
         print(f"| {name} | {tokens / seconds:.1f} | {ratio:.2f}x | {cpu} | {acceptance} | {steps} |")
+    if args.breakdown:
+        cost_breakdown(model, prompts, args.new_tokens)
 
 
 if __name__ == "__main__":
