@@ -441,3 +441,23 @@ def test_position_buffer_keeps_what_the_drafts_read():
         buffer.drop_before(end - 2)
         position = end - int(torch.randint(0, 2, (1,), generator=generator))  # rewrite the last row at times
     assert buffer.buffer.shape[1] < 200  # the history was not kept
+
+
+def test_drafting_with_the_mtp_layer_offloaded_to_disk_equals_in_memory(tmp_path):
+    """Drafts run in inference mode; accelerate's hooks load an offloaded MTP layer's weights around its forward, so
+    the tokens must not change and no inference tensor may be left in the model (it could not be trained after)."""
+    model = _model(depth=1, seed=7, num_hidden_layers=2).eval()
+    model.save_pretrained(tmp_path / "model")
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
+    device_map |= {"model.layers.0": "cpu", "model.layers.1": "disk", "model.layers.2": "disk"}
+    offloaded = DeepseekMoeForCausalLM.from_pretrained(
+        tmp_path / "model", device_map=device_map, offload_folder=str(tmp_path / "offload")
+    ).eval()
+    assert offloaded.model.layers[2].eh_proj.weight.device.type == "meta"  # the MTP layer is really offloaded
+    prompt = torch.tensor([[5, 3, 8, 1, 9, 2]])
+    options = {"max_new_tokens": 8, "eos_token_id": None, "use_mtp": True, "mtp_adaptive": False}
+    plain = model.generate(prompt, max_new_tokens=8, do_sample=False, eos_token_id=None)
+    assert torch.equal(offloaded.generate(prompt, **options), plain)
+    assert torch.equal(model.generate(prompt, **options), plain)
+    assert not any(p.is_inference() for p in [*model.parameters(), *offloaded.parameters()])
+    model.train()(prompt, labels=prompt).loss.backward()  # drafting left the model trainable

@@ -221,6 +221,7 @@ class MtpCandidateGenerator(CandidateGenerator):
         self.step_drafting_seconds = 0.0
         self.step_tokens = 0
         self.last_hidden: torch.Tensor | None = None
+        self.inference_mode = not any(hasattr(module, "_hf_hook") for module in model.modules())
         self.hook = model.model.norm.register_forward_hook(self.keep_last_hidden)
 
     def keep_last_hidden(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
@@ -261,9 +262,13 @@ class MtpCandidateGenerator(CandidateGenerator):
             return input_ids, None
         # A step that first runs the MTP modules over the prompt or the positions passed while paused is not timed.
         self.step_drafted = "catching up" if input_ids.shape[1] - 1 - self.processed[0] > depths + 1 else True
-        candidate_ids, candidate_logits = self.draft(
-            input_ids, model_kwargs.get("attention_mask"), model_kwargs["position_ids"], depths
-        )
+        # Drafting state (the depths' cache and hidden states) never leaves the generator, and what it returns is only
+        # read, so it runs in inference mode, which spares each op autograd's bookkeeping (15% of a draft on CPU);
+        # not under accelerate's offloading hooks, whose weights loaded for the draft would become inference tensors.
+        with torch.inference_mode(self.inference_mode):
+            candidate_ids, candidate_logits = self.draft(
+                input_ids, model_kwargs.get("attention_mask"), model_kwargs["position_ids"], depths
+            )
         self.step_drafting_seconds = self.clock() - now
         return candidate_ids, candidate_logits
 
