@@ -8,6 +8,9 @@ from conftest import assert_close, tiny_model
 from transformers import DynamicCache
 
 from deepseek_moe import DeepseekMoeConfig, DeepseekMoeForCausalLM
+from deepseek_moe.model import cache_deepseek_moe as cache_module
+from deepseek_moe.model.cache_deepseek_moe import LatentCache
+from deepseek_moe.model.modeling_deepseek_moe import latent_scores, latent_weighted_sum, onednn_serves
 
 TOLERANCE = 1e-5  # fp32, relative to the largest logit
 
@@ -124,6 +127,26 @@ def test_mode_is_validated_and_forced_absorption_refuses_adapters():
         base = _model()(torch.tensor([[1, 2, 3]])).logits
     assert torch.equal(auto, expanded)
     assert_close(auto, base, TOLERANCE)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+@torch.no_grad()
+def test_onednn_products_over_the_latent_cache_equal_fp64(monkeypatch):
+    """V3 widths (r = 512, d_r = 64), 3 sequences of 300 cached rows, 32 query rows (16 heads x 2 new tokens)."""
+    monkeypatch.setattr(cache_module, "BLOCK", 64)
+    generator = torch.Generator().manual_seed(6)
+    c_kv, k_pe = torch.randn(3, 1, 300, 512, generator=generator), torch.randn(3, 1, 300, 64, generator=generator)
+    cache = LatentCache()
+    cache.update(c_kv, k_pe, 0)
+    layer = cache.layers[0]
+    query = torch.randn(3, 32, 576, generator=generator)
+    assert onednn_serves(query, layer.latent)
+    joint = torch.cat((c_kv, k_pe), dim=-1)[:, 0].double()
+    assert_close(latent_scores(query, layer.latent), query.double() @ joint.transpose(1, 2), 1e-6)
+    weights = torch.randn(3, 32, 300, generator=generator).softmax(-1)
+    summed = latent_weighted_sum(weights, layer.keys[:, 0], layer)
+    assert layer.sealed == 4  # 256 rows through oneDNN in blocks of 64, the last 44 through bmm
+    assert_close(summed, weights.double() @ c_kv[:, 0].double(), 1e-6)
 
 
 @pytest.mark.slow
