@@ -142,7 +142,7 @@ def test_onednn_products_over_the_latent_cache_equal_fp64(monkeypatch):
     query = torch.randn(3, 32, 576, generator=generator)
     assert onednn_serves(query, layer.latent)
     joint = torch.cat((c_kv, k_pe), dim=-1)[:, 0].double()
-    assert_close(latent_scores(query, layer.latent), query.double() @ joint.transpose(1, 2), 1e-6)
+    assert_close(latent_scores(query, layer), query.double() @ joint.transpose(1, 2), 1e-6)
     weights = torch.randn(3, 32, 300, generator=generator).softmax(-1)
     summed = latent_weighted_sum(weights, layer.keys[:, 0], layer)
     assert layer.sealed == 4  # 256 rows through oneDNN in blocks of 64, the last 44 through bmm

@@ -69,6 +69,12 @@ class LatentCacheLayer(DynamicLayer):
         """The cached rows `[c_kv | k_pe]`, [batch, cached tokens, kv_lora_rank + qk_rope_head_dim] (a view)."""
         return self.buffer[:, 0, : self.length]
 
+    @property
+    def chunked_latent(self) -> torch.Tensor:
+        """`latent` and the buffer's rows after it up to the next whole chunk (stale or unset values), for products
+        that keep only the first `length` result rows: their shape changes once a chunk rather than every step."""
+        return self.buffer[:, 0, : _chunks(self.length)]
+
     def sealed_columns(self) -> torch.Tensor:
         """`c_kv` of the first `length // BLOCK` whole blocks of rows, each transposed: [batch, blocks, r, BLOCK].
 
