@@ -285,13 +285,15 @@ def latent_weighted_sum(weights: torch.Tensor, latent: torch.Tensor, cached: Lat
     if cached is None or not onednn_serves(weights, latent):
         return torch.bmm(weights, latent)
     columns = cached.sealed_columns()  # [B, blocks, r, BLOCK]
-    block = columns.shape[-1]
-    sealed = columns.shape[1] * block
+    num_blocks, block = columns.shape[1], columns.shape[-1]
+    sealed = num_blocks * block
     out = torch.bmm(weights[..., sealed:], latent[:, sealed:])
+    # [B, blocks, Q, BLOCK]: each block's weights contiguous, as oneDNN takes them
+    blocks = weights[..., :sealed].unflatten(-1, (num_blocks, block)).transpose(1, 2).contiguous()
     linear = torch.ops.mkldnn._linear_pointwise
-    for row_weights, row_columns, row_out in zip(weights, columns, out, strict=True):
-        for start, block_columns in zip(range(0, sealed, block), row_columns, strict=True):
-            row_out += linear(row_weights[:, start : start + block], block_columns, None, "none", [], "")
+    for row_blocks, row_columns, row_out in zip(blocks, columns, out, strict=True):
+        for block_weights, block_columns in zip(row_blocks, row_columns, strict=True):
+            row_out += linear(block_weights, block_columns, None, "none", [], "")
     return out
 
 
