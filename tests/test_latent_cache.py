@@ -210,5 +210,8 @@ def test_inference_decode_through_onednn_blocks_equals_expanded_attention(monkey
     full = model(ids, attention_mask=mask, position_ids=positions, mla_attention_mode="expanded").logits[:, 7:]
     (absorbed, cache), (expanded, _) = decode("absorbed"), decode("expanded")
     assert cache.layers[0].sealed == 4  # the last step read 16 rows: four sealed blocks and no rows after them
-    for logits in (absorbed, expanded):
+    with torch.backends.mkldnn.flags(enabled=False):  # bmm only, and no transposed copy of the cache
+        plain, plain_cache = decode("absorbed")
+    assert plain_cache.layers[0].columns is None
+    for logits in (absorbed, expanded, plain):
         assert (logits - full).abs().max() <= TOLERANCE * full.abs().max()
