@@ -167,3 +167,19 @@ def test_compiled_static_cache_decode_step_equals_generate():
             token = step(token, torch.tensor([[5 + i]])).argmax(-1)
             tokens.append(token)
     assert torch.equal(torch.cat(tokens, dim=1), expected)
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_compiled_latent_cache_decode_step_equals_eager():
+    """torch.compile of a decode step over a LatentCache keeps bmm (inductor cannot lower oneDNN's linear with an
+    unpacked weight); about a minute and a half on two cores."""
+    model = _model()
+    prompt = torch.randint(0, model.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(6))
+    caches = [LatentCache(capacity=16), LatentCache(capacity=16)]
+    token = model(prompt, cache=caches[0], use_cache=True).logits[:, -1:].argmax(-1)
+    model(prompt, cache=caches[1], use_cache=True)
+    step = torch.compile(lambda t, p: model(t, cache=caches[1], position_ids=p, use_cache=True).logits)
+    position = torch.tensor([[5]])
+    eager = model(token, cache=caches[0], position_ids=position, use_cache=True).logits
+    assert_close(step(token, position), eager, TOLERANCE)

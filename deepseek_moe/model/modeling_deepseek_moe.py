@@ -249,12 +249,13 @@ def loaded_weights(module: nn.Module) -> Iterator[None]:
 def onednn_serves(query: torch.Tensor, rows: torch.Tensor) -> bool:
     """Whether oneDNN's linear can take a product over the cached rows: fp32 inference on a CPU torch built with it.
 
-    It has no autograd formula, so it serves only without grad; `torch.backends.mkldnn.flags(enabled=False)` turns
-    it off."""
+    It has no autograd formula, so it serves only without grad, and inductor cannot lower it with an unpacked weight,
+    so compiled code keeps bmm; `torch.backends.mkldnn.flags(enabled=False)` turns it off."""
     return (
         rows.device.type == "cpu"
         and query.dtype == rows.dtype == torch.float32
         and not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
         and torch.backends.mkldnn.is_available()
         and torch.backends.mkldnn.enabled
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
