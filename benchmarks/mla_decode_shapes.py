@@ -54,7 +54,7 @@ def products(context: int, repeats: int) -> None:
         out = weights[:, blocks * BLOCK :] @ latent[blocks * BLOCK :, :RANK]
         per_block = weights[:, : blocks * BLOCK].unflatten(-1, (blocks, BLOCK)).transpose(0, 1).contiguous()
         for block_weights, block_columns in zip(per_block, columns, strict=True):
-            out += onednn(block_weights, block_columns)
+            out += onednn(block_columns, block_weights).t()
         return out
 
     scores_flops, sum_flops = 2 * HEADS * context * (RANK + ROPE), 2 * HEADS * context * RANK
