@@ -3,7 +3,7 @@ same model and batch: forward + backward + AdamW step, arms alternating within r
 
 On CPU the FP8 GEMMs are emulated (quantize → dequantize → fp32 matmul), so this measures the emulation's overhead,
 not a speed-up. On a GPU with FP8 tensor cores (compute capability ≥ 8.9) the same script runs the Triton
-block-scaled kernel (`training/fp8_kernels.py`); that path has not been run on a GPU yet.
+block-scaled kernel (`model/fp8_kernels.py`); that path has not been run on a GPU yet.
 
     python benchmarks/fp8.py --rounds 5
 """

@@ -22,6 +22,7 @@ if not _COMMAND_LINE:
     from . import model  # noqa: F401  (registers the Auto classes)
 
 _EXPORTS = {
+    "DeepseekFp8Config",
     "DeepseekMoeConfig",
     "DeepseekMoeForCausalLM",
     "DeepseekMoeForSequenceClassification",

@@ -8,11 +8,14 @@ import json
 import math
 
 import torch
-from safetensors.torch import save_file
+from conftest import randomize_
+from safetensors.torch import load_file, save_file
 
-from deepseek_moe import DeepseekMoeConfig
+from deepseek_moe import DeepseekMoeConfig, DeepseekMoeForCausalLM
 
 BLOCK = 128
+# Partial 128-blocks: kv_a_proj_with_mqa has 136 + 8 = 144 rows, the dense MLP 200, every input 136 columns.
+EDGE_BLOCKS = dict(hidden_size=136, intermediate_size=200, kv_lora_rank=136, num_nextn_predict_layers=1)
 # Weights an official FP8 checkpoint keeps in bf16.
 NOT_QUANTIZED = ("embed_tokens", "lm_head", "norm", "mlp.gate.weight", "shared_head.head")
 QUANTIZATION_CONFIG = {
@@ -119,3 +122,20 @@ def write_sharded(state: dict[str, torch.Tensor], directory, config: dict, shard
     index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())}}
     (directory / "model.safetensors.index.json").write_text(json.dumps({**index, "weight_map": weight_map}))
     (directory / "config.json").write_text(json.dumps(config))
+
+
+def write_fp8_checkpoint(root, **overrides):
+    """(FP8 folder as DeepSeek ships it: tiny V3 with MTP, partial blocks, 3 shards; fp32 reference model on the
+    independently dequantized weights)."""
+    config = DeepseekMoeConfig.from_preset("tiny-v3", **EDGE_BLOCKS, **overrides)
+    randomize_(DeepseekMoeForCausalLM(config), seed=7).save_pretrained(root / "source")
+    fp8_state, dequantized = to_official_fp8(load_file(root / "source" / "model.safetensors"))
+    assert fp8_state["model.layers.0.self_attn.kv_a_proj_with_mqa.weight_scale_inv"].shape == (2, 2)
+    assert fp8_state["model.layers.1.mlp.experts.0.down_proj.weight"].dtype == torch.float8_e4m3fn
+    (root / "fp8").mkdir()
+    write_sharded(fp8_state, root / "fp8", official_v3_config(config, quantization_config=QUANTIZATION_CONFIG))
+    (root / "reference").mkdir()
+    save_file({k: v.float().contiguous() for k, v in dequantized.items()}, root / "reference" / "model.safetensors")
+    (root / "reference" / "config.json").write_text(json.dumps(official_v3_config(config)))
+    reference = DeepseekMoeForCausalLM.from_pretrained(root / "reference", dtype=torch.float32).eval()
+    return root / "fp8", reference

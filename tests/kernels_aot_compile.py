@@ -32,13 +32,18 @@ def _jit_function(kernel) -> triton.runtime.jit.JITFunction:
     return kernel
 
 
-def _compile(kernel, constexprs: dict, config: triton.Config, arch: int, dtype: str) -> None:
+def _compile(
+    kernel, constexprs: dict, config: triton.Config, arch: int, dtype: str, pointers: dict[str, str] | None = None
+) -> None:
+    """`pointers` gives the element type of named pointer arguments (else: index, fp32 or `dtype` by name)."""
     fn = _jit_function(kernel)
     constexprs = {**constexprs, **config.kwargs}
     signature = {}
     for name in fn.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
+        elif name in (pointers or {}):
+            signature[name] = f"*{pointers[name]}"
         elif name in INDEX_POINTERS:
             signature[name] = "*i32"
         elif name in FP32_POINTERS:

@@ -16,17 +16,13 @@ import warnings
 
 import pytest
 import torch
-from checkpoint_utils import QUANTIZATION_CONFIG, official_v3_config, to_official_fp8, write_sharded
-from conftest import randomize_
-from safetensors.torch import load_file, save_file
+from checkpoint_utils import QUANTIZATION_CONFIG, write_fp8_checkpoint
 
 from deepseek_moe import DeepseekMoeConfig, DeepseekMoeForCausalLM
 from deepseek_moe.cli import main
 from deepseek_moe.hub import HIDE_PACKAGE
 from deepseek_moe.remote_code import AUTO_MAP, remote_code_files
 
-# Partial 128-blocks: kv_a_proj_with_mqa has 136 + 8 = 144 rows, the dense MLP 200, every input 136 columns.
-EDGE_BLOCKS = dict(hidden_size=136, intermediate_size=200, kv_lora_rank=136, num_nextn_predict_layers=1)
 # Kept in fp32 whatever the load dtype: the router (design: routing in fp32) and RoPE's inverse frequencies.
 FP32_BY_DESIGN = ("mlp.gate.weight", "e_score_correction_bias", "inv_freq", "original_inv_freq")
 # Largest logit error allowed against the fp32 reference, relative to the largest logit.
@@ -36,20 +32,8 @@ INPUT_IDS = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6], [2, 7, 1, 8, 2, 8, 1, 8]])
 
 @pytest.fixture(scope="module")
 def fp8_checkpoint(tmp_path_factory):
-    """(FP8 folder as DeepSeek ships it, fp32 reference model on the independently dequantized weights)."""
-    root = tmp_path_factory.mktemp("fp8")
-    config = DeepseekMoeConfig.from_preset("tiny-v3", **EDGE_BLOCKS)
-    randomize_(DeepseekMoeForCausalLM(config), seed=7).save_pretrained(root / "source")
-    fp8_state, dequantized = to_official_fp8(load_file(root / "source" / "model.safetensors"))
-    assert fp8_state["model.layers.0.self_attn.kv_a_proj_with_mqa.weight_scale_inv"].shape == (2, 2)
-    assert fp8_state["model.layers.1.mlp.experts.0.down_proj.weight"].dtype == torch.float8_e4m3fn
-    (root / "fp8").mkdir()
-    write_sharded(fp8_state, root / "fp8", official_v3_config(config, quantization_config=QUANTIZATION_CONFIG))
-    (root / "reference").mkdir()
-    save_file({k: v.float().contiguous() for k, v in dequantized.items()}, root / "reference" / "model.safetensors")
-    (root / "reference" / "config.json").write_text(json.dumps(official_v3_config(config)))
-    reference = DeepseekMoeForCausalLM.from_pretrained(root / "reference", dtype=torch.float32).eval()
-    return root / "fp8", reference
+    """Experts of 32 rows: partial 128-blocks everywhere (kept-FP8 loading dequantizes such experts)."""
+    return write_fp8_checkpoint(tmp_path_factory.mktemp("fp8"))
 
 
 def load(folder, dtype):

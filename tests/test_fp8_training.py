@@ -10,7 +10,7 @@ import torch
 from conftest import randomize_
 
 from deepseek_moe import DeepseekMoeConfig, DeepseekMoeForCausalLM
-from deepseek_moe.training import fp8_kernels
+from deepseek_moe.model import fp8_kernels
 from deepseek_moe.training.fp8 import (
     Fp8BlockwiseLinear,
     enable_fp8_training,
@@ -26,7 +26,7 @@ BACKENDS = [
     pytest.param(
         "triton",
         marks=pytest.mark.skipif(
-            fp8_kernels.triton is None or not fp8_kernels._INTERPRET, reason="needs triton's CPU interpreter"
+            fp8_kernels.triton is None or not fp8_kernels.INTERPRET, reason="needs triton's CPU interpreter"
         ),
     ),
 ]

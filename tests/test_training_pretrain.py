@@ -152,6 +152,17 @@ def test_bad_input_is_one_line_exit_2_before_training(corpus, tmp_path, capsys, 
     assert not (output / "checkpoints").exists() and not (output / "final").exists()
 
 
+def test_bad_input_from_the_console_script_prints_only_the_error(corpus, tmp_path) -> None:
+    """As a user sees it: no warning (e.g. about TensorBoard) comes before the one-line error."""
+    command = [str(Path(sys.executable).with_name("deepseek-moe")), "train", "--model", "tiny-v3"]
+    command += ["--tokenizer", "bytes", "--output-dir", str(tmp_path / "run"), "--data", corpus, "--ep-size", "3"]
+    completed = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert completed.returncode == 2
+    assert completed.stderr.strip().splitlines() == [
+        "deepseek-moe train: error: ep_size=3 does not divide the 16 routed experts"
+    ], completed.stderr
+
+
 COMMON_FLAGS = ["--model", "tiny-v3", "--tokenizer", "bytes", "--seq-length", "32", "--micro-batch-size", "1"]
 COMMON_FLAGS += ["--global-batch-size", "4", "--max-steps", "3", "--warmup-steps", "1", "--learning-rate", "3e-3"]
 COMMON_FLAGS += ["--bias-update-speed", "0.01", "--no-progress", "--no-tensorboard"]

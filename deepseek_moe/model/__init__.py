@@ -9,6 +9,7 @@ machinery and triton) waits until a model class is first asked for, so commands 
 from .. import _COMMAND_LINE
 from ..presets import from_preset
 from .configuration_deepseek_moe import DeepseekMoeConfig
+from .quantization_deepseek_moe import DeepseekFp8Config
 
 _MODEL_CLASSES = (
     "DeepseekMoeForCausalLM",
@@ -54,4 +55,4 @@ DeepseekMoeConfig.from_preset = classmethod(from_preset)
 if not _COMMAND_LINE:
     register()
 
-__all__ = ["DeepseekMoeConfig", *_MODEL_CLASSES]
+__all__ = ["DeepseekFp8Config", "DeepseekMoeConfig", *_MODEL_CLASSES]

@@ -27,6 +27,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import ConversionOps, WeightConverter
 from transformers.integrations import use_experts_implementation
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
@@ -49,7 +50,18 @@ from .configuration_deepseek_moe import (
 )
 from .mla_kernels import mla_decode_triton
 from .moe_kernels import IMPLEMENTATION_NAME, kernels_default
-from .quantization_deepseek_moe import SCALE_SUFFIX, block_size, dequantize_fp8_blockwise, target_dtype
+from .quantization_deepseek_moe import (
+    FP8_DTYPE,
+    FP8_EXPERTS_IMPLEMENTATION,
+    SCALE_SUFFIX,
+    DeepseekFp8Linear,
+    block_size,
+    dense_weight,
+    dequantize_fp8_blockwise,
+    fp8_experts_forward,
+    keeps_fp8_experts,
+    target_dtype,
+)
 from .speculative import MtpGenerationMixin
 from .triton_support import triton_runs_on
 
@@ -405,7 +417,7 @@ class DeepseekMoeLatentAttention(nn.Module):
         """`auto` absorbs for decoding (a few new queries against a longer cache) and expands for prefill, where
         per-head keys are the cheaper, compute-friendly form. Shapes only, so compiled decode steps do not branch on
         data (a static cache is always longer than the queries: short prompts take the absorbed path, also exact)."""
-        plain_weight = type(self.kv_b_proj) is nn.Linear  # an adapter (e.g. LoRA) wraps kv_b_proj
+        plain_weight = type(self.kv_b_proj) in (nn.Linear, DeepseekFp8Linear)  # an adapter (e.g. LoRA) wraps it
         if mode == "absorbed" and not plain_weight:
             raise ValueError("mla_attention_mode='absorbed' needs a plain kv_b_proj; merge adapters first")
         if mode == "auto":
@@ -438,7 +450,8 @@ class DeepseekMoeLatentAttention(nn.Module):
         [B, S, heads, v_head_dim] like the expanded path, and the attention weights [B, heads, S, T]."""
         batch_size, num_heads, seq_length, _ = q_nope.shape
         kv_length = c_kv.shape[2]
-        w_kv = self.kv_b_proj.weight.view(num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        w_kv = dense_weight(self.kv_b_proj, q_nope.dtype)
+        w_kv = w_kv.view(num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         w_uk, w_uv = w_kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
         q_latent = torch.einsum("bhsd,hdr->bhsr", q_nope, w_uk).reshape(batch_size, -1, self.kv_lora_rank)
         q_rope = q_pe.reshape(batch_size, -1, self.qk_rope_head_dim)
@@ -673,9 +686,11 @@ class DeepseekMoeExperts(nn.Module):
         # One unbind, not `proj[expert]` per expert: autograd would build a full [E, ...] gradient for each index.
         per_expert = zip(routed_inputs, self.gate_up_proj.unbind(0), self.down_proj.unbind(0), strict=True)
         outputs = []
-        for rows, gate_up_proj, down_proj in per_expert:
+        for expert, (rows, gate_up_proj, down_proj) in enumerate(per_expert):
             if rows.shape[0] == 0:
                 continue
+            if gate_up_proj.dtype == FP8_DTYPE:  # kept FP8: one expert dequantized at a time, never all of them
+                gate_up_proj, down_proj = self.dequantized_expert(expert, rows.dtype)
             gate, up = F.linear(rows, gate_up_proj).chunk(2, dim=-1)
             outputs.append(F.linear(self.act_fn(gate) * up, down_proj))
         if not outputs:
@@ -683,6 +698,13 @@ class DeepseekMoeExperts(nn.Module):
         routed_outputs = torch.cat(outputs) * top_k_weights.reshape(-1)[order, None]
         final = torch.zeros_like(hidden_states)
         return final.index_add_(0, token_of_slot, routed_outputs.to(final.dtype))
+
+    def dequantized_expert(self, expert: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """One kept-FP8 expert's `gate_up_proj` and `down_proj` (E4M3 with 128×128 block scales) in `dtype`."""
+        return tuple(
+            dequantize_fp8_blockwise(getattr(self, name)[expert], getattr(self, name + SCALE_SUFFIX)[expert]).to(dtype)
+            for name in ("gate_up_proj", "down_proj")
+        )
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
         """`load_state_dict` with the on-disk layout (one tensor per expert, e.g. a Trainer checkpoint on resume): a
@@ -951,7 +973,17 @@ class DeepseekMoePreTrainedModel(PreTrainedModel):
 
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
         """Unless the user chose one, run the experts with our Triton kernels (`"deepseek_triton"`, registered by
-        `moe_kernels`) where CUDA and triton are present, and keep transformers' default everywhere else."""
+        `moe_kernels`) where CUDA and triton are present, and keep transformers' default everywhere else. Kept FP8
+        experts run `"deepseek_fp8"` (the fused FP8 kernels where they run) or `"eager"` (dequantizing one expert at a
+        time)."""
+        if keeps_fp8_experts(self.config):
+            if requested_experts not in (None, "eager", FP8_EXPERTS_IMPLEMENTATION):
+                raise ValueError(
+                    f"experts_implementation={requested_experts!r}: this model keeps its experts in FP8, which run "
+                    f"{FP8_EXPERTS_IMPLEMENTATION!r} or 'eager'; for others load it with "
+                    "DeepseekFp8Config(dequantize=True)"
+                )
+            return requested_experts or FP8_EXPERTS_IMPLEMENTATION
         if requested_experts is None and kernels_default():
             requested_experts = IMPLEMENTATION_NAME
         return super().get_correct_experts_implementation(requested_experts)
@@ -1162,10 +1194,16 @@ class DeepseekMoeForCausalLM(DeepseekMoePreTrainedModel, MtpGenerationMixin):
     ) -> None:
         """Saves the official MTP layout too: every MTP layer with its own copies (`mtp_copies`)."""
         if state_dict is None and self.config.num_nextn_predict_layers > 0:
-            state_dict = self.state_dict()
-            for copy, source in mtp_copies(self.config).items():
-                state_dict[copy] = state_dict[source].clone()
+            state_dict = self.checkpoint_state_dict()
         super().save_pretrained(save_directory, is_main_process=is_main_process, state_dict=state_dict, **kwargs)
+
+    def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
+        """The state dict as official checkpoints hold it: every MTP layer with its own copies of the embedding and
+        head (the FP8 quantizer saves this one too)."""
+        state_dict = self.state_dict()
+        for copy, source in mtp_copies(self.config).items():
+            state_dict[copy] = state_dict[source].clone()
+        return state_dict
 
     def _prepare_cache_for_generation(
         self, generation_config, model_kwargs: dict, generation_mode, batch_size: int, max_cache_length: int
@@ -1296,8 +1334,9 @@ class MergeExperts(ConversionOps):
         config: DeepseekMoeConfig | None = None,
         **kwargs,
     ) -> dict:
+        companions = {p + SCALE_SUFFIX for p in source_patterns}  # kept FP8 merges the scales alone, as plain tensors
         projections = [
-            (input_dict[p], input_dict.get(p + SCALE_SUFFIX)) for p in source_patterns if not p.endswith(SCALE_SUFFIX)
+            (input_dict[p], input_dict.get(p + SCALE_SUFFIX)) for p in source_patterns if p not in companions
         ]
         first = projections[0][0][0]
         rows, cols = first.shape
@@ -1352,6 +1391,7 @@ def checkpoint_conversions() -> list[WeightConverter]:
 
 # transformers skips conversions for code outside its own package unless they are registered for the model type.
 register_checkpoint_conversion_mapping(DeepseekMoeConfig.model_type, checkpoint_conversions(), overwrite=True)
+ALL_EXPERTS_FUNCTIONS.register(FP8_EXPERTS_IMPLEMENTATION, fp8_experts_forward)  # kept FP8 experts
 
 
 __all__ = [

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 import torch
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
+from .fp8_kernels import BLOCK_K as FP8_BLOCK
+from .fp8_kernels import E4M3, act_quant, check_fp8_weight, fp8_gemm_configs, fp8_gemm_runs_on
 from .triton_support import INTERPRET, tl, triton, triton_runs_on
 
 IMPLEMENTATION_NAME = "deepseek_triton"
@@ -251,6 +253,76 @@ if triton is not None:
         )
         if HAS_SCALE:
             acc *= tl.load(scale_ptr + slots, mask=row_mask, other=0.0).to(tl.float32)[:, None]
+        out_ptrs = out_ptr + slots[:, None] * N + offs_n[None, :]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
+
+    from .fp8_kernels import block_scaled_dot, quantize_tiles
+
+    # BLOCK_N = 128: a program holds whole 1×128 tiles of h, so it quantizes them for the down GEMM itself.
+    @triton.autotune(configs=fp8_gemm_configs((128,)), key=["inter", "hidden", "UE8M0", "BLOCK_M"])
+    @triton.jit
+    def _gate_up_swiglu_fp8_kernel(
+        x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, h_ptr, h_scale_ptr,
+        sorted_slots_ptr, tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr,
+        num_experts, hidden, inter, top_k,
+        stride_xt, stride_xst, stride_we, stride_wn, stride_wk, stride_wse, stride_wsn, stride_wsk,
+        UE8M0: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):  # fmt: skip
+        """h[r] = silu(x[token(r)] @ W_gate[e]ᵀ) * (x[token(r)] @ W_up[e]ᵀ) from E4M3 x (1×128 tiles) and E4M3
+        weights (128×128 blocks), stored as E4M3 with one scale per row and 128 columns."""
+        expert, rows, row_mask, slots, offs_n, n_mask, offs_k = _expert_tile(
+            tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr, sorted_slots_ptr, num_experts, inter,
+            BLOCK_M, BLOCK_N, BLOCK_K,
+        )  # fmt: skip
+        if expert >= num_experts:
+            return
+        tokens = slots // top_k
+        x_ptrs = x_ptr + tokens[:, None] * stride_xt + offs_k[None, :]
+        x_scale_ptrs = x_scale_ptr + tokens * stride_xst
+        gate_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
+        gate_scale_ptrs = w_scale_ptr + expert.to(tl.int64) * stride_wse + (offs_n // BLOCK_K) * stride_wsn
+        # The up rows start at `inter`, a multiple of 128: their scale rows start at inter / 128.
+        up_ptrs, up_scale_ptrs = gate_ptrs + inter * stride_wn, gate_scale_ptrs + (inter // BLOCK_K) * stride_wsn
+        gate = block_scaled_dot(
+            x_ptrs, x_scale_ptrs, row_mask, gate_ptrs, gate_scale_ptrs, n_mask, offs_k, hidden,
+            1, stride_wk, 1, stride_wsk, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K,
+        )  # fmt: skip
+        up = block_scaled_dot(
+            x_ptrs, x_scale_ptrs, row_mask, up_ptrs, up_scale_ptrs, n_mask, offs_k, hidden,
+            1, stride_wk, 1, stride_wsk, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K,
+        )  # fmt: skip
+        h, h_scale = quantize_tiles(gate * tl.sigmoid(gate) * up, UE8M0)
+        h_ptrs = h_ptr + rows[:, None].to(tl.int64) * inter + offs_n[None, :]
+        tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
+        tl.store(h_scale_ptr + rows.to(tl.int64) * (inter // BLOCK_K) + tl.program_id(1), h_scale, mask=row_mask)
+
+    @triton.autotune(configs=fp8_gemm_configs((64, 128)), key=["N", "K", "BLOCK_M"])
+    @triton.jit
+    def _grouped_gemm_scatter_fp8_kernel(
+        a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, out_ptr, weights_ptr,
+        sorted_slots_ptr, tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr,
+        num_experts, N, K,
+        stride_we, stride_wn, stride_wk, stride_wse, stride_wsn, stride_wsk,
+        UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):  # fmt: skip
+        """out[slot(r)] = weight[slot(r)] · a[r] @ W[e]ᵀ from E4M3 a [S, K] (1×128 tiles, scales [S, K/128]) and
+        E4M3 W[e] [N, K] (128×128 blocks)."""
+        expert, rows, row_mask, slots, offs_n, n_mask, offs_k = _expert_tile(
+            tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr, sorted_slots_ptr, num_experts, N,
+            BLOCK_M, BLOCK_N, BLOCK_K,
+        )  # fmt: skip
+        if expert >= num_experts:
+            return
+        acc = block_scaled_dot(
+            a_ptr + rows[:, None].to(tl.int64) * K + offs_k[None, :],
+            a_scale_ptr + rows.to(tl.int64) * (K // BLOCK_K),
+            row_mask,
+            w_ptr + expert.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
+            w_scale_ptr + expert.to(tl.int64) * stride_wse + (offs_n // BLOCK_K) * stride_wsn,
+            n_mask, offs_k, K, 1, stride_wk, 1, stride_wsk, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K,
+        )  # fmt: skip
+        acc *= tl.load(weights_ptr + slots, mask=row_mask, other=0.0).to(tl.float32)[:, None]
         out_ptrs = out_ptr + slots[:, None] * N + offs_n[None, :]
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
 
@@ -539,6 +611,11 @@ class _FusedExperts(torch.autograd.Function):
         return d_hidden, d_weights, d_gate_up_proj, d_down, None
 
 
+def _default_block_m(num_tokens: int) -> int:
+    """16-row tiles for decode-sized batches (each expert's weights read once per step), 64 for training."""
+    return BLOCK_M_DECODE if num_tokens <= DECODE_MAX_TOKENS or INTERPRET else BLOCK_M_TRAIN
+
+
 def fused_experts(
     hidden_states: torch.Tensor,
     top_k_index: torch.Tensor,
@@ -556,15 +633,95 @@ def fused_experts(
     num_tokens = hidden_states.shape[0]
     if num_tokens == 0:
         return torch.zeros_like(hidden_states)
-    if block_m is None:
-        block_m = BLOCK_M_DECODE if num_tokens <= DECODE_MAX_TOKENS or INTERPRET else BLOCK_M_TRAIN
-    meta = routing_metadata(top_k_index, gate_up_proj.shape[0], block_m)
+    meta = routing_metadata(top_k_index, gate_up_proj.shape[0], block_m or _default_block_m(num_tokens))
     tensors = (hidden_states.to(gate_up_proj.dtype).contiguous(), top_k_weights.contiguous(), gate_up_proj, down_proj)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         out = _FusedExperts.apply(*tensors, meta)
     else:
         out = _forward(*tensors, meta, keep_gate_up=False)[0]
     return out.to(hidden_states.dtype)
+
+
+def _check_fp8_experts(
+    gate_up_proj: torch.Tensor,
+    gate_up_proj_scale_inv: torch.Tensor,
+    down_proj: torch.Tensor,
+    down_proj_scale_inv: torch.Tensor,
+    hidden: int,
+    act: str,
+) -> None:
+    """Clear errors for what the FP8 kernels cannot take."""
+    if act != "silu":
+        raise ValueError(f"fused_experts_fp8: only act='silu' (SwiGLU experts) is supported, got {act!r}")
+    check_fp8_weight(gate_up_proj, gate_up_proj_scale_inv, "fused_experts_fp8", "gate_up_proj")
+    check_fp8_weight(down_proj, down_proj_scale_inv, "fused_experts_fp8", "down_proj")
+    num_experts, two_inter = gate_up_proj.shape[:2]
+    inter = two_inter // 2
+    if gate_up_proj.shape != (num_experts, 2 * inter, hidden) or down_proj.shape != (num_experts, hidden, inter):
+        raise ValueError(
+            f"fused_experts_fp8: expected gate_up_proj [E, 2I, H] and down_proj [E, H, I] with H = {hidden}, got "
+            f"{tuple(gate_up_proj.shape)} and {tuple(down_proj.shape)}"
+        )
+    if inter % FP8_BLOCK:
+        raise ValueError(
+            f"fused_experts_fp8: the expert intermediate size must be a multiple of {FP8_BLOCK} (gate and up blocks "
+            f"must not share a 128-row scale block), got {inter}; dequantize such experts instead"
+        )
+
+
+@torch.no_grad()
+def fused_experts_fp8(
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    gate_up_proj_scale_inv: torch.Tensor,
+    down_proj: torch.Tensor,
+    down_proj_scale_inv: torch.Tensor,
+    act: str = "silu",
+    scale_fmt: str | None = None,
+) -> torch.Tensor:
+    """Σ_j w[t, j] · down[e_j](silu(gate[e_j] x_t) · up[e_j] x_t) (inference only) with E4M3 expert weights and
+    their 128×128 `*_scale_inv` blocks ([E, 2I/128, ceil(H/128)] for gate_up, gate's rows then up's;
+    [E, ceil(H/128), I/128] for down), I a multiple of 128. x is quantized per 1×128 tile (`act_quant`), the SwiGLU
+    output per 1×128 tile inside the gate/up kernel; both grouped GEMMs promote each 128-K chunk into fp32. The
+    routing metadata, tile layout and deterministic combine are those of `fused_experts`. Slots whose expert id is
+    ≥ E (expert-parallel sentinels) contribute nothing. Returns [T, H] in hidden_states' dtype."""
+    num_tokens, hidden = hidden_states.shape
+    _check_fp8_experts(gate_up_proj, gate_up_proj_scale_inv, down_proj, down_proj_scale_inv, hidden, act)
+    if not fp8_gemm_runs_on(hidden_states.device):
+        raise RuntimeError(
+            f"fused_experts_fp8: the FP8 kernels do not run on {hidden_states.device} (see fp8_gemm_runs_on); "
+            "dequantize the experts instead"
+        )
+    if num_tokens == 0:
+        return torch.zeros_like(hidden_states)
+    num_experts, two_inter, _ = gate_up_proj.shape
+    inter, top_k = two_inter // 2, top_k_index.shape[1]
+    meta = routing_metadata(top_k_index, num_experts, _default_block_m(num_tokens))
+    num_slots = meta.sorted_slots.numel()
+    x, x_scale = act_quant(hidden_states, FP8_BLOCK, scale_fmt)
+    h = torch.empty(num_slots, inter, dtype=E4M3, device=x.device)
+    h_scale = torch.empty(num_slots, inter // FP8_BLOCK, dtype=torch.float32, device=x.device)
+    gate_up_scale = gate_up_proj_scale_inv.float()
+    _gate_up_swiglu_fp8_kernel[_grid_tiles(meta, inter)](
+        x, x_scale, gate_up_proj, gate_up_scale, h, h_scale,
+        meta.sorted_slots, meta.tile_expert, meta.tile_row_start, meta.expert_offsets,
+        num_experts, hidden, inter, top_k,
+        x.stride(0), x_scale.stride(0), *gate_up_proj.stride(), *gate_up_scale.stride(),
+        UE8M0=scale_fmt == "ue8m0", UPCAST=INTERPRET, BLOCK_M=meta.block_m, BLOCK_K=FP8_BLOCK,
+    )  # fmt: skip
+    # Zeros: slots routed to no local expert are covered by no tile and must add nothing in the combine.
+    per_slot = hidden_states.new_zeros(num_slots, hidden)
+    down_scale = down_proj_scale_inv.float()
+    _grouped_gemm_scatter_fp8_kernel[_grid_tiles(meta, hidden)](
+        h, h_scale, down_proj, down_scale, per_slot, top_k_weights.contiguous(),
+        meta.sorted_slots, meta.tile_expert, meta.tile_row_start, meta.expert_offsets,
+        num_experts, hidden, inter,
+        *down_proj.stride(), *down_scale.stride(),
+        UPCAST=INTERPRET, BLOCK_M=meta.block_m, BLOCK_K=FP8_BLOCK,
+    )  # fmt: skip
+    return _combine(per_slot, num_tokens, top_k, hidden_states.dtype)
 
 
 def kernels_default() -> bool:

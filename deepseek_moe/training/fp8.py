@@ -11,7 +11,7 @@ norms and the attention core stay in high precision.
 
 On CPU the GEMMs are emulated: quantize → dequantize → fp32 matmul, the same bits a block-scaled FP8 GEMM sees, so the
 emulation is what the tests check against an fp64 reference. On a GPU with FP8 tensor cores the same GEMMs run in
-the Triton block-scaled kernel of `fp8_kernels.py` (tested here under the interpreter only).
+the Triton block-scaled kernel of `model/fp8_kernels.py` (tested here under the interpreter only).
 
     model = enable_fp8_training(model, recipe="blockwise", scale_format="ue8m0")
 """
@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
+from ..model.fp8_kernels import block_scaled_gemm, triton_gemm_available
 from ..model.quantization_deepseek_moe import dequantize_fp8_blockwise
-from .fp8_kernels import block_scaled_gemm, triton_gemm_available
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max  # 448

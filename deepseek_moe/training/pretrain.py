@@ -551,6 +551,7 @@ def train(
     with a `StepRecord`. Bad settings raise ValueError / FileNotFoundError before any training step.
     """
     from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate.utils import is_tensorboard_available
 
     kwargs_handlers: list[Any] = [DistributedDataParallelKwargs(broadcast_buffers=False)]
     mixed_precision = "bf16" if args.bf16 else "no"
@@ -568,7 +569,7 @@ def train(
         cpu=not torch.cuda.is_available(),
         mixed_precision=mixed_precision,
         kwargs_handlers=kwargs_handlers,
-        log_with="tensorboard" if args.tensorboard and _tensorboard_available() else None,
+        log_with="tensorboard" if args.tensorboard and is_tensorboard_available() else None,
         project_dir=args.output_dir,
     )
     try:
@@ -577,17 +578,6 @@ def train(
         accelerator.end_training()
         if accelerator.num_processes == 1:
             _reset_accelerate_state()
-
-
-def _tensorboard_available() -> bool:
-    from accelerate.utils import is_tensorboard_available
-
-    if is_tensorboard_available():
-        return True
-    from transformers.utils import logging
-
-    logging.get_logger(__name__).warning("no TensorBoard logs: tensorboard is not installed (pip install tensorboard)")
-    return False
 
 
 def _reset_accelerate_state() -> None:
@@ -628,6 +618,11 @@ def _train(accelerator, args: TrainArguments, model, tokenizer, on_step) -> Trai
             from .fp8 import enable_fp8_training as fp8_training
         except ImportError as error:
             raise ValueError(f"--fp8 blockwise needs deepseek_moe.training.fp8: {error}") from error
+    if args.tensorboard and not accelerator.log_with:  # said only once the settings are known to be good
+        from transformers.utils import logging
+
+        logger = logging.get_logger(__name__)
+        logger.warning("no TensorBoard logs: tensorboard is not installed (pip install tensorboard)")
 
     output_dir = Path(args.output_dir)
     checkpoint_dir = output_dir / "checkpoints"
