@@ -121,8 +121,8 @@ class LatentCacheLayer(DynamicLayer):
     def _select(self, rows: torch.Tensor) -> None:
         if self.is_initialized:
             self.buffer = self.buffer[rows.to(self.buffer.device)]
-            if self.columns is not None:
-                self.columns = self.columns[rows.to(self.columns.device)]
+            if self.columns is not None:  # only the sealed blocks: the rest is room
+                self.columns = self.columns[rows.to(self.columns.device), : self.sealed]
             self._refresh_views()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
