@@ -4,7 +4,9 @@ trained model and on an untrained one (whose drafts are never accepted, so adapt
 A small V3-style model (D MTP modules) is trained briefly with the MTP loss on Python's standard-library sources,
 byte-level (vocabulary 256); an untrained copy of the same architecture is the no-acceptance case. Each round runs
 every arm once per prompt, arms alternating, so load on a shared machine hits them alike; times are medians over
-rounds. Greedy MTP outputs must equal plain greedy outputs.
+rounds. Greedy MTP outputs must equal plain greedy outputs. Besides wall-clock tokens/s, each arm's CPU time (this
+thread's, `time.thread_time`) is reported: on a shared machine other processes take the CPU in the middle of steps,
+which wall time counts and CPU time does not, so the CPU-time ratios show what a quiet machine would.
 
     OMP_NUM_THREADS=1 python benchmarks/mtp_speculative.py --steps 300 --depth 1
 
@@ -17,6 +19,7 @@ its time: `mtp_hidden_states` returning one tensor, and `mtp_logits`).
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import platform
 import statistics
@@ -54,20 +57,71 @@ def train(model: DeepseekMoeForCausalLM, data: torch.Tensor, steps: int, batch: 
     return float(loss.detach())
 
 
-def run_arms(arms: dict, prompts: list[torch.Tensor], rounds: int, new_tokens: int) -> dict[str, float]:
-    """Median over rounds of each arm's seconds for all prompts; within a round the arms alternate per prompt."""
-    seconds = {name: [] for name in arms}
+def run_arms(
+    arms: dict, prompts: list[torch.Tensor], rounds: int, new_tokens: int
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Median over rounds of each arm's wall and CPU seconds for all prompts; within a round the arms alternate per
+    prompt."""
+    wall, cpu = ({name: [] for name in arms} for _ in range(2))
     for _ in range(rounds):
-        totals = dict.fromkeys(arms, 0.0)
+        wall_totals, cpu_totals = dict.fromkeys(arms, 0.0), dict.fromkeys(arms, 0.0)
         for prompt in prompts:
             for name, (model, options) in arms.items():
                 torch.manual_seed(0)
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.thread_time()
                 model.generate(prompt, max_new_tokens=new_tokens, eos_token_id=None, **options)
-                totals[name] += time.perf_counter() - start
-        for name, total in totals.items():
-            seconds[name].append(total)
-    return {name: statistics.median(times) for name, times in seconds.items()}
+                wall_totals[name] += time.perf_counter() - start
+                cpu_totals[name] += time.thread_time() - start_cpu
+        for name in arms:
+            wall[name].append(wall_totals[name])
+            cpu[name].append(cpu_totals[name])
+    median = {name: statistics.median(times) for name, times in wall.items()}
+    return median, {name: statistics.median(times) for name, times in cpu.items()}
+
+
+def cost_breakdown(model: DeepseekMoeForCausalLM, prompts: list[torch.Tensor], new_tokens: int) -> None:
+    """Where a greedy step's CPU time goes, plain and with MTP: the main model's forward passes, the MTP drafts
+    (`MtpCandidateGenerator.draft`) and the rest (the decoding loop), timed by wrapping the two functions."""
+    from deepseek_moe.model import speculative
+
+    spent = {"forward": 0.0, "draft": 0.0}
+
+    def timed(function, key: str):
+        @functools.wraps(function)
+        def wrapper(*args, **kwargs):
+            start = time.thread_time()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                spent[key] += time.thread_time() - start
+
+        return wrapper
+
+    forward, draft = type(model).forward, speculative.MtpCandidateGenerator.draft
+    type(model).forward, speculative.MtpCandidateGenerator.draft = timed(forward, "forward"), timed(draft, "draft")
+    try:
+        for options in ({}, {"use_mtp": True}):
+            spent.update(forward=0.0, draft=0.0)
+            steps = drafts = 0
+            start = time.thread_time()
+            for prompt in prompts:
+                out = model.generate(
+                    prompt, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, **options,
+                    return_dict_in_generate=True,
+                )  # fmt: skip
+                steps += getattr(out, "draft_steps", new_tokens - 1) + getattr(out, "plain_steps", 0)
+                drafts += getattr(out, "draft_steps", 0)
+            total = time.thread_time() - start
+            rest = total - spent["forward"] - spent["draft"]
+            per_draft = f"{spent['draft'] / drafts * 1e3:.3f} ms per draft, " if drafts else ""
+            print(
+                f"{'MTP' if options else 'plain'} greedy, trained model: {total * 1e3:.0f} ms CPU for "
+                f"{len(prompts) * new_tokens} tokens in {steps} steps after the prefills; forward passes "
+                f"(prefills included) {spent['forward'] * 1e3:.0f} ms, drafts {spent['draft'] * 1e3:.0f} ms "
+                f"({per_draft}{drafts} drafts), the rest {rest * 1e3:.0f} ms ({rest / steps * 1e3:.3f} ms per step)"
+            )
+    finally:
+        type(model).forward, speculative.MtpCandidateGenerator.draft = forward, draft
 
 
 class BaselineLoop:
@@ -92,6 +146,10 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--baseline-loop", metavar="FILE", help="an older speculative.py to time as one more arm")
+    parser.add_argument("--breakdown", action="store_true", help="also print where a step's CPU time goes")
+    parser.add_argument(
+        "--trained", metavar="DIR", help="load the trained model from DIR, else train it and save it there"
+    )
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -99,10 +157,15 @@ def main() -> None:
         "tiny-v3", vocab_size=256, hidden_size=128, num_hidden_layers=4, num_nextn_predict_layers=args.depth
     )
     untrained = DeepseekMoeForCausalLM(config).eval()
-    model = DeepseekMoeForCausalLM(config)
     data = corpus_bytes(2_000_000)
     start = time.perf_counter()
-    loss = train(model, data, args.steps, batch=16, length=128)
+    if args.trained and Path(args.trained, "config.json").exists():
+        model, loss = DeepseekMoeForCausalLM.from_pretrained(args.trained), float("nan")
+    else:
+        model = DeepseekMoeForCausalLM(config)
+        loss = train(model, data, args.steps, batch=16, length=128)
+        if args.trained:
+            model.save_pretrained(args.trained)
     train_time = time.perf_counter() - start
     model.eval()
 
@@ -142,23 +205,28 @@ def main() -> None:
             counts[1] += out.drafted_tokens
             counts[2] += getattr(out, "draft_steps", None) or 0  # the older loop drafts at every step
             counts[3] += getattr(out, "plain_steps", None) or 0
-    timings = run_arms(arms, prompts, args.rounds, args.new_tokens)
+    timings, cpu_timings = run_arms(arms, prompts, args.rounds, args.new_tokens)
 
     tokens = args.prompts * args.new_tokens
     machine = platform.processor() or platform.machine()
     print(f"machine: {machine}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"model: tiny-v3 h128 L4 D={args.depth}, trained {args.steps} steps in {train_time:.0f} s (loss {loss:.3f})")
+    trained = f"loaded from {args.trained}" if loss != loss else f"trained {args.steps} steps (loss {loss:.3f})"
+    print(f"model: tiny-v3 h128 L4 D={args.depth}, {trained} in {train_time:.0f} s")
     print(f"{args.prompts} prompts x {args.new_tokens} new tokens, batch 1, {args.rounds} rounds, medians")
-    print("| arm | tokens/s | vs plain | acceptance | draft steps / plain steps |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| arm | tokens/s | vs plain | CPU tokens/s | vs plain | acceptance | draft steps / plain steps |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, seconds in timings.items():
-        ratio = timings[name.split(" MTP")[0].removesuffix(" plain") + " plain"] / seconds
+        plain = name.split(" MTP")[0].removesuffix(" plain") + " plain"
+        ratio, cpu_ratio = timings[plain] / seconds, cpu_timings[plain] / cpu_timings[name]
         acceptance = steps = "—"
         if name in stats:
             accepted, drafted, draft_steps, plain_steps = stats[name]
             acceptance = f"{accepted / drafted:.1%} ({accepted}/{drafted})" if drafted else "no drafts"
             steps = f"{draft_steps} / {plain_steps}"
-        print(f"| {name} | {tokens / seconds:.1f} | {ratio:.2f}x | {acceptance} | {steps} |")
+        cpu = f"{tokens / cpu_timings[name]:.1f} | {cpu_ratio:.2f}x"
+        print(f"| {name} | {tokens / seconds:.1f} | {ratio:.2f}x | {cpu} | {acceptance} | {steps} |")
+    if args.breakdown:
+        cost_breakdown(model, prompts, args.new_tokens)
 
 
 if __name__ == "__main__":

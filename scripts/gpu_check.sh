@@ -27,7 +27,8 @@ print(torch.__version__, transformers.__version__, triton.__version__, torch.cud
 # Kernel tests: natively compiled Triton (no interpreter: conftest picks it only without nvidia-smi).
 step kernel_tests 150 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_mla_kernel.py tests/test_moe_kernels.py \
     tests/test_fp8_training.py $(ls tests/test_fp8_kernels.py tests/test_fp8_inference.py 2>/dev/null)
-step fp8_inference 150 "$PYTHON" benchmarks/fp8_inference.py --reps 5
-step moe_layer_bf16 60 "$PYTHON" benchmarks/moe_layer.py --dtype bfloat16 --scale 1 --expert-scale 1 --reps 5
-step training_bf16 60 "$PYTHON" benchmarks/training.py --dtype bfloat16 --steps 5
+step fp8_inference 120 "$PYTHON" benchmarks/fp8_inference.py --reps 5
+step fp8_model 90 "$PYTHON" benchmarks/fp8_model.py --expert-scale 16
+step moe_layer_bf16 45 "$PYTHON" benchmarks/moe_layer.py --dtype bfloat16 --scale 1 --expert-scale 1 --reps 5
+step training_bf16 45 "$PYTHON" benchmarks/training.py --dtype bfloat16 --steps 5
 cat "$OUT/summary.txt"

@@ -173,8 +173,9 @@ class _Collect(BaseStreamer):
         {"min_new_tokens": 10, "max_new_tokens": 14, "eos_token_id": 20, "pad_token_id": 0},
         {"max_length": 13, "eos_token_id": None},
         {"max_new_tokens": 12, "repetition_penalty": 1.5, "eos_token_id": None},
+        {"max_new_tokens": 8, "eos_token_id": None, "output_hidden_states": True},  # transformers' loop serves it
     ],
-    ids=["min_new_tokens", "max_length", "repetition_penalty"],
+    ids=["min_new_tokens", "max_length", "repetition_penalty", "hidden_states"],
 )
 def test_speculative_greedy_equals_plain_greedy_with_generate_options(trained_model, options):
     prompt = torch.tensor([[10, 11, 12, 13]])
@@ -295,8 +296,8 @@ def test_drafts_equal_the_mtp_chain_recomputed_without_cache(monkeypatch):
     recorded = []
     draft = speculative.MtpCandidateGenerator.draft
 
-    def recording_draft(self, input_ids, attention_mask, depths):
-        candidates, logits = draft(self, input_ids, attention_mask, depths)
+    def recording_draft(self, input_ids, *args):
+        candidates, logits = draft(self, input_ids, *args)
         recorded.append((input_ids, candidates[:, input_ids.shape[1] :]))
         return candidates, logits
 
@@ -322,3 +323,141 @@ def test_drafts_equal_the_mtp_chain_recomputed_without_cache(monkeypatch):
                 token = model.lm_head(head_input[:, -1]).argmax(-1, keepdim=True)
                 known = torch.cat([known, token], 1)
             assert torch.equal(known[:, n + 1 :], drafts)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"do_sample": False, "repetition_penalty": 1.3},
+        {"do_sample": True, "temperature": 1.3, "top_k": 20},
+    ],
+    ids=["greedy", "sampling"],
+)
+def test_mtp_loop_equals_transformers_assisted_loop(trained_model, monkeypatch, options):
+    """`generate(use_mtp=True)` runs a decoding loop of its own; it must do exactly what transformers' assisted
+    decoding does with the same candidate generator: the same tokens and the same random draws (one seed), the same
+    scores and logits, the same acceptance. Drafting at every step, so both loops draft alike."""
+    from transformers.generation import GenerationMixin
+
+    from deepseek_moe.model.speculative import MtpGenerationMixin
+
+    prompt = _arithmetic_batch(1, 5, 64, torch.Generator().manual_seed(5))
+    prompt[0, 3] = 40  # an irregular token, so some drafts are rejected
+    options |= {"max_new_tokens": 14, "eos_token_id": None, "use_mtp": True, "mtp_adaptive": False}
+    options |= {"return_dict_in_generate": True, "output_scores": True, "output_logits": True}
+    transformers_loop = GenerationMixin._assisted_decoding
+    calls = []
+    monkeypatch.setattr(
+        GenerationMixin, "_assisted_decoding", lambda *a, **k: calls.append(1) or transformers_loop(*a, **k)
+    )
+    torch.manual_seed(0)
+    ours = trained_model.generate(prompt, **options)
+    assert calls == []  # our loop ran
+    monkeypatch.setattr(MtpGenerationMixin, "_assisted_decoding", GenerationMixin._assisted_decoding)
+    torch.manual_seed(0)
+    theirs = trained_model.generate(prompt, **options)
+    assert calls == [1]
+    assert torch.equal(ours.sequences, theirs.sequences)
+    assert 0 < ours.accepted_tokens < ours.drafted_tokens
+    assert (ours.accepted_tokens, ours.drafted_tokens) == (theirs.accepted_tokens, theirs.drafted_tokens)
+    assert len(ours.scores) == len(theirs.scores) == ours.sequences.shape[1] - prompt.shape[1]
+    for mine, reference in zip(ours.scores + ours.logits, theirs.scores + theirs.logits, strict=True):
+        assert torch.equal(mine, reference)
+
+
+def test_step_counts_are_the_main_model_passes_after_the_prefill(trained_model):
+    passes = []
+    hook = trained_model.model.register_forward_pre_hook(lambda module, args: passes.append(1))
+    try:
+        out = trained_model.generate(
+            torch.tensor([[10, 11, 12, 13]]), max_new_tokens=15, use_mtp=True, eos_token_id=None,
+            return_dict_in_generate=True,
+        )  # fmt: skip
+    finally:
+        hook.remove()
+    assert out.draft_steps + out.plain_steps == len(passes) - 1
+    assert out.tokens_per_step == pytest.approx((15 - 1) / (len(passes) - 1))
+
+
+def test_time_taken_by_other_processes_does_not_pause_drafting(trained_model, monkeypatch):
+    """On a busy machine other processes take the CPU in the middle of steps; drafting is judged on this thread's
+    own time, so a draft stalled by the machine (a sleep stands in for it) is not taken for an expensive one."""
+    import time
+
+    stall = trained_model.mtp_hidden_states
+
+    def stalled(*args, **kwargs):
+        time.sleep(0.02)  # ten times a step of this model: a pause if wall time were the measure
+        return stall(*args, **kwargs)
+
+    monkeypatch.setattr(trained_model, "mtp_hidden_states", stalled)
+    prompt = _arithmetic_batch(1, 6, 64, torch.Generator().manual_seed(2))
+    out = trained_model.generate(
+        prompt, max_new_tokens=12, use_mtp=True, eos_token_id=None, return_dict_in_generate=True
+    )
+    assert out.acceptance_rate > 0.5
+    assert out.mtp_decisions == [] and out.plain_steps <= 1  # at most the last step, with no room for a draft
+
+
+def test_adaptive_drafting_judges_catch_up_steps_by_their_tokens_only():
+    from deepseek_moe.model.speculative import AdaptiveDrafting
+
+    rule = AdaptiveDrafting(enabled=True)
+    rule.record(True, tokens=1, seconds=9.0, drafting_seconds=8.0, timed=False)  # catch-up over the prompt
+    assert rule.decide(10) == (True, None)  # no timed step yet
+    rule.record(True, tokens=2, seconds=1.3, drafting_seconds=0.3, timed=True)
+    assert rule.decide(12) == (True, None)  # 1.5 tokens per draft step >= cost 1.3: keeps drafting
+    rule.record(True, tokens=1, seconds=1.3, drafting_seconds=0.3, timed=True)
+    drafting, decision = rule.decide(13)  # 1.33 tokens per step >= 1.3
+    assert drafting and decision is None
+    rule.record(True, tokens=1, seconds=1.3, drafting_seconds=0.3, timed=True)
+    drafting, decision = rule.decide(14)  # 1.25 < 1.3
+    assert not drafting and decision.startswith("pause at length 14")
+    for length in range(15, 15 + AdaptiveDrafting.FIRST_PAUSE - 1):
+        rule.record(False, tokens=1, seconds=1.0, drafting_seconds=0.0, timed=True)
+        assert rule.decide(length) == (False, None)
+    rule.record(False, tokens=1, seconds=1.0, drafting_seconds=0.0, timed=True)
+    assert rule.decide(46) == (True, "probe at length 46")
+    rule.record(True, tokens=2, seconds=5.0, drafting_seconds=4.0, timed=False)  # the probe catches up: 2 tokens
+    drafting, decision = rule.decide(50)  # (2 + 1 + 1 + 2) / 4 = 1.5 tokens >= 1.3 from the earlier timed steps
+    assert drafting and decision.startswith("drafting resumes at length 50")
+
+
+def test_position_buffer_keeps_what_the_drafts_read():
+    from deepseek_moe.model.speculative import PositionBuffer
+
+    buffer, reference = PositionBuffer(), {}
+    generator = torch.Generator().manual_seed(0)
+    position = 0
+    for step in range(300):
+        rows = 40 if step == 0 else int(torch.randint(1, 4, (1,), generator=generator))
+        states = torch.randn(1, rows, 3, generator=generator)
+        buffer.write(position, states)
+        reference.update({position + i: states[0, i] for i in range(rows)})
+        end = position + rows
+        assert buffer.end == end
+        start = max(buffer.start, end - 5)
+        assert torch.equal(buffer.read(start, end)[0], torch.stack([reference[i] for i in range(start, end)]))
+        buffer.drop_before(end - 2)
+        position = end - int(torch.randint(0, 2, (1,), generator=generator))  # rewrite the last row at times
+    assert buffer.buffer.shape[1] < 200  # the history was not kept
+
+
+def test_drafting_with_the_mtp_layer_offloaded_to_disk_equals_in_memory(tmp_path):
+    """Drafts run in inference mode; accelerate's hooks load an offloaded MTP layer's weights around its forward, so
+    the tokens must not change and no inference tensor may be left in the model (it could not be trained after)."""
+    model = _model(depth=1, seed=7, num_hidden_layers=2).eval()
+    model.save_pretrained(tmp_path / "model")
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
+    device_map |= {"model.layers.0": "cpu", "model.layers.1": "disk", "model.layers.2": "disk"}
+    offloaded = DeepseekMoeForCausalLM.from_pretrained(
+        tmp_path / "model", device_map=device_map, offload_folder=str(tmp_path / "offload")
+    ).eval()
+    assert offloaded.model.layers[2].eh_proj.weight.device.type == "meta"  # the MTP layer is really offloaded
+    prompt = torch.tensor([[5, 3, 8, 1, 9, 2]])
+    options = {"max_new_tokens": 8, "eos_token_id": None, "use_mtp": True, "mtp_adaptive": False}
+    plain = model.generate(prompt, max_new_tokens=8, do_sample=False, eos_token_id=None)
+    assert torch.equal(offloaded.generate(prompt, **options), plain)
+    assert torch.equal(model.generate(prompt, **options), plain)
+    assert not any(p.is_inference() for p in [*model.parameters(), *offloaded.parameters()])
+    model.train()(prompt, labels=prompt).loss.backward()  # drafting left the model trainable

@@ -2,9 +2,11 @@
 transformers' assisted generation.
 
 `generate(use_mtp=True)` goes through `GenerationMixin.generate`: each step the MTP chain drafts up to D tokens after
-the last known one, the main model verifies them in one forward pass, and transformers' assisted-decoding loop
-accepts them (greedy: the longest prefix equal to the main model's choices; sampling: speculative sampling, which
-keeps the main model's distribution). Logits processors, stopping criteria and streamers are transformers' own.
+the last known one, the main model verifies them in one forward pass, and they are accepted as transformers'
+assisted decoding accepts them (greedy: the longest prefix equal to the main model's choices; sampling: speculative
+sampling, which keeps the main model's distribution). Logits processors, stopping criteria and streamers are
+transformers' own. The loop is `MtpGenerationMixin._assisted_decoding`: transformers' steps without the per-step
+bookkeeping that outweighs the draft's gain on a small model; transformers' own loop runs where ours does not serve.
 
 transformers' `MTPCandidateGenerator` cannot serve this model (why `GenerationMixin.generate(use_mtp=True)` fails
 for it): it reads `num_mtp_layers` from the config ("Could not find `num_mtp_layers`"; our config, like DeepSeek's,
@@ -15,8 +17,9 @@ already loaded with the model. So the draft chain here is a `CandidateGenerator`
 `DeepseekMoeForCausalLM.mtp_hidden_states` and the shared head, plugged in through `_get_candidate_generator`.
 
 Drafting adapts: a draft step pays only if it emits more tokens than it costs in plain steps (its time over the time of
-its own verify pass). The generator measures both, pauses drafting when drafts do not pay, and probes again after a
-pause that doubles after every failed probe. The acceptance rate and every decision are reported on the output of
+its own verify pass, on a CPU in the thread's own CPU time, so other processes on a busy machine do not count). The
+generator measures both, pauses drafting when drafts do not pay, and probes again after a pause that doubles after
+every failed probe. The acceptance rate and every decision are reported on the output of
 `generate(..., return_dict_in_generate=True)`.
 
 Model-code sibling (imported by the modeling file), so it only depends on torch and transformers.
@@ -31,10 +34,13 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.generation import GenerationMixin
+from transformers.generation import GenerationConfig, GenerationMixin
 from transformers.generation.candidate_generator import CandidateGenerator
 from transformers.generation.logits_process import LogitsProcessorList
-from transformers.generation.utils import GenerateDecoderOnlyOutput
+from transformers.generation.stopping_criteria import StoppingCriteriaList
+from transformers.generation.utils import GenerateDecoderOnlyOutput, _speculative_sampling
+
+from .cache_deepseek_moe import LatentCache
 
 
 @dataclass
@@ -80,11 +86,13 @@ class AdaptiveDrafting:
     A draft step costs its drafting plus one main-model pass over D + 1 tokens; a plain step costs one pass over one
     token, which the verify pass of the same step stands in for (timed at the same moment, so a busy machine's
     changing load cancels out; it is an over-estimate, so borderline drafts are kept rather than dropped). Drafting
-    pays while the mean tokens per draft step is at least the median of (step time / verify time) over the last
-    `WINDOW` draft steps. The first decision comes after `FIRST_STEPS` draft steps; a pause lasts `FIRST_PAUSE` plain
-    steps, then one draft step probes (judged with the draft steps before it) and the pause doubles (up to
-    `MAX_PAUSE`) after every probe that still does not pay. A draft step that first runs the MTP modules over the
-    prompt or the positions passed while paused (one batched pass per depth) is not judged: it is not typical."""
+    pays while the mean tokens per draft step is at least the median of (step time / verify time), both over the
+    last `WINDOW` draft steps. A draft step that first runs the MTP modules over the prompt or over the positions
+    passed while paused (one batched pass per depth) counts for its tokens but not for its time, which is not
+    typical. The first decision comes after `FIRST_STEPS` draft steps (one of them timed at least); a pause lasts
+    `FIRST_PAUSE` plain steps, then one draft step probes (judged with the draft steps before it: it is the one
+    that catches up, so drafting a model whose drafts are never accepted costs that one step per pause) and the
+    pause doubles (up to `MAX_PAUSE`) after every probe that still does not pay."""
 
     FIRST_STEPS = 2
     PROBE_STEPS = 1
@@ -98,20 +106,23 @@ class AdaptiveDrafting:
         self.steps_in_mode = 0
         self.steps_before_decision = self.FIRST_STEPS
         self.pause = self.FIRST_PAUSE
-        self.draft_steps: deque[tuple[int, float]] = deque(maxlen=self.WINDOW)  # (tokens, step time / verify time)
+        self.tokens: deque[int] = deque(maxlen=self.WINDOW)  # tokens emitted per draft step
+        self.costs: deque[float] = deque(maxlen=self.WINDOW)  # step time / verify time of the timed ones
 
-    def record(self, drafted: bool, tokens: int, seconds: float, drafting_seconds: float) -> None:
+    def record(self, drafted: bool, tokens: int, seconds: float, drafting_seconds: float, timed: bool) -> None:
         self.steps_in_mode += 1
         if drafted:
-            self.draft_steps.append((tokens, seconds / max(seconds - drafting_seconds, 1e-9)))
+            self.tokens.append(tokens)
+            if timed:
+                self.costs.append(seconds / max(seconds - drafting_seconds, 1e-9))
 
     def decide(self, position: int) -> tuple[bool, str | None]:
         """Whether to draft this step, and a line saying why when the decision changes."""
         if not self.enabled:
             return True, None
-        if self.drafting and self.steps_in_mode >= self.steps_before_decision:
-            tokens = sum(t for t, _ in self.draft_steps) / len(self.draft_steps)
-            cost = statistics.median(c for _, c in self.draft_steps)
+        if self.drafting and self.steps_in_mode >= self.steps_before_decision and self.costs:
+            tokens = sum(self.tokens) / len(self.tokens)
+            cost = statistics.median(self.costs)
             if tokens < cost:
                 self.drafting, self.steps_in_mode = False, 0
                 return False, (
@@ -128,10 +139,6 @@ class AdaptiveDrafting:
         return self.drafting, None
 
 
-def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
-
-
 def _crop_layer(cache: Cache, index: int, length: int) -> None:
     """Keep the first `length` positions of one cache layer (MTP depths each keep a different length)."""
     if index < len(cache.layers):
@@ -141,29 +148,38 @@ def _crop_layer(cache: Cache, index: int, length: int) -> None:
 
 
 class PositionBuffer:
-    """Hidden states of the positions [start, end), written at the end and dropped from the front, so a long
-    generation does not copy its whole history every step."""
+    """Hidden states of the positions [start, end), written in place into spare rows; when the rows run out, the live
+    ones (those from `start`, few) move to the front of a buffer at least twice their number. So a step copies only
+    its own rows, and a long generation neither copies nor keeps its whole history."""
+
+    SPARE_ROWS = 64
 
     def __init__(self) -> None:
+        self.buffer: torch.Tensor | None = None
+        self.offset = 0  # the position of the buffer's first row
         self.start = 0
-        self.states: torch.Tensor | None = None
+        self.end = 0
 
     def write(self, position: int, states: torch.Tensor) -> None:
         """Replaces the positions from `position` on with `states`."""
-        kept = None if self.states is None else self.states[:, : position - self.start]
-        self.states = states if kept is None or kept.shape[1] == 0 else torch.cat([kept, states], 1)
-        self.start = position - (0 if kept is None else kept.shape[1])
+        if self.buffer is None:
+            self.start = self.offset = position
+        end = position + states.shape[1]
+        if self.buffer is None or end - self.offset > self.buffer.shape[1]:
+            live = None if self.buffer is None else self.read(self.start, position).clone()
+            rows = 2 * (end - self.start) + self.SPARE_ROWS
+            self.buffer = states.new_empty(states.shape[0], rows, states.shape[2])
+            self.offset = self.start
+            if live is not None:
+                self.buffer[:, : live.shape[1]] = live
+        self.buffer[:, position - self.offset : end - self.offset] = states
+        self.end = end
 
     def read(self, begin: int, end: int) -> torch.Tensor:
-        return self.states[:, begin - self.start : end - self.start]
+        return self.buffer[:, begin - self.offset : end - self.offset]
 
     def drop_before(self, position: int) -> None:
-        self.states = self.states[:, position - self.start :]
         self.start = position
-
-    @property
-    def end(self) -> int:
-        return self.start + (0 if self.states is None else self.states.shape[1])
 
 
 class MtpCandidateGenerator(CandidateGenerator):
@@ -191,17 +207,21 @@ class MtpCandidateGenerator(CandidateGenerator):
         self.max_length = max_length
         self.do_sample = do_sample
         self.logits_processor = logits_processor
-        self.cache = DynamicCache()
+        self.cache = LatentCache(capacity=max_length) if model.config.uses_mla else DynamicCache()  # as generate's
         self.main_hidden = PositionBuffer()  # h^0 up to position n-1, from the first one depth 1 has not processed
         self.mtp_hidden = [PositionBuffer() for _ in range(num_draft_tokens)]  # h^k, from where depth k+1 resumes
         self.processed = [0] * num_draft_tokens
         self.schedule = AdaptiveDrafting(adaptive)
         self.statistics = DraftStatistics()
+        # What other processes take from this one must not count: on a CPU the thread's own time, on an accelerator
+        # the wall time (the loop waits for the device at every step).
+        self.clock = time.thread_time if model.device.type == "cpu" else time.perf_counter
         self.step_start: float | None = None
         self.step_drafted = False
         self.step_drafting_seconds = 0.0
         self.step_tokens = 0
         self.last_hidden: torch.Tensor | None = None
+        self.inference_mode = not any(hasattr(module, "_hf_hook") for module in model.modules())
         self.hook = model.model.norm.register_forward_hook(self.keep_last_hidden)
 
     def keep_last_hidden(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
@@ -219,15 +239,16 @@ class MtpCandidateGenerator(CandidateGenerator):
         n_last_matches: int,
         **kwargs,
     ) -> tuple[torch.LongTensor, torch.Tensor | None]:
-        now = time.perf_counter()
+        now = self.clock()
         if is_first_iteration:  # the main model's prefill comes first: drafts need its hidden states
             return input_ids, None
-        if self.step_start is not None and self.step_drafted != "catching up":
-            self.schedule.record(self.step_drafted, self.step_tokens, now - self.step_start, self.step_drafting_seconds)
+        if self.step_start is not None:
+            seconds, timed = now - self.step_start, self.step_drafted != "catching up"
+            self.schedule.record(bool(self.step_drafted), self.step_tokens, seconds, self.step_drafting_seconds, timed)
         self.step_start, self.step_drafted, self.step_drafting_seconds = now, False, 0.0
 
         hidden = self.last_hidden  # the prefill's positions, else [t_n, accepted drafts, rejected ones]
-        if self.main_hidden.states is not None:
+        if self.main_hidden.buffer is not None:
             hidden = hidden[:, : n_last_matches + 1]
         self.main_hidden.write(self.main_hidden.end, hidden)
         if self.main_hidden.end != input_ids.shape[1] - 1:
@@ -241,18 +262,29 @@ class MtpCandidateGenerator(CandidateGenerator):
             return input_ids, None
         # A step that first runs the MTP modules over the prompt or the positions passed while paused is not timed.
         self.step_drafted = "catching up" if input_ids.shape[1] - 1 - self.processed[0] > depths + 1 else True
-        candidate_ids, candidate_logits = self.draft(input_ids, model_kwargs.get("attention_mask"), depths)
-        self.step_drafting_seconds = time.perf_counter() - now
+        # Drafting state (the depths' cache and hidden states) never leaves the generator, and what it returns is only
+        # read, so it runs in inference mode, which spares each op autograd's bookkeeping (15% of a draft on CPU);
+        # not under accelerate's offloading hooks, whose weights loaded for the draft would become inference tensors.
+        with torch.inference_mode(self.inference_mode):
+            candidate_ids, candidate_logits = self.draft(
+                input_ids, model_kwargs.get("attention_mask"), model_kwargs["position_ids"], depths
+            )
+        self.step_drafting_seconds = self.clock() - now
         return candidate_ids, candidate_logits
 
     def draft(
-        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None, depths: int
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.LongTensor,
+        depths: int,
     ) -> tuple[torch.LongTensor, torch.Tensor]:
-        """Runs depths 1..`depths` over every position not yet processed and drafts one token per depth."""
+        """Runs depths 1..`depths` over every position not yet processed and drafts one token per depth.
+        `attention_mask` (None without padding) and `position_ids` cover the sequence so far, as `generate` keeps
+        them."""
         model, embed = self.model, self.model.model.embed_tokens
         n = input_ids.shape[1] - 1  # t_n is known, not yet cached by the main model
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.dtype)
-        positions = _positions(mask)
+        mask = None if attention_mask is None else attention_mask[:, :n]
         previous, known, logits = self.main_hidden, input_ids, []
         for k in range(1, depths + 1):
             start = self.processed[k - 1]
@@ -261,8 +293,8 @@ class MtpCandidateGenerator(CandidateGenerator):
                 k,
                 previous.read(start, n),
                 embed(known[:, start + k : n + k]),
-                mask[:, :n],
-                positions[:, start:n],
+                mask,
+                position_ids[:, start:n],
                 cache=self.cache,
             )
             previous.drop_before(n - k + 1)  # depth k resumes there next step; nothing reads h^{k-1} before it
@@ -281,6 +313,8 @@ class MtpCandidateGenerator(CandidateGenerator):
         return known, torch.stack(logits, 1)
 
     def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.Tensor, num_matches: int) -> None:
+        if self.main_hidden.buffer is None:  # the prefill's token: not a step of the draft's
+            return
         statistics, drafted = self.statistics, scores.shape[1] - 1
         self.step_tokens = int(num_matches) + 1
         statistics.emitted += self.step_tokens
@@ -383,6 +417,167 @@ class MtpGenerationMixin(GenerationMixin):
         if isinstance(outputs[0], GenerateDecoderOnlyOutput):
             return GenerateDecoderOnlyOutput(sequences=sequences)
         return sequences
+
+    def _assisted_decoding(
+        self,
+        input_ids: torch.LongTensor,
+        logits_processor: LogitsProcessorList,
+        stopping_criteria: StoppingCriteriaList,
+        generation_config: GenerationConfig,
+        synced_gpus: bool = False,
+        streamer=None,
+        inputs_tensor: torch.Tensor | None = None,
+        assistant_model=None,
+        assistant_tokenizer=None,
+        tokenizer=None,
+        **model_kwargs,
+    ):
+        """The decoding loop of `generate(use_mtp=True)`: transformers' assisted decoding (the same steps, results and
+        random draws) without the per-step work an MTP draft does not need and a small model feels (copying and
+        re-growing the model kwargs, re-slicing the mask and position ids, cloning logits nobody asked for, the
+        encoder-decoder and assistant-model branches): the mask and position ids up to `max_length` are made once
+        and sliced. transformers' own loop runs where this one does not serve: another candidate generator,
+        `synced_gpus`, attentions or hidden states in the output, `assistant_ensemble_weight`, `inputs_embeds`,
+        inputs on another device than the model's."""
+        config = generation_config
+        if (
+            getattr(self, "_mtp_options", None) is None
+            or synced_gpus
+            or config.output_attentions
+            or config.output_hidden_states
+            or config.assistant_ensemble_weight is not None
+            or model_kwargs.get("inputs_embeds") is not None
+            or model_kwargs.get("cache") is None
+            or (self.device.type != "meta" and input_ids.device != self.device)
+        ):
+            return super()._assisted_decoding(
+                input_ids,
+                logits_processor,
+                stopping_criteria,
+                generation_config,
+                synced_gpus=synced_gpus,
+                streamer=streamer,
+                inputs_tensor=inputs_tensor,
+                assistant_model=assistant_model,
+                assistant_tokenizer=assistant_tokenizer,
+                tokenizer=tokenizer,
+                **model_kwargs,
+            )
+        cache = model_kwargs["cache"]
+        cache.activate_past_recording()
+        generator = self._get_candidate_generator(config, input_ids, inputs_tensor, logits_processor, model_kwargs)
+        scores = () if config.return_dict_in_generate and config.output_scores else None
+        raw_logits = () if config.return_dict_in_generate and config.output_logits else None
+        model_forward = (
+            self.get_compiled_call(config.compile_config)
+            if self._valid_auto_compile_criteria(model_kwargs, config)
+            else self.__call__
+        )
+        # The mask (present only with padding) and the position ids of the sequence once it reaches max_length.
+        prompt_length, max_length = input_ids.shape[1], config.max_length
+        positions = model_kwargs.pop("position_ids", None)
+        if positions is None:  # a forward without position ids (wrapped): generate made none
+            positions = self._prepare_position_ids_for_generation(input_ids, model_kwargs)
+        steps = torch.arange(1, max_length - prompt_length + 1, device=positions.device)
+        positions = torch.cat([positions, positions[:, -1:] + steps], -1)
+        attention_mask = model_kwargs.pop("attention_mask", None)
+        if attention_mask is not None:
+            attention_mask = torch.nn.functional.pad(attention_mask, (0, max_length - prompt_length), value=1)
+
+        def sequence_inputs(length: int) -> dict:  # the mask and position ids of the first `length` tokens
+            mask = None if attention_mask is None else attention_mask[:, :length]
+            return {"attention_mask": mask, "position_ids": positions[:, :length]}
+
+        def step_inputs(ids: torch.LongTensor, new: int) -> dict:
+            """The model inputs for the last `new` tokens of `ids`, as `prepare_inputs_for_generation` makes them
+            (which runs where it does more: the 4D mask of a compilable cache)."""
+            if cache.is_compileable:
+                inputs = self.prepare_inputs_for_generation(
+                    ids, next_sequence_length=new, **model_kwargs, **sequence_inputs(ids.shape[1])
+                )
+                return inputs | {"logits_to_keep": new}
+            length = ids.shape[1]
+            return model_kwargs | {
+                "input_ids": ids[:, -new:],
+                "position_ids": positions[:, length - new : length],
+                "attention_mask": None if attention_mask is None else attention_mask[:, :length],
+                "logits_to_keep": new,
+            }
+
+        prefill = self.prepare_inputs_for_generation(
+            input_ids, is_first_iteration=True, **model_kwargs, **sequence_inputs(prompt_length)
+        )
+        outputs = self(**prefill)
+        if not outputs.cache.is_croppable:
+            raise ValueError("assisted decoding needs a cache that can be cropped back after rejected drafts")
+        candidate_ids, candidate_logits = input_ids, None
+        with self._optimize_model_for_decode():
+            while True:
+                candidate_length = candidate_ids.shape[1] - input_ids.shape[1]
+                new_logits = outputs.logits[:, -candidate_length - 1 :].to(dtype=torch.float32, device=input_ids.device)
+                unprocessed = new_logits.clone() if raw_logits is not None else None
+                valid_tokens = self._mtp_valid_tokens(
+                    config, logits_processor, input_ids.shape[1], candidate_ids, candidate_logits, new_logits
+                )
+                n_matches = valid_tokens.shape[1] - 1
+                input_ids = torch.cat((input_ids, valid_tokens), dim=-1)
+                if streamer is not None:
+                    streamer.put(valid_tokens.cpu())
+                if candidate_length > n_matches:
+                    outputs.cache.crop(n_matches - candidate_length)
+                generator.update_candidate_strategy(input_ids, new_logits, n_matches)
+                if scores is not None:
+                    scores += tuple(new_logits[:, : n_matches + 1].unbind(1))
+                if raw_logits is not None:
+                    raw_logits += tuple(unprocessed[:, : n_matches + 1].unbind(1))
+                if stopping_criteria(input_ids, scores).all():
+                    break
+                candidate_ids, candidate_logits = generator.get_candidates(
+                    input_ids,
+                    sequence_inputs(input_ids.shape[1]),
+                    outputs,
+                    is_first_iteration=False,
+                    n_last_matches=n_matches,
+                )
+                outputs = model_forward(**step_inputs(candidate_ids, candidate_ids.shape[1] - input_ids.shape[1] + 1))
+        if streamer is not None:
+            streamer.end()
+        if not config.return_dict_in_generate:
+            return input_ids
+        return GenerateDecoderOnlyOutput(sequences=input_ids, scores=scores, logits=raw_logits, cache=cache)
+
+    @staticmethod
+    def _mtp_valid_tokens(
+        config: GenerationConfig,
+        logits_processor: LogitsProcessorList,
+        length: int,
+        candidate_ids: torch.LongTensor,
+        candidate_logits: torch.Tensor | None,
+        new_logits: torch.Tensor,
+    ) -> torch.LongTensor:
+        """The accepted drafts and the main model's next token, chosen as transformers' assisted decoding does:
+        `new_logits` (the main model's, one position per draft + 1) go through the logits processors in place; with
+        sampling and draft logits, speculative sampling decides; else the main model's choices are kept up to the
+        first that differs from a draft. Nothing past `max_length` or the first end-of-sequence token is kept."""
+        candidate_length = candidate_ids.shape[1] - length
+        for i in range(candidate_length + 1) if logits_processor else ():
+            new_logits[:, i] = logits_processor(candidate_ids[:, : length + i], new_logits[:, i])
+        if config.do_sample and candidate_logits is not None:
+            valid_tokens = _speculative_sampling(candidate_ids, candidate_logits, candidate_length, new_logits)[0]
+        else:
+            if config.do_sample:
+                selected = torch.multinomial(new_logits[0].softmax(dim=-1), num_samples=1).squeeze(1)[None, :]
+            else:
+                selected = new_logits.argmax(dim=-1)
+            drafts_kept = (candidate_ids[:, length:] == selected[:, :-1]).cumprod(dim=-1).sum()
+            valid_tokens = selected[:, : int(drafts_kept) + 1]
+        valid_tokens = valid_tokens[:, : config.max_length - length]
+        eos_token_id = getattr(config, "_eos_token_tensor", None)
+        if eos_token_id is not None:
+            eos_positions = torch.isin(valid_tokens[0], eos_token_id.to(valid_tokens.device)).nonzero()
+            if eos_positions.numel() > 0:
+                valid_tokens = valid_tokens[:, : int(eos_positions[0]) + 1]
+        return valid_tokens
 
     def _get_candidate_generator(
         self, generation_config, input_ids, inputs_tensor, logits_processor, model_kwargs, **kwargs
