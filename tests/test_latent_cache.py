@@ -216,3 +216,16 @@ def test_inference_decode_through_onednn_blocks_equals_expanded_attention(monkey
     assert plain_cache.layers[0].columns is None
     for logits in (absorbed, expanded, plain):
         assert (logits - full).abs().max() <= TOLERANCE * full.abs().max()
+
+
+def test_speculative_decoding_over_transposed_blocks_equals_dynamic_cache_greedy(monkeypatch):
+    """A random model's drafts are rejected, so every step crops the main and the MTP caches back into blocks of 4."""
+    monkeypatch.setattr(cache_module, "BLOCK", 4)
+    config = DeepseekMoeConfig.from_preset("tiny-v3", num_nextn_predict_layers=2, pad_token_id=0)
+    model = randomize_(DeepseekMoeForCausalLM(config), seed=8).eval()
+    prompt = torch.randint(1, config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(8))
+    reference = model.generate(prompt, max_new_tokens=12, cache=DynamicCache(config=config), **GREEDY)
+    speculative = model.generate(
+        prompt, max_new_tokens=12, use_mtp=True, num_draft_tokens=2, mtp_adaptive=False, **GREEDY
+    )
+    assert torch.equal(speculative, reference)
