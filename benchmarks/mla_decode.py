@@ -16,7 +16,10 @@ the median over rounds of that round's floor over its step time:
   (median of 3);
 - FLOPs: 2 × batch × the matrix parameters each token uses (top-k of the routed experts) plus, per layer, the scores
   over the cache (2·B·H·T·(kv_lora_rank + qk_rope_head_dim)) and the weighted sum (2·B·H·T·kv_lora_rank), at the
-  throughput of a 1024 × 1024 fp32 matmul (median of 3).
+  throughput of a 1024 × 1024 fp32 matmul (median of 3) through the faster of torch's two CPU GEMM libraries: MKL
+  (`a @ b`) and oneDNN (`torch.ops.mkldnn._linear_pointwise`, which our decode step uses). On AMD CPUs MKL runs
+  without AVX-512, so oneDNN's rate can be twice MKL's; "ours / floor (MKL rate)" is the ratio with MKL's rate
+  alone, as earlier entries of docs/BENCHMARKS.md measured it.
 
     OMP_NUM_THREADS=1 python benchmarks/mla_decode.py --contexts 512 2048 8192 16384 --batches 1 8
 """
@@ -86,9 +89,14 @@ def measured_bandwidth(data: torch.Tensor, repeats: int = 3) -> float:
     return data.nbytes / _median_seconds(data.sum, repeats)
 
 
-def measured_matmul(a: torch.Tensor, b: torch.Tensor, repeats: int = 3) -> float:
-    """FLOP/s of a square fp32 matmul, median of `repeats`."""
-    return 2 * a.shape[0] ** 3 / _median_seconds(lambda: a @ b, repeats)
+def measured_matmul(a: torch.Tensor, b: torch.Tensor, repeats: int = 3) -> tuple[float, float]:
+    """FLOP/s of a square fp32 matmul through MKL and through oneDNN (0 without it), medians of `repeats`."""
+    flops = 2 * a.shape[0] ** 3
+    mkl = flops / _median_seconds(lambda: a @ b, repeats)
+    if not torch.backends.mkldnn.is_available():
+        return mkl, 0.0
+    onednn = flops / _median_seconds(lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""), repeats)
+    return mkl, onednn
 
 
 def _median_seconds(work, repeats: int) -> float:
@@ -128,8 +136,11 @@ class Round:
     floor: float  # seconds, from this round's measurements
     memory_floor: float
     compute_floor: float
+    mkl_floor: float  # the floor at MKL's matmul rate
     bandwidth: float  # bytes/s
-    throughput: float  # FLOP/s
+    throughput: float  # FLOP/s, the faster library
+    mkl_throughput: float
+    onednn_throughput: float
 
 
 @torch.no_grad()
@@ -145,7 +156,8 @@ def race(ours, builtin, batch: int, context: int, rounds: int) -> tuple[list[Rou
     data, a, b = torch.ones(64 * 2**20), torch.randn(1024, 1024), torch.randn(1024, 1024)
     results = []
     for step in range(rounds + 1):
-        bandwidth, throughput = measured_bandwidth(data), measured_matmul(a, b)
+        bandwidth, (mkl, onednn) = measured_bandwidth(data), measured_matmul(a, b)
+        throughput = max(mkl, onednn)
         seconds = {}
         for name, (model, cache) in arms.items():
             position = torch.full((batch, 1), context + step)
@@ -154,10 +166,11 @@ def race(ours, builtin, batch: int, context: int, rounds: int) -> tuple[list[Rou
             seconds[name] = time.perf_counter() - start
             tokens[name].append(logits[:, -1:].argmax(-1))
         memory_floor, compute_floor = step_bytes / bandwidth, step_flops / throughput
-        floor = max(memory_floor, compute_floor)
+        floor, mkl_floor = max(memory_floor, compute_floor), max(memory_floor, step_flops / mkl)
         if step:  # the first round warms up
             results.append(Round(**seconds, floor=floor, memory_floor=memory_floor, compute_floor=compute_floor,
-                                 bandwidth=bandwidth, throughput=throughput))  # fmt: skip
+                                 mkl_floor=mkl_floor, bandwidth=bandwidth, throughput=throughput,
+                                 mkl_throughput=mkl, onednn_throughput=onednn))  # fmt: skip
     same = torch.equal(torch.cat(tokens["ours"], dim=1), torch.cat(tokens["builtin"], dim=1))
     return results, same
 
@@ -182,10 +195,10 @@ def main() -> None:
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, fp32")
     print(f"relative logit difference ours vs built-in on one decode step: {check_same_logits(ours, builtin):.1e}")
     print(
-        "| batch | context | built-in ms | ours ms | speed-up | read GB/s | matmul GFLOP/s | floor ms (bytes / FLOPs)"
-        " | ours / floor | same tokens |"
+        "| batch | context | built-in ms | ours ms | speed-up | read GB/s | matmul GFLOP/s MKL / oneDNN"
+        " | floor ms (bytes / FLOPs) | ours / floor | ours / floor (MKL rate) | same tokens |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for batch in args.batches:
         for context in args.contexts:
             rounds, same = race(ours, builtin, batch, context, args.rounds)
@@ -194,9 +207,11 @@ def main() -> None:
             print(
                 f"| {batch} | {context} | {ms['builtin']:.1f} | {ms['ours']:.1f}"
                 f" | {statistics.median(r.builtin / r.ours for r in rounds):.1f}x"
-                f" | {_median(rounds, 'bandwidth') / 1e9:.1f} | {_median(rounds, 'throughput') / 1e9:.1f}"
+                f" | {_median(rounds, 'bandwidth') / 1e9:.1f}"
+                f" | {_median(rounds, 'mkl_throughput') / 1e9:.0f} / {_median(rounds, 'onednn_throughput') / 1e9:.0f}"
                 f" | {ms['floor']:.2f} ({ms['memory_floor']:.2f} / {ms['compute_floor']:.2f})"
-                f" | {statistics.median(r.floor / r.ours for r in rounds):.0%} | {'yes' if same else 'NO'} |",
+                f" | {statistics.median(r.floor / r.ours for r in rounds):.0%}"
+                f" | {statistics.median(r.mkl_floor / r.ours for r in rounds):.0%} | {'yes' if same else 'NO'} |",
                 flush=True,
             )
 

@@ -10,6 +10,7 @@ from conftest import randomize_
 from transformers import DynamicCache
 
 from deepseek_moe import DeepseekMoeConfig, DeepseekMoeForCausalLM
+from deepseek_moe.model import cache_deepseek_moe as cache_module
 from deepseek_moe.model.cache_deepseek_moe import CHUNK, LatentCache
 from deepseek_moe.model.mla_kernels import mla_decode_triton, triton
 
@@ -89,7 +90,8 @@ def test_generate_uses_the_latent_cache_and_equals_dynamic_cache():
     assert torch.equal(out.sequences, reference)
 
 
-def test_beam_search_equals_dynamic_cache():
+def test_beam_search_equals_dynamic_cache(monkeypatch):
+    monkeypatch.setattr(cache_module, "BLOCK", 4)  # beams reorder the transposed blocks of the oneDNN path too
     model = _model()
     prompt = torch.randint(1, model.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(3))
     kwargs = {"max_new_tokens": 5, "num_beams": 3, **GREEDY}
@@ -137,3 +139,93 @@ def test_kernel_reads_strided_rows_of_the_cache_buffer():
     strided = mla_decode_triton(q_latent, q_rope, c_kv, k_pe, bias, 0.3, **args)
     packed = mla_decode_triton(q_latent, q_rope, c_kv.contiguous(), k_pe.contiguous(), bias, 0.3, **args)
     assert torch.equal(strided, packed)
+
+
+def _sealed_reference(reference: DynamicCache, layer: int, block: int) -> torch.Tensor:
+    """The whole blocks of `c_kv` rows of a `DynamicCache` layer, each transposed: [batch, blocks, r, block]."""
+    c_kv = reference.layers[layer].keys[:, 0]
+    whole = c_kv.shape[1] // block
+    return c_kv[:, : whole * block].reshape(c_kv.shape[0], whole, block, c_kv.shape[-1]).transpose(2, 3)
+
+
+def test_sealed_columns_are_the_transposed_blocks_through_growth_crop_and_reorder(monkeypatch):
+    monkeypatch.setattr(cache_module, "BLOCK", 8)
+    generator = torch.Generator().manual_seed(6)
+    ours, reference = LatentCache(), DynamicCache()
+
+    def update(length: int) -> None:
+        new = _rows(generator, reference.layers[0].keys.shape[0] if reference.layers else 2, length)
+        ours.update(*new, 0)
+        reference.update(*new, 0)
+
+    def check() -> None:
+        assert torch.equal(ours.layers[0].sealed_columns(), _sealed_reference(reference, 0, 8))
+
+    update(5)
+    check()  # no whole block yet
+    update(14)  # 19 rows: two blocks sealed on first use
+    check()
+    for _ in range(6):  # one-token steps that complete a third block
+        update(1)
+        check()
+    ours.crop(-10), reference.crop(-10)  # 15 rows: into the second block, which must be transposed again
+    update(3)
+    check()
+    update(CHUNK)  # the row buffer grows; the columns gain room for the new blocks
+    check()
+    beams = torch.tensor([1, 1])
+    ours.reorder_cache(beams), reference.reorder_cache(beams)
+    check()
+    ours.batch_repeat_interleave(2), reference.batch_repeat_interleave(2)
+    update(9)
+    check()
+    ours.batch_select_indices(torch.tensor([3, 0])), reference.batch_select_indices(torch.tensor([3, 0]))
+    check()
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+@torch.no_grad()
+def test_inference_decode_through_onednn_blocks_equals_expanded_attention(monkeypatch):
+    """No grad, fp32, CPU: both products go through oneDNN, the weighted sum over sealed blocks of 4 rows plus the
+    rows after them; with left padding, a rejected draft cropped back into a sealed block, and a block of 3 tokens."""
+    monkeypatch.setattr(cache_module, "BLOCK", 4)
+    model = _model()
+    ids = torch.randint(1, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+
+    def decode(mode: str) -> tuple[torch.Tensor, LatentCache]:
+        cache = LatentCache()
+        kwargs = {"cache": cache, "use_cache": True, "mla_attention_mode": mode}
+        model(ids[:, :6], attention_mask=mask[:, :6], position_ids=positions[:, :6], **kwargs)
+        draft = torch.cat((ids[:, 6:7], (ids[:, 7:10] + 1) % model.config.vocab_size), dim=1)  # 3 wrong tokens
+        model(draft, attention_mask=mask[:, :10], position_ids=positions[:, 6:10], **kwargs)
+        cache.crop(-3)  # 7 rows: back into the second sealed block, whose last row the wrong token wrote
+        steps = [model(ids[:, 7:10], attention_mask=mask[:, :10], position_ids=positions[:, 7:10], **kwargs).logits]
+        for t in range(10, 16):
+            window = {"attention_mask": mask[:, : t + 1], "position_ids": positions[:, t : t + 1]}
+            steps.append(model(ids[:, t : t + 1], **window, **kwargs).logits)
+        return torch.cat(steps, dim=1), cache
+
+    full = model(ids, attention_mask=mask, position_ids=positions, mla_attention_mode="expanded").logits[:, 7:]
+    (absorbed, cache), (expanded, _) = decode("absorbed"), decode("expanded")
+    assert cache.layers[0].sealed == 4  # the last step read 16 rows: four sealed blocks and no rows after them
+    with torch.backends.mkldnn.flags(enabled=False):  # bmm only, and no transposed copy of the cache
+        plain, plain_cache = decode("absorbed")
+    assert plain_cache.layers[0].columns is None
+    for logits in (absorbed, expanded, plain):
+        assert (logits - full).abs().max() <= TOLERANCE * full.abs().max()
+
+
+def test_speculative_decoding_over_transposed_blocks_equals_dynamic_cache_greedy(monkeypatch):
+    """A random model's drafts are rejected, so every step crops the main and the MTP caches back into blocks of 4."""
+    monkeypatch.setattr(cache_module, "BLOCK", 4)
+    config = DeepseekMoeConfig.from_preset("tiny-v3", num_nextn_predict_layers=2, pad_token_id=0)
+    model = randomize_(DeepseekMoeForCausalLM(config), seed=8).eval()
+    prompt = torch.randint(1, config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(8))
+    reference = model.generate(prompt, max_new_tokens=12, cache=DynamicCache(config=config), **GREEDY)
+    speculative = model.generate(
+        prompt, max_new_tokens=12, use_mtp=True, num_draft_tokens=2, mtp_adaptive=False, **GREEDY
+    )
+    assert torch.equal(speculative, reference)

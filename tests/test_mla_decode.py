@@ -8,6 +8,9 @@ from conftest import assert_close, tiny_model
 from transformers import DynamicCache
 
 from deepseek_moe import DeepseekMoeConfig, DeepseekMoeForCausalLM
+from deepseek_moe.model import cache_deepseek_moe as cache_module
+from deepseek_moe.model.cache_deepseek_moe import LatentCache
+from deepseek_moe.model.modeling_deepseek_moe import latent_scores, latent_weighted_sum, onednn_serves
 
 TOLERANCE = 1e-5  # fp32, relative to the largest logit
 
@@ -126,6 +129,26 @@ def test_mode_is_validated_and_forced_absorption_refuses_adapters():
     assert_close(auto, base, TOLERANCE)
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+@torch.no_grad()
+def test_onednn_products_over_the_latent_cache_equal_fp64(monkeypatch):
+    """V3 widths (r = 512, d_r = 64), 3 sequences of 300 cached rows, 32 query rows (16 heads x 2 new tokens)."""
+    monkeypatch.setattr(cache_module, "BLOCK", 64)
+    generator = torch.Generator().manual_seed(6)
+    c_kv, k_pe = torch.randn(3, 1, 300, 512, generator=generator), torch.randn(3, 1, 300, 64, generator=generator)
+    cache = LatentCache()
+    cache.update(c_kv, k_pe, 0)
+    layer = cache.layers[0]
+    query = torch.randn(3, 32, 576, generator=generator)
+    assert onednn_serves(query, layer.latent)
+    joint = torch.cat((c_kv, k_pe), dim=-1)[:, 0].double()
+    assert_close(latent_scores(query, layer), query.double() @ joint.transpose(1, 2), 1e-6)
+    weights = torch.randn(3, 32, 300, generator=generator).softmax(-1)
+    summed = latent_weighted_sum(weights, layer.keys[:, 0], layer)
+    assert layer.sealed == 4  # 256 rows through oneDNN in blocks of 64, the last 44 through bmm
+    assert_close(summed, weights.double() @ c_kv[:, 0].double(), 1e-6)
+
+
 @pytest.mark.slow
 def test_compiled_static_cache_decode_step_equals_generate():
     """torch.compile(fullgraph=True) of one decode step over a StaticCache (about a minute on two cores)."""
@@ -144,3 +167,19 @@ def test_compiled_static_cache_decode_step_equals_generate():
             token = step(token, torch.tensor([[5 + i]])).argmax(-1)
             tokens.append(token)
     assert torch.equal(torch.cat(tokens, dim=1), expected)
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_compiled_latent_cache_decode_step_equals_eager():
+    """torch.compile of a decode step over a LatentCache keeps bmm (inductor cannot lower oneDNN's linear with an
+    unpacked weight); about a minute and a half on two cores."""
+    model = _model()
+    prompt = torch.randint(0, model.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(6))
+    caches = [LatentCache(capacity=16), LatentCache(capacity=16)]
+    token = model(prompt, cache=caches[0], use_cache=True).logits[:, -1:].argmax(-1)
+    model(prompt, cache=caches[1], use_cache=True)
+    step = torch.compile(lambda t, p: model(t, cache=caches[1], position_ids=p, use_cache=True).logits)
+    position = torch.tensor([[5]])
+    eager = model(token, cache=caches[0], position_ids=position, use_cache=True).logits
+    assert_close(step(token, position), eager, TOLERANCE)
