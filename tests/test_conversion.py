@@ -38,10 +38,10 @@ from deepseek_moe.conversion import (
     parse_size,
     plan_conversion,
     quantize_fp8_blockwise,
+    safetensors_io,
     verify_conversion,
 )
 from deepseek_moe.conversion import convert as convert_module
-from deepseek_moe.conversion import tensors as tensors_module
 from deepseek_moe.conversion.streamed_logits import largest_layer_bytes, streamed_logits
 
 CHILDREN = Path(__file__).resolve().parent  # the child_*.py scripts some tests run in a fresh process
@@ -200,10 +200,10 @@ def test_fp8_round_trip_stays_within_quantization_error(tmp_path):
 )  # fmt: skip
 def test_copied_tensors_are_the_bytes_torch_would_write(tmp_path, monkeypatch, source, options):
     """Tensors that keep their bytes are streamed from the source file without torch, and plain casts chunk by chunk
-    (`write_cast`, chunks made smaller than the tensors here); forced through torch instead (read whole, cast, sliced,
+    (`write_cast`; chunks made smaller than the tensors here); forced through torch instead (read whole, cast, sliced,
     written) every file comes out byte-identical, and some were streamed. (One model-parallel rank splits nothing, so
     FP8 weights need not be whole 128-row blocks there.)"""
-    monkeypatch.setattr(tensors_module, "CAST_CHUNK", 1000)
+    monkeypatch.setattr(safetensors_io, "COPY_CHUNK", 4000)
     config = DeepseekMoeConfig.from_preset("tiny-v3", **EDGE_BLOCKS)
     save_official(config, tmp_path / "fp32", seed=6)
     convert_checkpoint(tmp_path / "fp32", tmp_path / "bf16", dtype="bf16", progress=False)

@@ -46,7 +46,7 @@ FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
 CASTABLE_DTYPES = ("F64", "F32", "F16", "BF16")  # cast into each other elementwise (FP8 has block scales)
 FLOAT_DTYPES = (*CASTABLE_DTYPES, *FP8_DTYPES)
 SHARD_METADATA = {"format": "pt"}
-# Bytes copied per read/write of an unchanged tensor (one buffer, reused).
+# Source bytes read per step of a streamed tensor (copied or cast), into buffers the writer reuses.
 COPY_CHUNK = 16 * 2**20
 
 
@@ -191,7 +191,8 @@ class StreamingWriter:
         self.pending = {planned.name: list(planned.tensors) for planned in files}
         self.open_files: dict[str, tuple[BinaryIO, int]] = {}  # file -> (handle, CRC-32 so far)
         self.on_complete = on_complete
-        self._buffer: memoryview | None = None
+        self.chunk_bytes = COPY_CHUNK
+        self._scratch: list[bytearray] = []
 
     def write(self, file_name: str, name: str, dtype: str, shape: tuple[int, ...], data: memoryview) -> None:
         """A computed tensor: its bytes, `dtype` and `shape`."""
@@ -202,14 +203,21 @@ class StreamingWriter:
     def copy(self, file_name: str, name: str, source: TensorInfo) -> None:
         """A tensor unchanged: its bytes streamed from the source file through one reused buffer."""
         self.begin(file_name, name, source.dtype, source.shape)
-        if self._buffer is None:
-            self._buffer = memoryview(bytearray(COPY_CHUNK))
-        done = 0
+        buffer, done = self.scratch(0, self.chunk_bytes), 0
         while done < source.nbytes:
-            read = read_into(source, self._buffer, done)
-            self.append(file_name, self._buffer[:read])
+            read = read_into(source, buffer, done)
+            self.append(file_name, buffer[:read])
             done += read
         self.end(file_name)
+
+    def scratch(self, index: int, nbytes: int) -> memoryview:
+        """Reused buffer `index` (0: source bytes read, 1: bytes computed from them), at least `nbytes` long; it lives
+        as long as the writer, so no streamed chunk faults in fresh memory and none is held after the conversion."""
+        while len(self._scratch) <= index:
+            self._scratch.append(bytearray())
+        if len(self._scratch[index]) < nbytes:
+            self._scratch[index] = bytearray(nbytes)
+        return memoryview(self._scratch[index])[:nbytes]
 
     def begin(self, file_name: str, name: str, dtype: str, shape: tuple[int, ...]) -> None:
         """Start the next planned tensor of `file_name` (its bytes follow in `append` calls, then `end`)."""

@@ -46,30 +46,21 @@ def load_weight(
     return load(checkpoint.tensors[name], reader), load(scale, reader) if scale is not None else None
 
 
-# Elements cast per step of `write_cast`; its two buffers (read and cast, 8 bytes an element at most) are reused.
-CAST_CHUNK = 4 * 2**20
-_scratch: dict[str, torch.Tensor] = {}
-
-
-def _buffer(role: str) -> torch.Tensor:
-    if role not in _scratch or _scratch[role].numel() < CAST_CHUNK * 8:
-        _scratch[role] = torch.empty(CAST_CHUNK * 8, dtype=torch.uint8)
-    return _scratch[role]
-
-
 def write_cast(writer: StreamingWriter, file_name: str, name: str, source: TensorInfo, dtype: str) -> None:
-    """A stored tensor cast to `dtype` as it streams, a chunk at a time through two reused buffers: an elementwise
-    cast, so the bytes equal those of the whole tensor cast at once, with neither held in memory."""
+    """A stored tensor cast to `dtype` as it streams, `writer.chunk_bytes` of source at a time through the writer's
+    two reused buffers: an elementwise cast, so the bytes equal those of the whole tensor cast at once, with neither
+    held in memory."""
     writer.begin(file_name, name, dtype, source.shape)
-    count, done = math.prod(source.shape), 0
-    read, cast = _buffer("read"), _buffer("cast")
-    source_dtype, source_size, size = torch_dtype(source.dtype), DTYPES[source.dtype][0], DTYPES[dtype][0]
+    source_size, size = DTYPES[source.dtype][0], DTYPES[dtype][0]
+    count, done, step = math.prod(source.shape), 0, max(1, writer.chunk_bytes // source_size)
     while done < count:
-        chunk = min(CAST_CHUNK, count - done)
-        read_into(source, memoryview(read.numpy())[: chunk * source_size], done * source_size)
-        values = read[: chunk * source_size].view(source_dtype)
-        cast[: chunk * size].view(torch_dtype(dtype)).copy_(values)
-        writer.append(file_name, memoryview(cast.numpy())[: chunk * size])
+        chunk = min(step, count - done)
+        read = writer.scratch(0, chunk * source_size)
+        read_into(source, read, done * source_size)
+        cast = writer.scratch(1, chunk * size)
+        values = torch.frombuffer(read, dtype=torch_dtype(source.dtype))
+        torch.frombuffer(cast, dtype=torch_dtype(dtype)).copy_(values)
+        writer.append(file_name, cast)
         done += chunk
     writer.end(file_name)
 
