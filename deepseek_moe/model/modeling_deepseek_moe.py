@@ -1061,7 +1061,9 @@ class DeepseekMoeModel(DeepseekMoePreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         past_seen_tokens = cache.get_seq_length() if cache is not None else 0
-        if past_seen_tokens + inputs_embeds.shape[1] > self.config.max_position_embeddings:
+        # A compiled step skips the check: a static cache's length is a tensor, and branching on it breaks the graph.
+        too_long = past_seen_tokens + inputs_embeds.shape[1] > self.config.max_position_embeddings
+        if not torch.compiler.is_compiling() and too_long:
             logger.warning_once(
                 f"Sequence length {past_seen_tokens + inputs_embeds.shape[1]} exceeds max_position_embeddings="
                 f"{self.config.max_position_embeddings}; positions beyond it were never trained and may degrade output"
