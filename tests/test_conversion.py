@@ -100,6 +100,7 @@ def test_official_fp8_v3_to_ours_dequantizes_and_translates_the_config(tmp_path)
 
     written = json.loads((tmp_path / "ours" / "config.json").read_text())
     assert written["model_type"] == "deepseek_moe" and written["auto_map"] == AUTO_MAP
+    assert written["architectures"] == ["DeepseekMoeForCausalLM"]  # not the official DeepseekV3ForCausalLM
     assert "quantization_config" not in written and written["num_nextn_predict_layers"] == 1
     for name in [
         *TOKENIZER_FILES,

@@ -345,6 +345,7 @@ def plan_conversion(
         for step in steps:
             step.outputs = [dataclasses.replace(o, file=where[o.name]) for o in step.outputs]
         output_config.extra["auto_map"] = dict(AUTO_MAP)
+        output_config.extra["architectures"] = [AUTO_MAP["AutoModelForCausalLM"].rpartition(".")[2]]
     head = next(o for step in steps for o in step.outputs if o.name in ("lm_head.weight", "head.weight"))
     output_config.extra.pop("torch_dtype", None)  # transformers' older name for `dtype`
     output_config.extra["dtype"] = DTYPES[head.dtype][1]
