@@ -78,8 +78,9 @@ def official_config(config: DeepseekMoeConfig) -> dict:
     return {**values, "model_type": family, "architectures": [OFFICIAL_ARCHITECTURES[family]]}
 
 
-def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """128×128 block FP8 (e4m3) with amax/448 scales; edge blocks are partial."""
+def quantize_fp8(weight: torch.Tensor, scale_fmt: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """128×128 block FP8 (e4m3) with amax/448 scales, for `scale_fmt="ue8m0"` rounded up to a power of two (ceil of
+    log2 taken in float64, exact for an fp32 scale); edge blocks are partial."""
     rows, cols = weight.shape
     scale = torch.empty(math.ceil(rows / BLOCK), math.ceil(cols / BLOCK))
     quantized = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
@@ -87,6 +88,8 @@ def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         for j in range(scale.shape[1]):
             block = weight[i * BLOCK : (i + 1) * BLOCK, j * BLOCK : (j + 1) * BLOCK].float()
             scale[i, j] = block.abs().max().clamp(min=1e-4) / 448.0
+            if scale_fmt == "ue8m0":
+                scale[i, j] = 2.0 ** math.ceil(math.log2(scale[i, j].item()))
             quantized[i * BLOCK : (i + 1) * BLOCK, j * BLOCK : (j + 1) * BLOCK] = (block / scale[i, j]).to(
                 torch.float8_e4m3fn
             )
@@ -98,12 +101,14 @@ def dequantize(quantized: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return quantized.float() * scale.repeat_interleave(BLOCK, 0)[:rows].repeat_interleave(BLOCK, 1)[:, :cols]
 
 
-def to_official_fp8(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def to_official_fp8(
+    state: dict[str, torch.Tensor], scale_fmt: str | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(FP8 checkpoint as DeepSeek ships it, the dequantized weights it stands for)."""
     fp8_state, dequantized = {}, {}
     for name, tensor in state.items():
         if tensor.dim() == 2 and not any(key in name for key in NOT_QUANTIZED):
-            quantized, scale = quantize_fp8(tensor)
+            quantized, scale = quantize_fp8(tensor, scale_fmt)
             fp8_state[name], fp8_state[name + "_scale_inv"] = quantized, scale
             dequantized[name] = dequantize(quantized, scale)
         else:
@@ -124,16 +129,18 @@ def write_sharded(state: dict[str, torch.Tensor], directory, config: dict, shard
     (directory / "config.json").write_text(json.dumps(config))
 
 
-def write_fp8_checkpoint(root, **overrides):
+def write_fp8_checkpoint(root, scale_fmt: str | None = None, **overrides):
     """(FP8 folder as DeepSeek ships it: tiny V3 with MTP, partial blocks, 3 shards; fp32 reference model on the
-    independently dequantized weights)."""
+    independently dequantized weights). `scale_fmt="ue8m0"`: as DeepSeek-V3.1 ships it, power-of-two weight scales
+    and `"scale_fmt": "ue8m0"` in its `quantization_config` (activations then take power-of-two scales too)."""
     config = DeepseekMoeConfig.from_preset("tiny-v3", **EDGE_BLOCKS, **overrides)
     randomize_(DeepseekMoeForCausalLM(config), seed=7).save_pretrained(root / "source")
-    fp8_state, dequantized = to_official_fp8(load_file(root / "source" / "model.safetensors"))
+    fp8_state, dequantized = to_official_fp8(load_file(root / "source" / "model.safetensors"), scale_fmt)
     assert fp8_state["model.layers.0.self_attn.kv_a_proj_with_mqa.weight_scale_inv"].shape == (2, 2)
     assert fp8_state["model.layers.1.mlp.experts.0.down_proj.weight"].dtype == torch.float8_e4m3fn
     (root / "fp8").mkdir()
-    write_sharded(fp8_state, root / "fp8", official_v3_config(config, quantization_config=QUANTIZATION_CONFIG))
+    quantization = QUANTIZATION_CONFIG if scale_fmt is None else {**QUANTIZATION_CONFIG, "scale_fmt": scale_fmt}
+    write_sharded(fp8_state, root / "fp8", official_v3_config(config, quantization_config=quantization))
     (root / "reference").mkdir()
     save_file({k: v.float().contiguous() for k, v in dequantized.items()}, root / "reference" / "model.safetensors")
     (root / "reference" / "config.json").write_text(json.dumps(official_v3_config(config)))

@@ -9,6 +9,7 @@ there is one, else under Triton's interpreter (which conftest selects on machine
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -231,9 +232,14 @@ def test_dequantize_turns_a_kept_model_into_the_dequantized_one(checkpoint, torc
     assert model.model.layers[0].self_attn.kv_b_proj.weight.grad is not None
 
 
-@pytest.mark.parametrize("official_format", [False, True])
-def test_save_writes_the_official_fp8_layout_and_reloads_bit_exact(checkpoint, tmp_path, torch_path, official_format):
-    folder, _ = checkpoint
+@pytest.mark.parametrize(
+    "official_format, scale_fmt", [(False, None), (True, None), (True, "ue8m0")], ids=["ours", "official", "ue8m0"]
+)
+def test_save_writes_the_official_fp8_layout_and_reloads_bit_exact(
+    request, tmp_path, torch_path, official_format, scale_fmt
+):
+    """The saved folder holds the files' tensors and DeepSeek's `quantization_config` (`scale_fmt` included)."""
+    folder, _ = request.getfixturevalue("checkpoint" if scale_fmt is None else "ue8m0_checkpoint")
     kept = load(folder, dequantize=False)
     kept.save_pretrained(tmp_path, official_format=official_format)
 
@@ -247,10 +253,13 @@ def test_save_writes_the_official_fp8_layout_and_reloads_bit_exact(checkpoint, t
             dtype = torch.float32 if name.endswith(FP32_BY_DESIGN) else torch.bfloat16
             assert saved[name].dtype == dtype and torch.equal(saved[name], tensor.to(dtype)), name
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["quantization_config"] == QUANTIZATION_CONFIG  # DeepSeek's form
+    official = QUANTIZATION_CONFIG if scale_fmt is None else {**QUANTIZATION_CONFIG, "scale_fmt": scale_fmt}
+    assert config["quantization_config"] == official  # DeepSeek's form
     assert config["model_type"] == ("deepseek_v3" if official_format else "deepseek_moe")
 
-    again = load(tmp_path, dequantize=False).state_dict()
+    again = load(tmp_path, dequantize=False)
+    assert again.config.quantization_config.scale_fmt == scale_fmt
+    again = again.state_dict()
     assert again.keys() == kept.state_dict().keys()
     assert all(torch.equal(bits(again[k]), bits(t)) and again[k].dtype == t.dtype for k, t in kept.state_dict().items())
     expected = load(folder, dequantize=True).state_dict()
@@ -268,12 +277,15 @@ needs_kernels = pytest.mark.skipif(
 KERNEL_TOLERANCE = 1e-3 if KERNEL_DEVICE.type == "cuda" else 1e-5
 
 
-def e4m3_activations(x: torch.Tensor) -> torch.Tensor:
+def e4m3_activations(x: torch.Tensor, ue8m0: bool = False) -> torch.Tensor:
     """x rounded through E4M3 as DeepSeek's act_quant does it, per 1×128 tile of the last dimension (partial last tile):
-    s = max(amax, 1e-4) / 448, x ≈ e4m3(x / s) · s. The emulation the kernels are compared with."""
+    s = max(amax, 1e-4) / 448, with `ue8m0` 2^ceil(log2 s) (log2 in float64, exact for an fp32 s), x ≈ e4m3(x / s) · s.
+    The emulation the kernels are compared with."""
     width = x.shape[-1]
     tiles = torch.nn.functional.pad(x.float(), (0, -width % BLOCK)).unflatten(-1, (-1, BLOCK))
     scale = tiles.abs().amax(-1, keepdim=True).clamp(min=1e-4) / 448
+    if ue8m0:
+        scale = torch.exp2(torch.ceil(torch.log2(scale.double()))).float()
     return ((tiles / scale).to(E4M3).float() * scale).flatten(-2)[..., :width].to(x.dtype)
 
 
@@ -334,3 +346,63 @@ def test_kept_fp8_generates_with_the_triton_kernels(checkpoint):
     with torch.no_grad():
         prompt = INPUT_IDS[:1, :3].to(KERNEL_DEVICE)
         assert model.generate(prompt, max_new_tokens=2, do_sample=False).shape == (1, 5)
+
+
+# ------------------------------------------------------ ue8m0 checkpoints (DeepSeek-V3.1: power-of-two scales)
+
+
+@pytest.fixture(scope="module")
+def ue8m0_checkpoint(tmp_path_factory):
+    """`"scale_fmt": "ue8m0"`, power-of-two weight scales, experts of whole 128-row blocks (kept FP8 too)."""
+    return write_fp8_checkpoint(tmp_path_factory.mktemp("kept-ue8m0"), scale_fmt="ue8m0", moe_intermediate_size=BLOCK)
+
+
+def emulate_fp8_activations(model, files: dict[str, torch.Tensor], ue8m0: bool) -> None:
+    """Make an unquantized model compute as kept FP8 does: every linear stored in FP8 gets its input rounded through
+    E4M3 per 1×128 tile, and routed experts run a token-by-token loop on the files' dequantized weights with the
+    expert input and the SwiGLU output rounded likewise."""
+    fp8_names = [name.removesuffix(".weight_scale_inv") for name in files if name.endswith(".weight_scale_inv")]
+    for name in fp8_names:
+        if not EXPERT_WEIGHT.fullmatch(name + ".weight"):
+            model.get_submodule(name).register_forward_pre_hook(lambda m, args: (e4m3_activations(args[0], ue8m0),))
+    for prefix in (f"model.layers.{i}.mlp.experts" for i in range(model.config.num_hidden_layers)):
+        if prefix + ".0.down_proj.weight" in files:
+            experts = model.get_submodule(prefix)
+            experts.forward = functools.partial(emulated_experts, files, prefix, ue8m0)
+
+
+def emulated_experts(files, prefix: str, ue8m0: bool, hidden, top_k_index, top_k_weights) -> torch.Tensor:
+    def weight(expert: int, projection: str) -> torch.Tensor:
+        name = f"{prefix}.{expert}.{projection}_proj.weight"
+        return dequantize(files[name], files[name + "_scale_inv"])
+
+    out = torch.zeros_like(hidden)
+    for token, (experts_of_token, weights) in enumerate(zip(top_k_index.tolist(), top_k_weights, strict=True)):
+        x = e4m3_activations(hidden[token], ue8m0)
+        for expert, routing_weight in zip(experts_of_token, weights, strict=True):
+            h = torch.nn.functional.silu(weight(expert, "gate") @ x) * (weight(expert, "up") @ x)
+            out[token] += routing_weight * (weight(expert, "down") @ e4m3_activations(h, ue8m0))
+    return out
+
+
+@needs_kernels
+def test_kept_ue8m0_checkpoint_runs_with_power_of_two_activation_scales(ue8m0_checkpoint):
+    """Kept FP8 with every linear and the experts on the Triton kernels: the fp32 logits equal those of the reference
+    (naively dequantized) weights with each FP8 GEMM's input rounded through E4M3 per 1×128 tile with power-of-two
+    scales (test-written emulation), up to fp32 summation order (the 1e-5 of the non-ue8m0 test: measured 3e-7).
+    The same emulation with plain amax/448 scales is 100 times farther off than that bound, so the checkpoint's
+    `scale_fmt` reached every kernel."""
+    folder, _ = ue8m0_checkpoint
+    files = read_files(folder)
+    kept = load(folder, False, dtype=torch.float32).to(KERNEL_DEVICE)
+    assert kept.config.quantization_config.scale_fmt == "ue8m0"
+    assert kept.config._experts_implementation == "deepseek_fp8"
+    with torch.no_grad():
+        fast = kept(INPUT_IDS.to(KERNEL_DEVICE)).logits.cpu()
+        emulated = {}
+        for ue8m0 in (True, False):
+            model = DeepseekMoeForCausalLM.from_pretrained(folder.parent / "reference", dtype=torch.float32).eval()
+            emulate_fp8_activations(model, files, ue8m0)
+            emulated[ue8m0] = model(INPUT_IDS).logits
+    assert_close(fast, emulated[True], 1e-5, "kept ue8m0 vs power-of-two emulation")
+    assert (fast - emulated[False]).abs().max() > 1e-3 * emulated[True].abs().max()

@@ -17,6 +17,7 @@ import warnings
 import pytest
 import torch
 from checkpoint_utils import QUANTIZATION_CONFIG, write_fp8_checkpoint
+from safetensors.torch import load_file
 
 from deepseek_moe import DeepseekMoeConfig, DeepseekMoeForCausalLM
 from deepseek_moe.cli import main
@@ -78,6 +79,33 @@ def test_generate_cli_runs_on_an_fp8_folder_in_its_own_dtype(fp8_checkpoint, cap
     model = load(folder, "auto")
     expected = model.generate(torch.tensor([[3, 1, 4, 1, 5]]), max_new_tokens=4, do_sample=False)[0, 5:]
     assert printed == [str(t) for t in expected.tolist()]
+
+
+@pytest.fixture(scope="module")
+def ue8m0_checkpoint(tmp_path_factory):
+    """DeepSeek-V3.1's form: `"scale_fmt": "ue8m0"` in the `quantization_config`, every weight scale a power of two."""
+    return write_fp8_checkpoint(tmp_path_factory.mktemp("ue8m0"), scale_fmt="ue8m0")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_ue8m0_checkpoint_loads_dequantized_as_its_dequantized_weights(ue8m0_checkpoint, dtype):
+    """Power-of-two weight scales dequantize like any others: the model equals the one built from the independently
+    dequantized weights in the same dtype, weights and logits bit for bit."""
+    folder, _ = ue8m0_checkpoint
+    assert json.loads((folder / "config.json").read_text())["quantization_config"]["scale_fmt"] == "ue8m0"
+    scales = [t for name, t in read_safetensors(folder).items() if name.endswith("_scale_inv")]
+    assert scales and all(torch.equal(s, torch.exp2(torch.log2(s).round())) for s in scales)  # powers of two
+    model = load(folder, dtype)
+    assert not model.is_quantized and not hasattr(model.config, "quantization_config")
+    expected = DeepseekMoeForCausalLM.from_pretrained(folder.parent / "reference", dtype=dtype).eval()
+    assert model.state_dict().keys() == expected.state_dict().keys()
+    assert all(torch.equal(t, expected.state_dict()[name]) for name, t in model.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(model(INPUT_IDS).logits, expected(INPUT_IDS).logits)
+
+
+def read_safetensors(folder) -> dict[str, torch.Tensor]:
+    return {name: t for path in folder.glob("*.safetensors") for name, t in load_file(path).items()}
 
 
 REMOTE_CODE_CHILD = (
