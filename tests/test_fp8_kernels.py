@@ -132,14 +132,39 @@ def test_act_quant_rounds_scales_and_ties_like_deepseek():
         assert torch.equal(result.cpu().view(torch.uint8), expected.view(torch.uint8))
 
 
+def _scales_at_powers_of_two(exponents: range) -> torch.Tensor:
+    """Rows of one 1×128 tile each whose scale amax / 448 is exactly 2^k, then one ulp above 2^k (amax the next fp32
+    after 448·2^k), for each k: the edges where ue8m0's rounding up to a power of two keeps or doubles the scale."""
+    rows = []
+    for k in exponents:
+        power = torch.tensor(448.0 * 2.0**k)
+        for amax in (power, torch.nextafter(power, torch.tensor(math.inf))):
+            row = torch.linspace(-1, 1, 128) * amax * 0.99
+            row[5] = -amax
+            rows.append(row)
+    return torch.stack(rows)
+
+
 def test_act_quant_follows_the_training_recipes_convention():
-    """The training recipe's `quantize_blocks` with 1×128 tiles quantizes the same way (bits and scales)."""
-    x = _activations((9, 300), seed=1)
-    for scale_fmt, training_format in ((None, "fp32"), ("ue8m0", "ue8m0")):
-        quantized, scale = act_quant(x.to(DEVICE), scale_fmt=scale_fmt)
-        training_q, training_s = quantize_blocks(x, (1, 128), training_format)
-        assert torch.equal(scale.cpu(), training_s)
-        assert torch.equal(quantized.cpu().view(torch.uint8), training_q.view(torch.uint8))
+    """The training recipe's `quantize_blocks` with 1×128 tiles quantizes the same way as both act_quant paths and
+    the reference (bits and scales), also at scales of exactly and one ulp above 2^k, for k from the smallest the 1e-4
+    amax floor allows (−22) to 19, where ue8m0 keeps, then doubles the scale."""
+    exponents = range(-22, 20)
+    edges = _scales_at_powers_of_two(exponents)
+    powers = torch.tensor([[2.0**k, 2.0 ** (k + 1)] for k in exponents])
+    assert torch.equal(reference_act_quant(edges, ue8m0=True)[1].view(-1, 2), powers)
+    for x in (_activations((9, 300), seed=1), edges):
+        for scale_fmt, training_format in ((None, "fp32"), ("ue8m0", "ue8m0")):
+            training_q, training_s = quantize_blocks(x, (1, 128), training_format)
+            expected_q, expected_s = reference_act_quant(x, scale_fmt == "ue8m0")
+            assert torch.equal(training_s, expected_s), training_format
+            assert torch.equal(training_q.view(torch.uint8), expected_q.view(torch.uint8)), training_format
+            for quantized, scale in (
+                act_quant(x.to(DEVICE), scale_fmt=scale_fmt),
+                fp8_kernels._act_quant_torch(x, 128, scale_fmt == "ue8m0"),
+            ):
+                assert torch.equal(scale.cpu(), training_s)
+                assert torch.equal(quantized.cpu().view(torch.uint8), training_q.view(torch.uint8))
 
 
 def test_bad_arguments_get_clear_errors():

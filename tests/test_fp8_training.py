@@ -55,6 +55,38 @@ def reference_quantize(x: torch.Tensor, block: tuple[int, int], ue8m0: bool) -> 
     return quantized, scale
 
 
+def smallest_power_of_two_at_least(s: float) -> float:
+    """The definition of ue8m0's scale, by search: the smallest 2^k with 2^k ≥ s."""
+    k = 0
+    while 2.0**k < s:
+        k += 1
+    while 2.0 ** (k - 1) >= s:
+        k -= 1
+    return 2.0**k
+
+
+def test_ue8m0_scale_is_the_smallest_power_of_two_not_below_the_scale():
+    """DeepSeek's s = 2^ceil(log2 s) taken exactly, for every fp32 power of two (subnormal ones too), one ulp above
+    (2^k·(1 + 2⁻²³) for normal ones) and one ulp below it, and a few subnormals between powers. A float log2, as
+    `quantize_blocks` had, keeps 2^k for scales one ulp above 2^k at most exponents (k ≤ −5 and k ≥ 4)."""
+    powers = torch.tensor([2.0**k for k in range(-149, 127)])
+    scales = torch.cat(
+        [
+            powers,
+            torch.nextafter(powers, torch.tensor(math.inf)),
+            torch.nextafter(powers[1:], torch.tensor(0.0)),
+            torch.tensor([3 * 2.0**-149, 5 * 2.0**-140, 2.0**-127 + 2.0**-149, 1e-4 / 448, 0.3, 1e30]),
+        ]
+    )
+    assert (scales[: len(powers)] < torch.finfo(torch.float32).tiny).sum() == 23  # subnormal powers 2^-149..2^-127
+    rounded = fp8_kernels.ue8m0_scale(scales)
+    assert rounded.dtype == torch.float32
+    assert rounded.tolist() == [smallest_power_of_two_at_least(s) for s in scales.tolist()]
+    one_ulp_above = torch.nextafter(torch.tensor(2.0**-9), torch.tensor(math.inf))
+    assert fp8_kernels.ue8m0_scale(one_ulp_above) == 2.0**-8
+    assert quantize_blocks(torch.full((1, 128), one_ulp_above.item() * 448), (1, 128), "ue8m0")[1] == 2.0**-8
+
+
 @pytest.mark.parametrize("scale_format", ["fp32", "ue8m0"])
 @pytest.mark.parametrize("block, shape", [((1, 128), (5, 384)), ((128, 128), (200, 136)), ((128, 1), (300, 24))])
 def test_block_quantization_is_bit_exact_to_deepseeks_conventions(block, shape, scale_format):

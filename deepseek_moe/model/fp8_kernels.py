@@ -6,12 +6,11 @@ promotion of partial sums). Used by FP8 inference (`fp8_linear`, and the MoE ker
 the blockwise FP8 training recipe (`block_scaled_gemm`, from `training/fp8.py`).
 
 Quantization (`act_quant`): amax of the tile clamped at 1e-4, s = amax / 448 (for `scale_fmt="ue8m0"` rounded up to
-a power of two), q = e4m3(x / s) rounded to nearest even; the same convention as `training/fp8.py::quantize_blocks`
-(which takes a float log2 for ue8m0, so a scale one ulp above 2^k may stay 2^k there, the quotient saturating at 448).
-The kernel divides with IEEE rounding (`div_rn`), takes ceil(log2 s) from the float's bits, and rounds x / s to
-E4M3 in fp32 arithmetic before the final (then exact) cast, so it is bit-exact with PyTorch's reference everywhere:
-Triton's `/` and `log2` are approximate on GPUs, and its interpreter's fp32→fp8 cast drops the carry of values
-that round up to the next power of two.
+a power of two exactly, `ue8m0_scale`), q = e4m3(x / s) rounded to nearest even; the same convention as
+`training/fp8.py::quantize_blocks`. The kernel divides with IEEE rounding (`div_rn`), takes ceil(log2 s) from the
+float's bits, and rounds x / s to E4M3 in fp32 arithmetic before the final (then exact) cast, so it is bit-exact
+with PyTorch's reference everywhere: Triton's `/` and `log2` are approximate on GPUs, and its interpreter's fp32→fp8
+cast drops the carry of values that round up to the next power of two.
 
 Under `TRITON_INTERPRET=1` (CPU) E4M3 loads are upcast to fp32 before `tl.dot`, since the interpreter does not
 multiply fp8; the products are the same exact values, only the accumulation order may differ from a GPU.
@@ -65,7 +64,8 @@ if triton is not None:
 
     @triton.jit
     def pow2_ceil(s):
-        """2^ceil(log2 s) for positive normal fp32 s, exactly: the exponent, plus one if any mantissa bit is set."""
+        """2^ceil(log2 s) for positive normal fp32 s (the 1e-4 amax floor keeps s above 2^-22), exactly: the exponent,
+        plus one if any mantissa bit is set."""
         bits = s.to(tl.int32, bitcast=True)
         exponent = (bits >> 23) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
         return (exponent << 23).to(tl.float32, bitcast=True)
@@ -162,6 +162,15 @@ def _check_scale_fmt(scale_fmt: str | None, caller: str) -> None:
         raise ValueError(f"{caller}: scale_fmt must be None or 'ue8m0', got {scale_fmt!r}")
 
 
+def ue8m0_scale(scale: torch.Tensor) -> torch.Tensor:
+    """2^ceil(log2 s) of positive fp32 scales, exactly (subnormal ones too): the smallest power of two ≥ s, so that
+    |x / s| ≤ 448 still holds. DeepSeek-V3's `inference/kernel.py` writes it as exp2(ceil(log2 s)) in fp32, where a
+    rounded log2 turns s = 2^k·(1 + 2⁻²³) into 2^k for most k; its later kernels (DeepSeek-V3.2's `fast_log2_ceil`,
+    DeepEP) take the exponent from the float's bits instead, as the Triton `pow2_ceil` above and this do."""
+    mantissa, exponent = torch.frexp(scale)  # scale = mantissa · 2^exponent, mantissa in [0.5, 1)
+    return torch.ldexp(torch.ones_like(scale), exponent - (mantissa == 0.5).int())
+
+
 def _act_quant_torch(x: torch.Tensor, block: int, ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The same quantization in PyTorch (devices Triton cannot run on); a partial last tile is zero-padded for its
     amax, which zeros do not change."""
@@ -169,8 +178,7 @@ def _act_quant_torch(x: torch.Tensor, block: int, ue8m0: bool) -> tuple[torch.Te
     tiles = torch.nn.functional.pad(x.float(), (0, -k % block)).unflatten(-1, (-1, block))
     scale = tiles.abs().amax(-1).clamp(min=AMAX_FLOOR) / E4M3_MAX
     if ue8m0:
-        mantissa, exponent = torch.frexp(scale)  # scale = mantissa · 2^exponent, mantissa in [0.5, 1)
-        scale = torch.ldexp(torch.ones_like(scale), exponent - (mantissa == 0.5).int())
+        scale = ue8m0_scale(scale)
     quantized = (tiles / scale[..., None]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
     return quantized.flatten(-2)[..., :k], scale
 
@@ -288,4 +296,5 @@ __all__ = [
     "fp8_gemm_runs_on",
     "fp8_linear",
     "triton_gemm_available",
+    "ue8m0_scale",
 ]

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
-from ..model.fp8_kernels import block_scaled_gemm, triton_gemm_available
+from ..model.fp8_kernels import block_scaled_gemm, triton_gemm_available, ue8m0_scale
 from ..model.quantization_deepseek_moe import dequantize_fp8_blockwise
 
 E4M3 = torch.float8_e4m3fn
@@ -49,7 +49,7 @@ def quantize_blocks(
     blocks = padded.unflatten(-1, (grid[1], block[1])).unflatten(-3, (grid[0], block[0]))  # [..., gr, br, gc, bc]
     scale = blocks.abs().amax(dim=(-3, -1)).clamp(min=AMAX_FLOOR) / E4M3_MAX
     if scale_format == "ue8m0":
-        scale = torch.exp2(torch.ceil(torch.log2(scale)))
+        scale = ue8m0_scale(scale)
     quantized = (blocks / scale[..., :, None, :, None]).to(E4M3).flatten(-4, -3).flatten(-2, -1)
     return quantized[..., :rows, :cols], scale
 
