@@ -12,7 +12,10 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import re
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -24,6 +27,7 @@ from transformers import Trainer, TrainingArguments
 
 import deepseek_moe.model.fp8_kernels as fp8_kernels
 from deepseek_moe import DeepseekMoeForCausalLM
+from deepseek_moe.hub import HIDE_PACKAGE
 from deepseek_moe.model.quantization_deepseek_moe import DeepseekFp8Config, DeepseekFp8Linear, keeps_fp8_on
 
 E4M3 = torch.float8_e4m3fn
@@ -346,6 +350,77 @@ def test_kept_fp8_generates_with_the_triton_kernels(checkpoint):
     with torch.no_grad():
         prompt = INPUT_IDS[:1, :3].to(KERNEL_DEVICE)
         assert model.generate(prompt, max_new_tokens=2, do_sample=False).shape == (1, 5)
+
+
+# ------------------------------------------------------ kept FP8 through the remote code, without this package
+
+KEPT_REMOTE_CODE_CHILD = (
+    HIDE_PACKAGE
+    + """
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+folder, how, prompts, out = sys.argv[1:]
+if how == "class":  # the config class as the folder's code defines it
+    config_class = get_class_from_dynamic_module("quantization_deepseek_moe.DeepseekFp8Config", folder)
+else:  # the class of the checkpoint's own quantization_config
+    config_class = type(AutoConfig.from_pretrained(folder, trust_remote_code=True).quantization_config)
+model = AutoModelForCausalLM.from_pretrained(
+    folder, trust_remote_code=True, dtype=torch.float32, quantization_config=config_class(dequantize=False)
+).eval()
+modeling = sys.modules[type(model).__module__]
+prompts = torch.tensor(eval(prompts))
+with torch.no_grad():
+    logits = model(prompts).logits
+    tokens = model.generate(prompts[:1], max_new_tokens=3, do_sample=False)
+result = {
+    "module": type(model).__module__,
+    "experts": model.config._experts_implementation,
+    "e4m3": sorted(n for n, p in model.named_parameters() if p.dtype == torch.float8_e4m3fn),
+    # Whether the FP8 linears are of the model code's own class (True) or another copy's (False).
+    "linears": sorted({type(m) is modeling.DeepseekFp8Linear for m in model.modules() if "Fp8" in type(m).__name__}),
+    "logits": logits,
+    "tokens": tokens,
+}
+torch.save(result, out)
+"""
+)
+
+
+@pytest.fixture(scope="module")
+def saved_kept(checkpoint, tmp_path_factory):
+    """A kept model saved by `save_pretrained` (our layout, its remote code beside it), with its fp32 logits on
+    INPUT_IDS and 3 greedy tokens after INPUT_IDS[:1] (absorbed decoding)."""
+    folder, _ = checkpoint
+    kept = load(folder, dequantize=False, dtype=torch.float32)
+    saved = tmp_path_factory.mktemp("kept-remote") / "saved"
+    kept.save_pretrained(saved)
+    e4m3 = sorted(n for n, p in kept.named_parameters() if p.dtype == E4M3)
+    with torch.no_grad():
+        return saved, e4m3, kept(INPUT_IDS).logits, kept.generate(INPUT_IDS[:1], max_new_tokens=3, do_sample=False)
+
+
+@pytest.mark.parametrize("how", ["class", "checkpoint config"])
+def test_kept_fp8_loads_as_remote_code_without_the_package(saved_kept, tmp_path, how):
+    """A saved kept model loads kept through its remote code where `deepseek_moe` cannot be imported, the
+    `DeepseekFp8Config` taken from the folder's code or from its config (which first imports another copy of the
+    quantizer: remote code from a local folder comes in one copy per entry module): E4M3 weights, FP8 linears of the
+    model code's own class, FP8 experts, and the package's logits and greedy tokens (same code, same kernels: bit for
+    bit)."""
+    saved, e4m3, logits, tokens = saved_kept
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(OMP_NUM_THREADS="1", HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
+    out = tmp_path / "result.pt"
+    arguments = [str(saved), how, repr(INPUT_IDS.tolist()), str(out)]
+    child = subprocess.run(
+        [sys.executable, "-I", "-c", KEPT_REMOTE_CODE_CHILD, *arguments], capture_output=True, text=True, env=env
+    )
+    assert child.returncode == 0, child.stderr[-3000:]
+    result = torch.load(out)
+    assert result["module"].startswith("transformers_modules") and result["e4m3"] == e4m3
+    assert result["experts"] == "deepseek_fp8" and result["linears"] == [True]
+    assert torch.equal(result["logits"], logits) and torch.equal(result["tokens"], tokens)
 
 
 # ------------------------------------------------------ ue8m0 checkpoints (DeepSeek-V3.1: power-of-two scales)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import inspect
 import math
 import re
+import sys
 from typing import Any
 
 import torch
@@ -238,6 +239,13 @@ class DeepseekFp8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+def model_code_class(model: nn.Module, cls: type) -> type:
+    """`cls` as the model's own code knows it. Remote code loaded from a local folder is imported once per entry module
+    (the config's, the model's), each with its own copy of this file, and the quantizer at work is the copy imported
+    first: the modules it builds must be of the class the model's `isinstance` checks name."""
+    return getattr(sys.modules[type(model).__module__], cls.__name__, cls)
+
+
 def dense_weight(linear: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """A linear layer's weight as a matrix to compute with: a kept FP8 one dequantized into `dtype`."""
     return linear.dequantized_weight(dtype) if isinstance(linear, DeepseekFp8Linear) else linear.weight
@@ -245,9 +253,10 @@ def dense_weight(linear: nn.Module, dtype: torch.dtype) -> torch.Tensor:
 
 def keeps_fp8_experts(config: Any) -> bool:
     """Whether routed experts stay E4M3: when FP8 is kept and each expert's projections are whole 128-row blocks, so
-    that the fused `gate_up_proj` scales are the per-expert ones concatenated (otherwise experts are dequantized)."""
+    that the fused `gate_up_proj` scales are the per-expert ones concatenated (otherwise experts are dequantized).
+    The config is known by its `quant_method`: it may be another copy's `DeepseekFp8Config` (`model_code_class`)."""
     quantization = getattr(config, "quantization_config", None)
-    kept = isinstance(quantization, DeepseekFp8Config) and quantization.dequantize is False
+    kept = getattr(quantization, "quant_method", None) == QUANT_METHOD and quantization.dequantize is False
     return kept and config.n_routed_experts > 0 and config.moe_intermediate_size % FP8_BLOCK == 0
 
 
@@ -327,10 +336,11 @@ class DeepseekFp8HfQuantizer(HfQuantizer):
             return
         owners = checkpoint_scale_owners(checkpoint_files)
         prefix = model.base_model_prefix + "."
+        fp8_linear = model_code_class(model, DeepseekFp8Linear)
         for name, module in list(model.named_modules()):
             if isinstance(module, nn.Linear) and (name in owners or prefix + name in owners):
                 parent, _, child = name.rpartition(".")
-                replacement = DeepseekFp8Linear(
+                replacement = fp8_linear(
                     module.in_features,
                     module.out_features,
                     module.bias is not None,
@@ -352,8 +362,9 @@ class DeepseekFp8HfQuantizer(HfQuantizer):
     def _dequantize(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
         """`model.dequantize()`: every kept E4M3 weight becomes a plain one in `dtype` (the model's), e.g. to train."""
         self.quantization_config.dequantize = True
+        fp8_linear = model_code_class(model, DeepseekFp8Linear)
         for name, module in list(model.named_modules()):
-            if isinstance(module, DeepseekFp8Linear):
+            if isinstance(module, fp8_linear):
                 linear = nn.Linear(module.in_features, module.out_features, module.bias is not None, dtype=dtype)
                 linear.weight.copy_(module.dequantized_weight(dtype))
                 if module.bias is not None:
