@@ -464,9 +464,10 @@ def emulated_experts(files, prefix: str, ue8m0: bool, hidden, top_k_index, top_k
 def test_kept_ue8m0_checkpoint_runs_with_power_of_two_activation_scales(ue8m0_checkpoint):
     """Kept FP8 with every linear and the experts on the Triton kernels: the fp32 logits equal those of the reference
     (naively dequantized) weights with each FP8 GEMM's input rounded through E4M3 per 1×128 tile with power-of-two
-    scales (test-written emulation), up to fp32 summation order (the 1e-5 of the non-ue8m0 test: measured 3e-7).
-    The same emulation with plain amax/448 scales is 100 times farther off than that bound, so the checkpoint's
-    `scale_fmt` reached every kernel."""
+    scales (test-written emulation). Only fp32 summation order differs, which now and then moves an activation across
+    an E4M3 rounding midpoint downstream: KERNEL_TOLERANCE, as for plain scales (interpreter: measured 2.6e-7). The
+    same emulation with amax/448 scales is off by 0.23 of the largest logit, so the checkpoint's `scale_fmt` reached
+    every kernel."""
     folder, _ = ue8m0_checkpoint
     files = read_files(folder)
     kept = load(folder, False, dtype=torch.float32).to(KERNEL_DEVICE)
@@ -479,5 +480,5 @@ def test_kept_ue8m0_checkpoint_runs_with_power_of_two_activation_scales(ue8m0_ch
             model = DeepseekMoeForCausalLM.from_pretrained(folder.parent / "reference", dtype=torch.float32).eval()
             emulate_fp8_activations(model, files, ue8m0)
             emulated[ue8m0] = model(INPUT_IDS).logits
-    assert_close(fast, emulated[True], 1e-5, "kept ue8m0 vs power-of-two emulation")
-    assert (fast - emulated[False]).abs().max() > 1e-3 * emulated[True].abs().max()
+    assert_close(fast, emulated[True], KERNEL_TOLERANCE, "kept ue8m0 vs power-of-two emulation")
+    assert (fast - emulated[False]).abs().max() > 1e-2 * emulated[True].abs().max()
