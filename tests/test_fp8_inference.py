@@ -293,6 +293,36 @@ def e4m3_activations(x: torch.Tensor, ue8m0: bool = False) -> torch.Tensor:
     return ((tiles / scale).to(E4M3).float() * scale).flatten(-2)[..., :width].to(x.dtype)
 
 
+def emulate_fp8_activations(model, files: dict[str, torch.Tensor], ue8m0: bool) -> None:
+    """Make an unquantized model compute as kept FP8 does: every linear stored in FP8 gets its input rounded through
+    E4M3 per 1×128 tile, and routed experts run `emulated_experts`."""
+    fp8_names = [name.removesuffix(".weight_scale_inv") for name in files if name.endswith(".weight_scale_inv")]
+    for name in fp8_names:
+        if not EXPERT_WEIGHT.fullmatch(name + ".weight"):
+            model.get_submodule(name).register_forward_pre_hook(lambda m, args: (e4m3_activations(args[0], ue8m0),))
+    for prefix in (f"model.layers.{i}.mlp.experts" for i in range(model.config.num_hidden_layers)):
+        if prefix + ".0.down_proj.weight" in files:
+            experts = model.get_submodule(prefix)
+            experts.forward = functools.partial(emulated_experts, files, prefix, ue8m0)
+
+
+def emulated_experts(files, prefix: str, ue8m0: bool, hidden, top_k_index, top_k_weights) -> torch.Tensor:
+    """The routed experts `prefix` token by token on the files' weights (dequantized by checkpoint_utils' own
+    expansion), the expert input and the SwiGLU output rounded through E4M3 per 1×128 tile."""
+
+    def weight(expert: int, projection: str) -> torch.Tensor:
+        name = f"{prefix}.{expert}.{projection}_proj.weight"
+        return dequantize(files[name], files[name + "_scale_inv"])
+
+    out = torch.zeros_like(hidden)
+    for token, (experts_of_token, weights) in enumerate(zip(top_k_index.tolist(), top_k_weights, strict=True)):
+        x = e4m3_activations(hidden[token], ue8m0)
+        for expert, routing_weight in zip(experts_of_token, weights, strict=True):
+            h = torch.nn.functional.silu(weight(expert, "gate") @ x) * (weight(expert, "up") @ x)
+            out[token] += routing_weight * (weight(expert, "down") @ e4m3_activations(h, ue8m0))
+    return out
+
+
 @needs_kernels
 def test_triton_fp8_linears_match_the_model_with_e4m3_activations(checkpoint, monkeypatch):
     """With every FP8 linear on the Triton GEMM, the fp32 logits equal those of the same weights with each linear's
@@ -328,17 +358,7 @@ def test_triton_fp8_experts_match_e4m3_activations_on_the_files_weights(checkpoi
     top_k_weights = torch.rand(7, 4, generator=generator)
     with torch.no_grad():
         fast = experts(*(t.to(KERNEL_DEVICE) for t in (hidden, top_k_index, top_k_weights))).cpu()
-
-    def weight(expert: int, projection: str) -> torch.Tensor:
-        name = f"model.layers.1.mlp.experts.{expert}.{projection}_proj.weight"
-        return dequantize(files[name], files[name + "_scale_inv"])
-
-    expected = torch.zeros_like(hidden)
-    for token, (experts_of_token, weights) in enumerate(zip(top_k_index.tolist(), top_k_weights, strict=True)):
-        x = e4m3_activations(hidden[token])
-        for expert, routing_weight in zip(experts_of_token, weights, strict=True):
-            h = torch.nn.functional.silu(weight(expert, "gate") @ x) * (weight(expert, "up") @ x)
-            expected[token] += routing_weight * (weight(expert, "down") @ e4m3_activations(h))
+    expected = emulated_experts(files, "model.layers.1.mlp.experts", False, hidden, top_k_index, top_k_weights)
     assert_close(fast, expected, KERNEL_TOLERANCE, "fused FP8 experts vs E4M3 emulation")  # interpreter: 3e-7
 
 
@@ -430,34 +450,6 @@ def test_kept_fp8_loads_as_remote_code_without_the_package(saved_kept, tmp_path,
 def ue8m0_checkpoint(tmp_path_factory):
     """`"scale_fmt": "ue8m0"`, power-of-two weight scales, experts of whole 128-row blocks (kept FP8 too)."""
     return write_fp8_checkpoint(tmp_path_factory.mktemp("kept-ue8m0"), scale_fmt="ue8m0", moe_intermediate_size=BLOCK)
-
-
-def emulate_fp8_activations(model, files: dict[str, torch.Tensor], ue8m0: bool) -> None:
-    """Make an unquantized model compute as kept FP8 does: every linear stored in FP8 gets its input rounded through
-    E4M3 per 1×128 tile, and routed experts run a token-by-token loop on the files' dequantized weights with the
-    expert input and the SwiGLU output rounded likewise."""
-    fp8_names = [name.removesuffix(".weight_scale_inv") for name in files if name.endswith(".weight_scale_inv")]
-    for name in fp8_names:
-        if not EXPERT_WEIGHT.fullmatch(name + ".weight"):
-            model.get_submodule(name).register_forward_pre_hook(lambda m, args: (e4m3_activations(args[0], ue8m0),))
-    for prefix in (f"model.layers.{i}.mlp.experts" for i in range(model.config.num_hidden_layers)):
-        if prefix + ".0.down_proj.weight" in files:
-            experts = model.get_submodule(prefix)
-            experts.forward = functools.partial(emulated_experts, files, prefix, ue8m0)
-
-
-def emulated_experts(files, prefix: str, ue8m0: bool, hidden, top_k_index, top_k_weights) -> torch.Tensor:
-    def weight(expert: int, projection: str) -> torch.Tensor:
-        name = f"{prefix}.{expert}.{projection}_proj.weight"
-        return dequantize(files[name], files[name + "_scale_inv"])
-
-    out = torch.zeros_like(hidden)
-    for token, (experts_of_token, weights) in enumerate(zip(top_k_index.tolist(), top_k_weights, strict=True)):
-        x = e4m3_activations(hidden[token], ue8m0)
-        for expert, routing_weight in zip(experts_of_token, weights, strict=True):
-            h = torch.nn.functional.silu(weight(expert, "gate") @ x) * (weight(expert, "up") @ x)
-            out[token] += routing_weight * (weight(expert, "down") @ e4m3_activations(h, ue8m0))
-    return out
 
 
 @needs_kernels
