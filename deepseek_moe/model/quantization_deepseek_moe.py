@@ -242,8 +242,13 @@ class DeepseekFp8Linear(nn.Module):
 def model_code_class(model: nn.Module, cls: type) -> type:
     """`cls` as the model's own code knows it. Remote code loaded from a local folder is imported once per entry module
     (the config's, the model's), each with its own copy of this file, and the quantizer at work is the copy imported
-    first: the modules it builds must be of the class the model's `isinstance` checks name."""
-    return getattr(sys.modules[type(model).__module__], cls.__name__, cls)
+    first: the modules it builds must be of the class the model's `isinstance` checks name (that of the first module
+    along the model class's bases that has one, so a user's subclass elsewhere is served too)."""
+    for base in type(model).__mro__:
+        found = getattr(sys.modules.get(base.__module__), cls.__name__, None)
+        if found is not None:
+            return found
+    return cls
 
 
 def dense_weight(linear: nn.Module, dtype: torch.dtype) -> torch.Tensor:
