@@ -129,6 +129,11 @@ def write_sharded(state: dict[str, torch.Tensor], directory, config: dict, shard
     (directory / "config.json").write_text(json.dumps(config))
 
 
+def read_files(folder) -> dict[str, torch.Tensor]:
+    """Every tensor of a folder's safetensors files, by name."""
+    return {name: t for path in folder.glob("*.safetensors") for name, t in load_file(path).items()}
+
+
 def write_fp8_checkpoint(root, scale_fmt: str | None = None, **overrides):
     """(FP8 folder as DeepSeek ships it: tiny V3 with MTP, partial blocks, 3 shards; fp32 reference model on the
     independently dequantized weights). `scale_fmt="ue8m0"`: as DeepSeek-V3.1 ships it, power-of-two weight scales

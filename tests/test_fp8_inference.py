@@ -20,9 +20,8 @@ import warnings
 
 import pytest
 import torch
-from checkpoint_utils import QUANTIZATION_CONFIG, dequantize, write_fp8_checkpoint
+from checkpoint_utils import QUANTIZATION_CONFIG, dequantize, read_files, write_fp8_checkpoint
 from conftest import assert_close
-from safetensors import safe_open
 from transformers import Trainer, TrainingArguments
 
 import deepseek_moe.model.fp8_kernels as fp8_kernels
@@ -59,14 +58,6 @@ def load(folder, dequantize: bool | None, dtype=torch.bfloat16, **kwargs):
         )
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     return model.eval()
-
-
-def read_files(folder) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for path in folder.glob("*.safetensors"):
-        with safe_open(path, framework="pt") as handle:
-            tensors.update({key: handle.get_tensor(key) for key in handle.keys()})
-    return tensors
 
 
 def bits(tensor: torch.Tensor) -> torch.Tensor:

@@ -16,8 +16,7 @@ import warnings
 
 import pytest
 import torch
-from checkpoint_utils import QUANTIZATION_CONFIG, write_fp8_checkpoint
-from safetensors.torch import load_file
+from checkpoint_utils import QUANTIZATION_CONFIG, read_files, write_fp8_checkpoint
 
 from deepseek_moe import DeepseekMoeConfig, DeepseekMoeForCausalLM
 from deepseek_moe.cli import main
@@ -93,7 +92,7 @@ def test_ue8m0_checkpoint_loads_dequantized_as_its_dequantized_weights(ue8m0_che
     dequantized weights in the same dtype, weights and logits bit for bit."""
     folder, _ = ue8m0_checkpoint
     assert json.loads((folder / "config.json").read_text())["quantization_config"]["scale_fmt"] == "ue8m0"
-    scales = [t for name, t in read_safetensors(folder).items() if name.endswith("_scale_inv")]
+    scales = [t for name, t in read_files(folder).items() if name.endswith("_scale_inv")]
     assert scales and all(torch.equal(s, torch.exp2(torch.log2(s).round())) for s in scales)  # powers of two
     model = load(folder, dtype)
     assert not model.is_quantized and not hasattr(model.config, "quantization_config")
@@ -102,10 +101,6 @@ def test_ue8m0_checkpoint_loads_dequantized_as_its_dequantized_weights(ue8m0_che
     assert all(torch.equal(t, expected.state_dict()[name]) for name, t in model.state_dict().items())
     with torch.no_grad():
         assert torch.equal(model(INPUT_IDS).logits, expected(INPUT_IDS).logits)
-
-
-def read_safetensors(folder) -> dict[str, torch.Tensor]:
-    return {name: t for path in folder.glob("*.safetensors") for name, t in load_file(path).items()}
 
 
 REMOTE_CODE_CHILD = (
