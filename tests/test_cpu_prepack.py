@@ -13,6 +13,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from deepseek_moe import DeepseekMoeForCausalLM
+from deepseek_moe.model.modeling_deepseek_moe import PACKED_WEIGHTS
 
 pytestmark = pytest.mark.skipif(
     not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"),
@@ -99,7 +100,7 @@ def test_switches_turn_it_off():
         with torch.backends.mkldnn.flags(enabled=False):
             assert torch.equal(packed(INPUT_IDS).logits, expected)  # F.linear, the plain model's own kernel
     assert packed.prepack_cpu_weights(enabled=False) == 0
-    assert not any("forward" in m.__dict__ or hasattr(m, "onednn_weight") for m in packed.modules())
+    assert not any("forward" in m.__dict__ or m in PACKED_WEIGHTS for m in packed.modules())
     assert _onednn_linear_calls(packed) == _onednn_linear_calls(plain)
     with torch.no_grad():
         assert torch.equal(packed(INPUT_IDS).logits, expected)
@@ -109,3 +110,13 @@ def test_bfloat16_weights_are_refused():
     model = tiny_model("tiny-v3", seed=3).to(torch.bfloat16)
     with pytest.raises(ValueError, match=r"packs float32 .* \(its weights are torch.bfloat16 on cpu\)"):
         model.prepack_cpu_weights(min_bytes=0)
+
+
+def test_a_deep_copy_packs_its_own_weights():
+    plain, packed, _ = _models()
+    copied = copy.deepcopy(packed)
+    with torch.no_grad():
+        copied.lm_head.weight.mul_(3.0)  # the copy's own weights, not the original's packed ones
+        plain.lm_head.weight.mul_(3.0)
+        assert_close(copied(INPUT_IDS).logits, plain(INPUT_IDS).logits, rtol=1e-5, what="the copy's logits")
+    assert _onednn_linear_calls(copied) - _onednn_linear_calls(plain) == _linear_calls(plain)

@@ -13,6 +13,7 @@ import math
 import os
 import re
 import shutil
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -313,24 +314,30 @@ def latent_weighted_sum(weights: torch.Tensor, latent: torch.Tensor, cached: Lat
     return out
 
 
+# Each packed linear's weight in oneDNN's blocked layout, and which weight (storage, version) it copies. Kept beside
+# the modules, not in them: the opaque packed tensors cannot be deep-copied, and a copied module packs its own.
+PACKED_WEIGHTS: weakref.WeakKeyDictionary[nn.Linear, tuple[torch.Tensor, tuple[int, int]]] = weakref.WeakKeyDictionary()
+
+
 def packed_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """`nn.Linear.forward` of a linear that `prepack_cpu_weights` packed: through oneDNN's linear over the weight in
     its blocked layout where oneDNN serves (see `onednn_serves`), else as usual. A weight replaced or changed in place
     since it was packed (a training step) is packed again on first use."""
     if not onednn_serves(x, self.weight):
         return F.linear(x, self.weight, self.bias)
-    if self.onednn_packed_for != (self.weight.data_ptr(), self.weight._version):
-        pack_linear_weight(self)
+    packed = PACKED_WEIGHTS.get(self)
+    if packed is None or packed[1] != (self.weight.data_ptr(), self.weight._version):
+        packed = pack_linear_weight(self)
     rows = x.reshape(-1, x.shape[-1])
-    out = torch.ops.mkldnn._linear_pointwise(rows, self.onednn_weight, self.bias, "none", [], "")
+    out = torch.ops.mkldnn._linear_pointwise(rows, packed[0], self.bias, "none", [], "")
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
-def pack_linear_weight(linear: nn.Linear) -> None:
-    """oneDNN's blocked copy of the weight, and which weight (storage and version) it copies."""
+def pack_linear_weight(linear: nn.Linear) -> tuple[torch.Tensor, tuple[int, int]]:
     with torch.no_grad():
-        linear.onednn_weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight, None)
-    linear.onednn_packed_for = (linear.weight.data_ptr(), linear.weight._version)
+        packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight, None)
+    PACKED_WEIGHTS[linear] = packed, (linear.weight.data_ptr(), linear.weight._version)
+    return PACKED_WEIGHTS[linear]
 
 
 class DeepseekMoeLatentAttention(nn.Module):
@@ -1050,7 +1057,8 @@ class DeepseekMoePreTrainedModel(PreTrainedModel):
         ]
         for module in linears:
             if "forward" in module.__dict__ and module.forward.__func__ is packed_linear_forward:
-                del module.forward, module.onednn_weight, module.onednn_packed_for
+                del module.forward
+                PACKED_WEIGHTS.pop(module, None)
         if not enabled:
             return 0
         if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
