@@ -21,12 +21,16 @@ the median over rounds of that round's floor over its step time:
   without AVX-512, so oneDNN's rate can be twice MKL's; "ours / floor (MKL rate)" is the ratio with MKL's rate
   alone, as earlier entries of docs/BENCHMARKS.md measured it.
 
+"Ours, prepacked" is the same model after `prepack_cpu_weights()` (its linears of a megabyte or more through oneDNN
+over packed copies of their weights), as a third arm in the same rounds.
+
     OMP_NUM_THREADS=1 python benchmarks/mla_decode.py --contexts 512 2048 8192 16384 --batches 1 8
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import platform
 import statistics
 import tempfile
@@ -132,6 +136,7 @@ def step_work(model: DeepseekMoeForCausalLM, batch: int, context: int) -> tuple[
 @dataclass
 class Round:
     ours: float  # seconds per step
+    prepacked: float
     builtin: float
     floor: float  # seconds, from this round's measurements
     memory_floor: float
@@ -144,13 +149,15 @@ class Round:
 
 
 @torch.no_grad()
-def race(ours, builtin, batch: int, context: int, rounds: int) -> tuple[list[Round], bool]:
-    """`rounds` rounds of: measure the floor, one greedy step of ours, one of the built-in (after a warm-up round).
+def race(ours, prepacked, builtin, batch: int, context: int, rounds: int) -> tuple[list[Round], bool]:
+    """`rounds` rounds of: measure the floor, one greedy step of ours, ours prepacked and the built-in (after a warm-up
+    round).
 
     The floor is measured inside every round, next to the steps it is compared with, because the machine's load (and
     so its bandwidth and matmul throughput) drifts within seconds. Returns the rounds and whether the tokens agree."""
     cache_ours, cache_builtin = filled_caches(ours.config, batch, context, rounds + 1)
-    arms = {"ours": (ours, cache_ours), "builtin": (builtin, cache_builtin)}
+    cache_prepacked = filled_caches(ours.config, batch, context, rounds + 1)[0]
+    arms = {"ours": (ours, cache_ours), "prepacked": (prepacked, cache_prepacked), "builtin": (builtin, cache_builtin)}
     tokens = {name: [torch.zeros(batch, 1, dtype=torch.long)] for name in arms}
     step_bytes, step_flops = step_work(ours, batch, context)
     data, a, b = torch.ones(64 * 2**20), torch.randn(1024, 1024), torch.randn(1024, 1024)
@@ -171,7 +178,8 @@ def race(ours, builtin, batch: int, context: int, rounds: int) -> tuple[list[Rou
             results.append(Round(**seconds, floor=floor, memory_floor=memory_floor, compute_floor=compute_floor,
                                  mkl_floor=mkl_floor, bandwidth=bandwidth, throughput=throughput,
                                  mkl_throughput=mkl, onednn_throughput=onednn))  # fmt: skip
-    same = torch.equal(torch.cat(tokens["ours"], dim=1), torch.cat(tokens["builtin"], dim=1))
+    reference = torch.cat(tokens["builtin"], dim=1)
+    same = all(torch.equal(torch.cat(tokens[name], dim=1), reference) for name in ("ours", "prepacked"))
     return results, same
 
 
@@ -192,26 +200,32 @@ def main() -> None:
     args = parser.parse_args()
 
     ours, builtin = build_models()
+    prepacked = copy.deepcopy(ours)
+    prepacked.prepack_cpu_weights()
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, fp32")
     print(f"relative logit difference ours vs built-in on one decode step: {check_same_logits(ours, builtin):.1e}")
     print(
-        "| batch | context | built-in ms | ours ms | speed-up | read GB/s | matmul GFLOP/s MKL / oneDNN"
-        " | floor ms (bytes / FLOPs) | ours / floor | ours / floor (MKL rate) | same tokens |"
+        "| batch | context | built-in ms | ours ms | ours prepacked ms | speed-up (ours) | read GB/s"
+        " | matmul GFLOP/s MKL / oneDNN | floor ms (bytes / FLOPs) | ours / floor | prepacked / floor"
+        " | ours / floor (MKL rate) | prepacked / floor (MKL rate) | same tokens |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for batch in args.batches:
         for context in args.contexts:
-            rounds, same = race(ours, builtin, batch, context, args.rounds)
-            ms = {field: 1e3 * _median(rounds, field) for field in ("ours", "builtin", "floor", "memory_floor")}
+            rounds, same = race(ours, prepacked, builtin, batch, context, args.rounds)
+            fields = ("ours", "prepacked", "builtin", "floor", "memory_floor")
+            ms = {field: 1e3 * _median(rounds, field) for field in fields}
             ms["compute_floor"] = 1e3 * _median(rounds, "compute_floor")
             print(
-                f"| {batch} | {context} | {ms['builtin']:.1f} | {ms['ours']:.1f}"
+                f"| {batch} | {context} | {ms['builtin']:.1f} | {ms['ours']:.1f} | {ms['prepacked']:.1f}"
                 f" | {statistics.median(r.builtin / r.ours for r in rounds):.1f}x"
                 f" | {_median(rounds, 'bandwidth') / 1e9:.1f}"
                 f" | {_median(rounds, 'mkl_throughput') / 1e9:.0f} / {_median(rounds, 'onednn_throughput') / 1e9:.0f}"
                 f" | {ms['floor']:.2f} ({ms['memory_floor']:.2f} / {ms['compute_floor']:.2f})"
                 f" | {statistics.median(r.floor / r.ours for r in rounds):.0%}"
-                f" | {statistics.median(r.mkl_floor / r.ours for r in rounds):.0%} | {'yes' if same else 'NO'} |",
+                f" | {statistics.median(r.floor / r.prepacked for r in rounds):.0%}"
+                f" | {statistics.median(r.mkl_floor / r.ours for r in rounds):.0%}"
+                f" | {statistics.median(r.mkl_floor / r.prepacked for r in rounds):.0%} | {'yes' if same else 'NO'} |",
                 flush=True,
             )
 

@@ -10,6 +10,9 @@ which wall time counts and CPU time does not, so the CPU-time ratios show what a
 
     OMP_NUM_THREADS=1 python benchmarks/mtp_speculative.py --steps 300 --depth 1
 
+`--draft-tokens 2 3` adds trained-model arms drafting that many tokens per step (`num_draft_tokens`; beyond the
+model's D modules the last module runs again).
+
 `--baseline-loop FILE` adds an arm running `mtp_greedy_generate` from an older `speculative.py` (the hand-written
 greedy loop this package had before MTP went through transformers' assisted generation) on the same model:
 `git show 7acead3:deepseek_moe/model/speculative.py > /tmp/old_speculative.py` (that file needs the model code of
@@ -79,7 +82,9 @@ def run_arms(
     return median, {name: statistics.median(times) for name, times in cpu.items()}
 
 
-def cost_breakdown(model: DeepseekMoeForCausalLM, prompts: list[torch.Tensor], new_tokens: int) -> None:
+def cost_breakdown(
+    model: DeepseekMoeForCausalLM, prompts: list[torch.Tensor], new_tokens: int, draft_tokens: list[int]
+) -> None:
     """Where a greedy step's CPU time goes, plain and with MTP: the main model's forward passes, the MTP drafts
     (`MtpCandidateGenerator.draft`) and the rest (the decoding loop), timed by wrapping the two functions."""
     from deepseek_moe.model import speculative
@@ -100,7 +105,7 @@ def cost_breakdown(model: DeepseekMoeForCausalLM, prompts: list[torch.Tensor], n
     forward, draft = type(model).forward, speculative.MtpCandidateGenerator.draft
     type(model).forward, speculative.MtpCandidateGenerator.draft = timed(forward, "forward"), timed(draft, "draft")
     try:
-        for options in ({}, {"use_mtp": True}):
+        for options in ({}, {"use_mtp": True}, *({"use_mtp": True, "num_draft_tokens": n} for n in draft_tokens)):
             spent.update(forward=0.0, draft=0.0)
             steps = drafts = 0
             start = time.thread_time()
@@ -114,8 +119,9 @@ def cost_breakdown(model: DeepseekMoeForCausalLM, prompts: list[torch.Tensor], n
             total = time.thread_time() - start
             rest = total - spent["forward"] - spent["draft"]
             per_draft = f"{spent['draft'] / drafts * 1e3:.3f} ms per draft, " if drafts else ""
+            drafting = f"MTP ({options['num_draft_tokens']} drafts)" if "num_draft_tokens" in options else "MTP"
             print(
-                f"{'MTP' if options else 'plain'} greedy, trained model: {total * 1e3:.0f} ms CPU for "
+                f"{drafting if options else 'plain'} greedy, trained model: {total * 1e3:.0f} ms CPU for "
                 f"{len(prompts) * new_tokens} tokens in {steps} steps after the prefills; forward passes "
                 f"(prefills included) {spent['forward'] * 1e3:.0f} ms, drafts {spent['draft'] * 1e3:.0f} ms "
                 f"({per_draft}{drafts} drafts), the rest {rest * 1e3:.0f} ms ({rest / steps * 1e3:.3f} ms per step)"
@@ -148,6 +154,9 @@ def main() -> None:
     parser.add_argument("--baseline-loop", metavar="FILE", help="an older speculative.py to time as one more arm")
     parser.add_argument("--breakdown", action="store_true", help="also print where a step's CPU time goes")
     parser.add_argument(
+        "--draft-tokens", type=int, nargs="+", default=[], metavar="N", help="more arms drafting N tokens per step"
+    )
+    parser.add_argument(
         "--trained", metavar="DIR", help="load the trained model from DIR, else train it and save it there"
     )
     args = parser.parse_args()
@@ -177,11 +186,17 @@ def main() -> None:
         "trained greedy plain": (model, {"do_sample": False}),
         "trained greedy MTP": (model, {"do_sample": False, "use_mtp": True}),
     }
+    for n in args.draft_tokens:
+        arms[f"trained greedy MTP, {n} drafts"] = (model, {"do_sample": False, "use_mtp": True, "num_draft_tokens": n})
     if args.baseline_loop:
         arms["trained greedy MTP (older loop)"] = (BaselineLoop(args.baseline_loop, model), {})
     arms |= {
         "trained sampling plain": (model, sample),
         "trained sampling MTP": (model, {**sample, "use_mtp": True}),
+        **{
+            f"trained sampling MTP, {n} drafts": (model, {**sample, "use_mtp": True, "num_draft_tokens": n})
+            for n in args.draft_tokens
+        },
         "untrained greedy plain": (untrained, {"do_sample": False}),
         "untrained greedy MTP adaptive": (untrained, {"do_sample": False, "use_mtp": True}),
         "untrained greedy MTP always": (untrained, {"do_sample": False, "use_mtp": True, "mtp_adaptive": False}),
@@ -226,7 +241,7 @@ def main() -> None:
         cpu = f"{tokens / cpu_timings[name]:.1f} | {cpu_ratio:.2f}x"
         print(f"| {name} | {tokens / seconds:.1f} | {ratio:.2f}x | {cpu} | {acceptance} | {steps} |")
     if args.breakdown:
-        cost_breakdown(model, prompts, args.new_tokens)
+        cost_breakdown(model, prompts, args.new_tokens, args.draft_tokens)
 
 
 if __name__ == "__main__":

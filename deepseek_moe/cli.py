@@ -82,6 +82,7 @@ def _generate(args: argparse.Namespace) -> int:
         args.use_mtp,
         args.revision,
         args.tokenizer,
+        args.draft_tokens,
     )
 
 
@@ -99,6 +100,12 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
         "--use-mtp",
         action="store_true",
         help="self-speculative decoding with the MTP modules (same tokens; acceptance reported on stderr)",
+    )
+    parser.add_argument(
+        "--draft-tokens",
+        type=int,
+        metavar="N",
+        help="with --use-mtp: tokens drafted per step (default: one per MTP module; more reuse the last module)",
     )
     parser.set_defaults(run=_generate)
 

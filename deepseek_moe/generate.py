@@ -73,8 +73,13 @@ def prepare(
     use_mtp: bool,
     revision: str | None,
     tokenizer_name: str | None,
+    draft_tokens: int | None = None,
 ):
     """The source, the prompt as ids and the tokenizer (or None), with every check that needs no weights."""
+    if draft_tokens is not None and not use_mtp:
+        raise ValueError("--draft-tokens needs --use-mtp")
+    if draft_tokens is not None and draft_tokens < 1:
+        raise ValueError(f"--draft-tokens must be at least 1, got {draft_tokens}")
     source = resolve_source(model_name)
     if Path(source).is_dir():
         if not (Path(source) / "config.json").is_file():
@@ -111,17 +116,27 @@ def generate(
     use_mtp: bool = False,
     revision: str | None = None,
     tokenizer_name: str | None = None,
+    draft_tokens: int | None = None,
 ) -> int:
     """Greedy generation streamed to stdout (text with a tokenizer, token ids without). With `use_mtp`, the MTP
-    modules draft (self-speculative decoding, same tokens) and the draft acceptance is reported on stderr."""
-    source, input_ids, tokenizer = prepare(model_name, prompt, prompt_ids, use_mtp, revision, tokenizer_name)
+    modules draft (self-speculative decoding, same tokens; `draft_tokens` per step, default one per module) and the
+    draft acceptance is reported on stderr."""
+    source, input_ids, tokenizer = prepare(
+        model_name, prompt, prompt_ids, use_mtp, revision, tokenizer_name, draft_tokens
+    )
     model = DeepseekMoeForCausalLM.from_pretrained(source, dtype=load_dtype(dtype), revision=revision).eval()
     streamer = TextStreamer(tokenizer, skip_prompt=True) if tokenizer is not None else TokenIdStreamer()
     kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False, "streamer": streamer}
     if not use_mtp:
         model.generate(input_ids.to(model.device), **kwargs)
         return 0
-    output = model.generate(input_ids.to(model.device), use_mtp=True, return_dict_in_generate=True, **kwargs)
+    output = model.generate(
+        input_ids.to(model.device),
+        use_mtp=True,
+        num_draft_tokens=draft_tokens,
+        return_dict_in_generate=True,
+        **kwargs,
+    )
     print(
         f"[MTP draft acceptance {output.acceptance_rate:.1%} ({output.accepted_tokens}/{output.drafted_tokens}), "
         f"{output.tokens_per_step:.2f} tokens per step, {output.draft_steps} draft steps, "

@@ -50,6 +50,10 @@ def test_generate_with_token_ids_and_mtp(tmp_path, capsys):
     assert "MTP draft acceptance" in captured.err
     expected = model.generate(torch.tensor([[3, 1, 4, 1, 5]]), max_new_tokens=5, do_sample=False)[0, 5:].tolist()
     assert plain == speculative == [str(t) for t in expected]
+    argv = ["generate", str(tmp_path), "--prompt-ids", "3,1,4,1,5", "--max-new-tokens", "5", "--use-mtp"]
+    assert main([*argv, "--draft-tokens", "3"]) == 0  # one module, drafting three tokens a step
+    captured = capsys.readouterr()
+    assert captured.out.split() == plain and "MTP draft acceptance" in captured.err
 
 
 def test_generate_without_tokenizer_needs_ids(tmp_path, capsys):
@@ -100,6 +104,10 @@ def test_clear_errors_for_bad_requests(tmp_path, capsys):
     DeepseekMoeForCausalLM(config).save_pretrained(tmp_path / "plain")
     err = _error(["generate", str(tmp_path / "plain"), "--prompt-ids", "1,2", "--use-mtp"], capsys)
     assert "no MTP modules" in err
+    err = _error(["generate", str(tmp_path / "model"), "--prompt-ids", "1,2", "--draft-tokens", "2"], capsys)
+    assert "--draft-tokens needs --use-mtp" in err
+    err = _error(["generate", str(tmp_path / "model"), "--prompt-ids", "1", "--use-mtp", "--draft-tokens", "0"], capsys)
+    assert "--draft-tokens must be at least 1, got 0" in err
 
 
 def test_truncated_shard_is_named(tmp_path, capsys):

@@ -107,7 +107,7 @@ def trained_model() -> DeepseekMoeForCausalLM:
     return model.eval()
 
 
-@pytest.mark.parametrize("num_draft_tokens", [1, 2])
+@pytest.mark.parametrize("num_draft_tokens", [1, 2, 3])  # 3: the last of the D=2 modules drafts twice
 def test_speculative_greedy_equals_plain_greedy(trained_model, num_draft_tokens):
     prompt = _arithmetic_batch(3, 5, 64, torch.Generator().manual_seed(3))
     prompt[2, 2:] = torch.tensor([7, 50, 9])  # an irregular row, so some drafts are rejected
@@ -149,8 +149,9 @@ def test_speculative_stops_like_generate_at_eos(trained_model):
 def test_use_mtp_needs_mtp_modules_and_a_valid_draft_length():
     with pytest.raises(ValueError, match="has none"):
         _model(depth=0).generate(torch.tensor([[1, 2]]), use_mtp=True)
-    with pytest.raises(ValueError, match="num_draft_tokens"):
-        _model(depth=1).generate(torch.tensor([[1, 2]]), use_mtp=True, num_draft_tokens=2)
+    for bad in (0, 1.5, "2", True):
+        with pytest.raises(ValueError, match="num_draft_tokens to be a positive integer"):
+            _model(depth=1).generate(torch.tensor([[1, 2]]), use_mtp=True, num_draft_tokens=bad)
     with pytest.raises(ValueError, match="beam search"):
         _model(depth=1).generate(torch.tensor([[1, 2]]), use_mtp=True, num_beams=2)
 
@@ -220,15 +221,16 @@ def test_adaptive_drafting_pauses_on_an_untrained_model_and_keeps_greedy_output(
     assert always.mtp_decisions == [] and always.draft_steps >= 42  # every step drafts but the last ones
 
 
-def test_speculative_sampling_keeps_the_model_distribution():
+@pytest.mark.parametrize("modules, draft_tokens", [(2, 2), (1, 3)], ids=["one-module-per-draft", "module-reused"])
+def test_speculative_sampling_keeps_the_model_distribution(modules, draft_tokens):
     """Speculative sampling (drafts from the MTP chain, accepted with probability min(1, p/q), else resampled from
     (p - q)+) must sample the main model's own distribution. With a random model the drafts' q differs from p, so both
     acceptances and rejections happen. The first three sampled tokens of 400 runs (temperature 1.5, every token but
     0 and 1 suppressed, so 8 outcomes) are compared with the exact p(t1) p(t2|t1) p(t3|t1,t2) by a chi-square test:
     the statistic must stay below 24.32, the 0.999 quantile of chi-square with 7 degrees of freedom (fixed seed)."""
     config = DeepseekMoeConfig.from_preset(
-        "tiny-v3", num_nextn_predict_layers=2, vocab_size=16, num_hidden_layers=1, n_routed_experts=4, n_group=1,
-        topk_group=1, num_experts_per_tok=2,
+        "tiny-v3", num_nextn_predict_layers=modules, vocab_size=16, num_hidden_layers=1, n_routed_experts=4,
+        n_group=1, topk_group=1, num_experts_per_tok=2,
     )  # fmt: skip
     model = randomize_(DeepseekMoeForCausalLM(config), seed=0).eval()
     prompt = torch.tensor([[3, 1, 4, 1, 5]])
@@ -244,7 +246,8 @@ def test_speculative_sampling_keeps_the_model_distribution():
         return float(((counts - expected) ** 2 / expected).sum())
 
     torch.manual_seed(0)
-    options |= {"use_mtp": True, "mtp_adaptive": False, "return_dict_in_generate": True}
+    options |= {"use_mtp": True, "num_draft_tokens": draft_tokens, "mtp_adaptive": False}
+    options |= {"return_dict_in_generate": True}
     runs = [model.generate(prompt, max_new_tokens=4, **options) for _ in range(400)]
     speculative = torch.cat([run.sequences[:, 5:8] for run in runs])
     plain = model.generate(
@@ -286,13 +289,15 @@ def test_mtp_loss_weight_schedule_follows_the_paper(tmp_path):
     assert seen == [0.3, 0.3, 0.1, 0.1]
 
 
-def test_drafts_equal_the_mtp_chain_recomputed_without_cache(monkeypatch):
+@pytest.mark.parametrize("modules, draft_tokens", [(2, 2), (1, 3)], ids=["one-module-per-draft", "module-reused"])
+def test_drafts_equal_the_mtp_chain_recomputed_without_cache(monkeypatch, modules, draft_tokens):
     """Each step's drafts must be what the MTP chain gives over the whole verified sequence, recomputed from scratch:
-    depth k reads h^{k-1} and the embedding k tokens ahead at every position, then drafts from the last one. Checked
-    through pauses (an untrained model pauses, and each probe catches the MTP caches up on the skipped positions)."""
+    depth k reads h^{k-1} and the embedding k tokens ahead at every position (through module min(k, D)), then drafts
+    from the last one. Checked through pauses (an untrained model pauses, and each probe catches the MTP caches up on
+    the skipped positions)."""
     from deepseek_moe.model import speculative
 
-    model = _model(depth=2, seed=6).eval()
+    model = _model(depth=modules, seed=6).eval()
     recorded = []
     draft = speculative.MtpCandidateGenerator.draft
 
@@ -306,6 +311,7 @@ def test_drafts_equal_the_mtp_chain_recomputed_without_cache(monkeypatch):
         torch.tensor([[3, 1, 4, 1, 5]]),
         max_new_tokens=40,
         use_mtp=True,
+        num_draft_tokens=draft_tokens,
         eos_token_id=None,
         return_dict_in_generate=True,
     )
@@ -315,10 +321,10 @@ def test_drafts_equal_the_mtp_chain_recomputed_without_cache(monkeypatch):
             n = input_ids.shape[1] - 1
             positions = torch.arange(n)[None]
             previous, known = model.model(input_ids[:, :n]).last_hidden_state, input_ids
-            for k in (1, 2):
+            for k in range(1, draft_tokens + 1):
                 embeds = model.model.embed_tokens(known[:, k : n + k])
                 previous, head_input = model.mtp_hidden_states(
-                    k, previous, embeds, torch.ones_like(positions), positions
+                    min(k, modules), previous, embeds, torch.ones_like(positions), positions
                 )
                 token = model.lm_head(head_input[:, -1]).argmax(-1, keepdim=True)
                 known = torch.cat([known, token], 1)

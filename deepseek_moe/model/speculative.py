@@ -184,7 +184,9 @@ class PositionBuffer:
 
 class MtpCandidateGenerator(CandidateGenerator):
     """Drafts with the MTP chain: depth k turns h^{k-1} and the embedding of the token k steps ahead into h^k and
-    predicts the token k + 1 steps ahead; the last position of each depth drafts one token.
+    predicts the token k + 1 steps ahead; the last position of each depth drafts one token. Depths beyond the
+    model's D modules run module D again (its h^{k-1} standing in for h^{D-1}), so a model with one module, like
+    DeepSeek-V3, can draft several tokens a step.
 
     Each depth keeps its own cache over the positions whose inputs are all real (verified) tokens; drafted positions
     are recomputed next step. The main model's final hidden states h^0 are read by a forward hook on its final norm
@@ -207,7 +209,11 @@ class MtpCandidateGenerator(CandidateGenerator):
         self.max_length = max_length
         self.do_sample = do_sample
         self.logits_processor = logits_processor
-        self.cache = LatentCache(capacity=max_length) if model.config.uses_mla else DynamicCache()  # as generate's
+        # as generate's; a depth that runs module D again keeps its keys in a cache of its own, at module D's index
+        self.caches = [
+            LatentCache(capacity=max_length) if model.config.uses_mla else DynamicCache()
+            for _ in range(max(num_draft_tokens - model.config.num_nextn_predict_layers, 0) + 1)
+        ]
         self.main_hidden = PositionBuffer()  # h^0 up to position n-1, from the first one depth 1 has not processed
         self.mtp_hidden = [PositionBuffer() for _ in range(num_draft_tokens)]  # h^k, from where depth k+1 resumes
         self.processed = [0] * num_draft_tokens
@@ -286,16 +292,18 @@ class MtpCandidateGenerator(CandidateGenerator):
         n = input_ids.shape[1] - 1  # t_n is known, not yet cached by the main model
         mask = None if attention_mask is None else attention_mask[:, :n]
         previous, known, logits = self.main_hidden, input_ids, []
+        modules = model.config.num_nextn_predict_layers
         for k in range(1, depths + 1):
-            start = self.processed[k - 1]
-            _crop_layer(self.cache, model.config.num_hidden_layers + k - 1, start)
+            start, module = self.processed[k - 1], min(k, modules)
+            cache = self.caches[k - module]
+            _crop_layer(cache, model.config.num_hidden_layers + module - 1, start)
             hidden_k, head_input = model.mtp_hidden_states(
-                k,
+                module,
                 previous.read(start, n),
                 embed(known[:, start + k : n + k]),
                 mask,
                 position_ids[:, start:n],
-                cache=self.cache,
+                cache=cache,
             )
             previous.drop_before(n - k + 1)  # depth k resumes there next step; nothing reads h^{k-1} before it
             previous = self.mtp_hidden[k - 1]
@@ -328,8 +336,9 @@ class MtpCandidateGenerator(CandidateGenerator):
 
 class MtpGenerationMixin(GenerationMixin):
     """`generate(use_mtp=True, num_draft_tokens=None, mtp_adaptive=True)`: transformers' assisted generation with the
-    MTP draft (see the module docstring). `num_draft_tokens` (1..num_nextn_predict_layers, default all, also read
-    from `num_assistant_tokens` when set) bounds the drafts per step; `mtp_adaptive=False` drafts at every step.
+    MTP draft (see the module docstring). `num_draft_tokens` bounds the drafts per step: by default one per MTP
+    module (`num_nextn_predict_layers`, or `num_assistant_tokens` when passed and smaller); more run the last module
+    again for the extra tokens. `mtp_adaptive=False` drafts at every step.
 
     transformers' assisted loop serves one sequence at a time, so a batch is generated row by row (each row with its
     own padding) and the rows are right-padded with `pad_token_id` to a common length, as `generate` pads rows that
@@ -352,10 +361,8 @@ class MtpGenerationMixin(GenerationMixin):
             raise ValueError("use_mtp drafts for greedy decoding and sampling; beam search (num_beams > 1) takes none")
         if num_draft_tokens is None:
             num_draft_tokens = min(kwargs.get("num_assistant_tokens") or depth, depth)
-        if not 1 <= num_draft_tokens <= depth:
-            raise ValueError(
-                f"use_mtp needs 1 <= num_draft_tokens <= num_nextn_predict_layers={depth}, got {num_draft_tokens}"
-            )
+        if isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, int) or num_draft_tokens < 1:
+            raise ValueError(f"use_mtp needs num_draft_tokens to be a positive integer, got {num_draft_tokens!r}")
         self._mtp_options = {"num_draft_tokens": num_draft_tokens, "adaptive": adaptive, "generators": []}
         try:
             input_ids = kwargs.get("input_ids", inputs)
