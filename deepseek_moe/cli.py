@@ -83,6 +83,7 @@ def _generate(args: argparse.Namespace) -> int:
         args.revision,
         args.tokenizer,
         args.draft_tokens,
+        args.device_map,
     )
 
 
@@ -96,6 +97,12 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--dtype", default="auto", choices=DTYPE_NAMES)
     parser.add_argument("--revision", default=None, help="Hub revision")
+    parser.add_argument(
+        "--device-map",
+        metavar="DEVICE",
+        help="cpu, cuda, cuda:N, or auto/balanced/sequential to spread layers over GPUs and CPU "
+        "(default: the first GPU if there is one, else the CPU)",
+    )
     parser.add_argument(
         "--use-mtp",
         action="store_true",

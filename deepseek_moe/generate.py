@@ -1,8 +1,8 @@
 """`deepseek-moe generate`: load a local or Hub model (ours or an official DeepSeek checkpoint) and stream a reply.
 
 Everything that can be wrong with the request (a missing folder, a truncated shard, token ids outside the vocabulary,
-no tokenizer for a text prompt, `--use-mtp` without MTP modules) is found from the config, the tokenizer files and the
-shard headers, before any weight is loaded."""
+no tokenizer for a text prompt, `--use-mtp` without MTP modules, a device this machine lacks) is found from the config,
+the tokenizer files and the shard headers, before any weight is loaded."""
 
 from __future__ import annotations
 
@@ -48,6 +48,30 @@ def resolve_source(model: str) -> str:
     if model.startswith((".", "/", "~")) or model.count("/") > 1 or model.endswith("/"):
         raise ValueError(f"{model}: no such directory")
     return model
+
+
+def device_map_for(name: str | None) -> str:
+    """The `device_map` for `from_pretrained`: by default the first GPU where there is one (an FP8 checkpoint then
+    keeps its E4M3 weights and runs the FP8 kernels), else the CPU; `auto`, `balanced`, `balanced_low_0` and
+    `sequential` spread the layers over the GPUs and the CPU as Accelerate does."""
+    if name is None:
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    if name in ("auto", "balanced", "balanced_low_0", "sequential", "cpu"):
+        return name
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(
+            f"--device-map {name!r}: expected cpu, cuda, cuda:N, auto, balanced, balanced_low_0 or sequential"
+        ) from None
+    if device.type != "cuda":
+        raise ValueError(f"--device-map {name!r}: expected cpu, cuda, cuda:N or a spreading strategy such as auto")
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device-map {name}: this machine has no CUDA device")
+    index = device.index or 0
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"--device-map {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return f"cuda:{index}"
 
 
 def check_shards(folder: Path) -> None:
@@ -117,14 +141,18 @@ def generate(
     revision: str | None = None,
     tokenizer_name: str | None = None,
     draft_tokens: int | None = None,
+    device_map: str | None = None,
 ) -> int:
     """Greedy generation streamed to stdout (text with a tokenizer, token ids without). With `use_mtp`, the MTP
     modules draft (self-speculative decoding, same tokens; `draft_tokens` per step, default one per module) and the
     draft acceptance is reported on stderr."""
+    device_map = device_map_for(device_map)
     source, input_ids, tokenizer = prepare(
         model_name, prompt, prompt_ids, use_mtp, revision, tokenizer_name, draft_tokens
     )
-    model = DeepseekMoeForCausalLM.from_pretrained(source, dtype=load_dtype(dtype), revision=revision).eval()
+    model = DeepseekMoeForCausalLM.from_pretrained(
+        source, dtype=load_dtype(dtype), revision=revision, device_map=device_map
+    ).eval()
     streamer = TextStreamer(tokenizer, skip_prompt=True) if tokenizer is not None else TokenIdStreamer()
     kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False, "streamer": streamer}
     if not use_mtp:

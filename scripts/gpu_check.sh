@@ -26,7 +26,7 @@ step environment 30 bash -c "nvidia-smi; $PYTHON -c 'import torch, transformers,
 print(torch.__version__, transformers.__version__, triton.__version__, torch.cuda.get_device_name())'"
 # Kernel tests: natively compiled Triton (no interpreter: conftest picks it only without nvidia-smi).
 step kernel_tests 150 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_mla_kernel.py tests/test_moe_kernels.py \
-    tests/test_fp8_training.py $(ls tests/test_fp8_kernels.py tests/test_fp8_inference.py 2>/dev/null)
+    tests/test_fp8_training.py tests/test_fp8_kernels.py tests/test_fp8_inference.py tests/test_generate_cli.py
 step fp8_inference 120 "$PYTHON" benchmarks/fp8_inference.py --reps 5
 step fp8_model 90 "$PYTHON" benchmarks/fp8_model.py --expert-scale 16
 step moe_layer_bf16 45 "$PYTHON" benchmarks/moe_layer.py --dtype bfloat16 --scale 1 --expert-scale 1 --reps 5

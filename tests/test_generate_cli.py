@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+from checkpoint_utils import write_fp8_checkpoint
 from conftest import tiny_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -54,6 +56,9 @@ def test_generate_with_token_ids_and_mtp(tmp_path, capsys):
     assert main([*argv, "--draft-tokens", "3"]) == 0  # one module, drafting three tokens a step
     captured = capsys.readouterr()
     assert captured.out.split() == plain and "MTP draft acceptance" in captured.err
+    for device_map in ("cpu", "auto"):
+        assert main([*argv[:-1], "--device-map", device_map]) == 0
+        assert capsys.readouterr().out.split() == plain
 
 
 def test_generate_without_tokenizer_needs_ids(tmp_path, capsys):
@@ -104,6 +109,13 @@ def test_clear_errors_for_bad_requests(tmp_path, capsys):
     DeepseekMoeForCausalLM(config).save_pretrained(tmp_path / "plain")
     err = _error(["generate", str(tmp_path / "plain"), "--prompt-ids", "1,2", "--use-mtp"], capsys)
     assert "no MTP modules" in err
+    if not torch.cuda.is_available():
+        err = _error(["generate", str(tmp_path / "model"), "--prompt-ids", "1", "--device-map", "cuda"], capsys)
+        assert "--device-map cuda: this machine has no CUDA device" in err
+    err = _error(["generate", str(tmp_path / "model"), "--prompt-ids", "1", "--device-map", "gpu0"], capsys)
+    assert "--device-map 'gpu0': expected cpu, cuda, cuda:N, auto" in err
+    err = _error(["generate", str(tmp_path / "model"), "--prompt-ids", "1", "--device-map", "meta"], capsys)
+    assert "--device-map 'meta': expected cpu, cuda, cuda:N or a spreading strategy" in err
     err = _error(["generate", str(tmp_path / "model"), "--prompt-ids", "1,2", "--draft-tokens", "2"], capsys)
     assert "--draft-tokens needs --use-mtp" in err
     err = _error(["generate", str(tmp_path / "model"), "--prompt-ids", "1", "--use-mtp", "--draft-tokens", "0"], capsys)
@@ -116,3 +128,20 @@ def test_truncated_shard_is_named(tmp_path, capsys):
     shard.write_bytes(shard.read_bytes()[:-1000])
     err = _error(["generate", str(tmp_path), "--prompt-ids", "1,2"], capsys)
     assert f"{shard}: tensor" in err and "the file has" in err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="kept FP8 weights need a GPU where the FP8 kernels run")
+def test_generate_keeps_an_fp8_checkpoint_in_fp8_on_a_gpu(tmp_path, capsys, monkeypatch):
+    """By default the command loads onto the first GPU, where an official FP8 folder keeps its E4M3 weights."""
+    folder, _ = write_fp8_checkpoint(tmp_path, moe_intermediate_size=128)
+    loaded, from_pretrained = [], DeepseekMoeForCausalLM.from_pretrained
+    monkeypatch.setattr(
+        DeepseekMoeForCausalLM,
+        "from_pretrained",
+        lambda *args, **kwargs: loaded.append(from_pretrained(*args, **kwargs)) or loaded[-1],
+    )
+    assert main(["generate", str(folder), "--prompt-ids", "1,2,3", "--max-new-tokens", "4"]) == 0
+    assert len(capsys.readouterr().out.split()) == 4
+    model = loaded[0]
+    assert model.device.type == "cuda"
+    assert any(parameter.dtype == torch.float8_e4m3fn for parameter in model.parameters())
