@@ -81,11 +81,13 @@ def check_shards(folder: Path) -> None:
         read_header(shard)
 
 
-def load_tokenizer(source: str, revision: str | None = None):
+def load_tokenizer(source: str, revision: str | None = None, config: DeepseekMoeConfig | None = None):
     """The tokenizer saved with `source`, or None when there is none (transformers' fallback then blames missing
-    sentencepiece/tiktoken, which only means that no tokenizer files were found)."""
+    sentencepiece/tiktoken, which only means that no tokenizer files were found). Without tokenizer files
+    transformers reads the model's config: given `config` (the model's, already read), it reads none, and it never
+    runs a folder's code (its `auto_map` would ask on the terminal whether to)."""
     try:
-        return AutoTokenizer.from_pretrained(source, revision=revision)
+        return AutoTokenizer.from_pretrained(source, revision=revision, config=config, trust_remote_code=False)
     except (OSError, ValueError):
         return None
 
@@ -112,7 +114,10 @@ def prepare(
     config = DeepseekMoeConfig.from_pretrained(source, revision=revision)
     if use_mtp and config.num_nextn_predict_layers == 0:
         raise ValueError(f"{model_name} has no MTP modules (num_nextn_predict_layers=0): drop --use-mtp")
-    tokenizer = load_tokenizer(resolve_source(tokenizer_name) if tokenizer_name else source, revision)
+    if tokenizer_name:
+        tokenizer = load_tokenizer(resolve_source(tokenizer_name), revision)
+    else:
+        tokenizer = load_tokenizer(source, revision, config)
     if prompt_ids is None:
         if tokenizer is None:
             where = tokenizer_name or model_name

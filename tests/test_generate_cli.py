@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from checkpoint_utils import write_fp8_checkpoint
@@ -59,6 +63,36 @@ def test_generate_with_token_ids_and_mtp(tmp_path, capsys):
     for device_map in ("cpu", "auto"):
         assert main([*argv[:-1], "--device-map", device_map]) == 0
         assert capsys.readouterr().out.split() == plain
+
+
+def test_console_script_on_a_folder_without_tokenizer_asks_nothing(tmp_path):
+    """The console script starts without registering our classes, and a folder saved by `save_pretrained` names its
+    code in `auto_map`: looking for a tokenizer must neither ask on the terminal whether to run that code nor warn
+    about the config's model type."""
+    model, _ = _saved_model(tmp_path, with_tokenizer=False)
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deepseek_moe.cli",
+            "generate",
+            str(tmp_path),
+            "--prompt-ids",
+            "3,1,4",
+            "--max-new-tokens",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=120,
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    expected = model.generate(torch.tensor([[3, 1, 4]]), max_new_tokens=3, do_sample=False)[0, 3:].tolist()
+    assert completed.stdout.split() == [str(t) for t in expected]
+    for noise in ("custom code", "trust_remote_code", "to instantiate a model of type"):
+        assert noise not in completed.stdout + completed.stderr, completed.stderr
 
 
 def test_generate_without_tokenizer_needs_ids(tmp_path, capsys):
