@@ -10,8 +10,9 @@ which wall time counts and CPU time does not, so the CPU-time ratios show what a
 
     OMP_NUM_THREADS=1 python benchmarks/mtp_speculative.py --steps 300 --depth 1
 
-`--draft-tokens 2 3` adds trained-model arms drafting that many tokens per step (`num_draft_tokens`; beyond the
-model's D modules the last module runs again).
+The MTP arms draft adaptively (the default: as many tokens per step as pay, up to D + 2, pausing when none pays);
+`--draft-tokens 1 2 3` adds trained-model arms drafting exactly that many tokens at every step (`num_draft_tokens=N,
+mtp_adaptive=False`; beyond the model's D modules the last module runs again).
 
 `--baseline-loop FILE` adds an arm running `mtp_greedy_generate` from an older `speculative.py` (the hand-written
 greedy loop this package had before MTP went through transformers' assisted generation) on the same model:
@@ -105,7 +106,8 @@ def cost_breakdown(
     forward, draft = type(model).forward, speculative.MtpCandidateGenerator.draft
     type(model).forward, speculative.MtpCandidateGenerator.draft = timed(forward, "forward"), timed(draft, "draft")
     try:
-        for options in ({}, {"use_mtp": True}, *({"use_mtp": True, "num_draft_tokens": n} for n in draft_tokens)):
+        fixed = ({"use_mtp": True, "num_draft_tokens": n, "mtp_adaptive": False} for n in draft_tokens)
+        for options in ({}, {"use_mtp": True}, *fixed):
             spent.update(forward=0.0, draft=0.0)
             steps = drafts = 0
             start = time.thread_time()
@@ -186,15 +188,19 @@ def main() -> None:
         "trained greedy plain": (model, {"do_sample": False}),
         "trained greedy MTP": (model, {"do_sample": False, "use_mtp": True}),
     }
+    fixed = {"use_mtp": True, "mtp_adaptive": False}
     for n in args.draft_tokens:
-        arms[f"trained greedy MTP, {n} drafts"] = (model, {"do_sample": False, "use_mtp": True, "num_draft_tokens": n})
+        arms[f"trained greedy MTP, {n} drafts every step"] = (
+            model,
+            {"do_sample": False, **fixed, "num_draft_tokens": n},
+        )
     if args.baseline_loop:
         arms["trained greedy MTP (older loop)"] = (BaselineLoop(args.baseline_loop, model), {})
     arms |= {
         "trained sampling plain": (model, sample),
         "trained sampling MTP": (model, {**sample, "use_mtp": True}),
         **{
-            f"trained sampling MTP, {n} drafts": (model, {**sample, "use_mtp": True, "num_draft_tokens": n})
+            f"trained sampling MTP, {n} drafts every step": (model, {**sample, **fixed, "num_draft_tokens": n})
             for n in args.draft_tokens
         },
         "untrained greedy plain": (untrained, {"do_sample": False}),

@@ -112,7 +112,8 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
         "--draft-tokens",
         type=int,
         metavar="N",
-        help="with --use-mtp: tokens drafted per step (default: one per MTP module; more reuse the last module)",
+        help="with --use-mtp: the most tokens drafted per step (default: as many as pay, up to two more than the MTP "
+        "modules; beyond them the last module runs again)",
     )
     parser.set_defaults(run=_generate)
 

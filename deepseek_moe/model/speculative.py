@@ -19,7 +19,9 @@ already loaded with the model. So the draft chain here is a `CandidateGenerator`
 Drafting adapts: a draft step pays only if it emits more tokens than it costs in plain steps (its time over the time of
 its own verify pass, on a CPU in the thread's own CPU time, so other processes on a busy machine do not count). The
 generator measures both, pauses drafting when drafts do not pay, and probes again after a pause that doubles after
-every failed probe. The acceptance rate and every decision are reported on the output of
+every failed probe. While drafting, each step drafts the number of tokens with the most expected tokens per second,
+from one per MTP module up to `EXTRA_DEPTHS` more (the last module run again), judged from the acceptance measured at
+each depth. The acceptance rate and every decision are reported on the output of
 `generate(..., return_dict_in_generate=True)`.
 
 Model-code sibling (imported by the modeling file), so it only depends on torch and transformers.
@@ -139,6 +141,63 @@ class AdaptiveDrafting:
         return self.drafting, None
 
 
+class DraftLength:
+    """How many tokens a draft step drafts, from 1 to `most`: the number with the most expected tokens per second.
+
+    Drafting L tokens emits 1 + Σ_{k<=L} a_1···a_k tokens on average, a_k being how often depth k's draft is accepted
+    once the drafts before it were, and costs v + L·δ: the verify pass with the loop (v) and one MTP pass per depth
+    (δ), medians over the last `WINDOW` timed draft steps (in the same clock as `AdaptiveDrafting`). Each a_k is the
+    mean over the last `WINDOW` steps that reached depth k. A depth not drafted yet counts as good as the one before
+    it, so the length grows one depth at a time while that pays, and shrinks when a depth stops paying. It starts at
+    `start` (one draft per MTP module); without `enabled` it stays at `most`."""
+
+    WINDOW = 16
+
+    def __init__(self, start: int, most: int, enabled: bool) -> None:
+        self.enabled = enabled
+        self.most = most
+        self.length = min(start, most) if enabled else most
+        self.accepted = [deque(maxlen=self.WINDOW) for _ in range(most)]  # per depth, when its draft was judged
+        self.verify_seconds: deque[float] = deque(maxlen=self.WINDOW)
+        self.depth_seconds: deque[float] = deque(maxlen=self.WINDOW)
+
+    def record(self, drafted: int, accepted: int, seconds: float, drafting_seconds: float, timed: bool) -> None:
+        for depth in range(min(accepted + 1, drafted)):  # the depths judged: up to the first rejected draft
+            self.accepted[depth].append(depth < accepted)
+        if timed and drafted:
+            self.verify_seconds.append(seconds - drafting_seconds)
+            self.depth_seconds.append(drafting_seconds / drafted)
+
+    def expected(self, length: int) -> tuple[float, float] | None:
+        """(tokens, seconds) of a draft step of `length` tokens, or None while a depth before it was never judged."""
+        tokens, reach, rate = 1.0, 1.0, None
+        for depth in range(length):
+            if self.accepted[depth]:
+                rate = sum(self.accepted[depth]) / len(self.accepted[depth])
+            elif depth == 0 or not self.accepted[depth - 1]:
+                return None
+            reach *= rate
+            tokens += reach
+        verify, per_depth = statistics.median(self.verify_seconds), statistics.median(self.depth_seconds)
+        return tokens, verify + length * per_depth
+
+    def decide(self, position: int) -> str | None:
+        """Sets `length` for this step; a line saying why when it changes."""
+        if not self.enabled or not self.verify_seconds:
+            return None
+        options = {length: self.expected(length) for length in range(1, self.most + 1)}
+        options = {length: cost for length, cost in options.items() if cost is not None}
+        best = max(options, key=lambda length: options[length][0] / options[length][1])
+        if best == self.length or self.length not in options:
+            return None
+        (tokens, seconds), (old_tokens, old_seconds) = options[best], options[self.length]
+        self.length = best
+        return (
+            f"{best} drafts per step from length {position}: {tokens:.2f} tokens per {seconds * 1e3:.2f} ms expected, "
+            f"against {old_tokens:.2f} per {old_seconds * 1e3:.2f} ms"
+        )
+
+
 def _crop_layer(cache: Cache, index: int, length: int) -> None:
     """Keep the first `length` positions of one cache layer (MTP depths each keep a different length)."""
     if index < len(cache.layers):
@@ -205,7 +264,6 @@ class MtpCandidateGenerator(CandidateGenerator):
         adaptive: bool,
     ) -> None:
         self.model = model
-        self.depths = num_draft_tokens
         self.max_length = max_length
         self.do_sample = do_sample
         self.logits_processor = logits_processor
@@ -218,6 +276,7 @@ class MtpCandidateGenerator(CandidateGenerator):
         self.mtp_hidden = [PositionBuffer() for _ in range(num_draft_tokens)]  # h^k, from where depth k+1 resumes
         self.processed = [0] * num_draft_tokens
         self.schedule = AdaptiveDrafting(adaptive)
+        self.length = DraftLength(model.config.num_nextn_predict_layers, num_draft_tokens, adaptive)
         self.statistics = DraftStatistics()
         # What other processes take from this one must not count: on a CPU the thread's own time, on an accelerator
         # the wall time (the loop waits for the device at every step).
@@ -226,6 +285,7 @@ class MtpCandidateGenerator(CandidateGenerator):
         self.step_drafted = False
         self.step_drafting_seconds = 0.0
         self.step_tokens = 0
+        self.step_drafts = 0
         self.last_hidden: torch.Tensor | None = None
         self.inference_mode = not any(hasattr(module, "_hf_hook") for module in model.modules())
         self.hook = model.model.norm.register_forward_hook(self.keep_last_hidden)
@@ -251,6 +311,8 @@ class MtpCandidateGenerator(CandidateGenerator):
         if self.step_start is not None:
             seconds, timed = now - self.step_start, self.step_drafted != "catching up"
             self.schedule.record(bool(self.step_drafted), self.step_tokens, seconds, self.step_drafting_seconds, timed)
+            if self.step_drafted:
+                self.length.record(self.step_drafts, self.step_tokens - 1, seconds, self.step_drafting_seconds, timed)
         self.step_start, self.step_drafted, self.step_drafting_seconds = now, False, 0.0
 
         hidden = self.last_hidden  # the prefill's positions, else [t_n, accepted drafts, rejected ones]
@@ -260,14 +322,19 @@ class MtpCandidateGenerator(CandidateGenerator):
         if self.main_hidden.end != input_ids.shape[1] - 1:
             raise RuntimeError("MTP drafting lost track of the main model's positions (chunked prefill?)")
 
-        depths = min(self.depths, self.max_length - input_ids.shape[1] - 1)
         draft, decision = self.schedule.decide(input_ids.shape[1])
         if decision is not None:
             self.statistics.decisions.append(decision)
+        if draft and (decision := self.length.decide(input_ids.shape[1])) is not None:
+            self.statistics.decisions.append(decision)
+        depths = min(self.length.length, self.max_length - input_ids.shape[1] - 1)
         if not draft or depths < 1:
             return input_ids, None
-        # A step that first runs the MTP modules over the prompt or the positions passed while paused is not timed.
-        self.step_drafted = "catching up" if input_ids.shape[1] - 1 - self.processed[0] > depths + 1 else True
+        # A step that first runs an MTP depth over the prompt or over positions passed while it did not run (paused,
+        # or drafting fewer tokens) is not timed.
+        behind = max(input_ids.shape[1] - k - self.processed[k - 1] for k in range(1, depths + 1))
+        self.step_drafted = "catching up" if behind > depths + 1 else True
+        self.step_drafts = depths
         # Drafting state (the depths' cache and hidden states) never leaves the generator, and what it returns is only
         # read, so it runs in inference mode, which spares each op autograd's bookkeeping (15% of a draft on CPU);
         # not under accelerate's offloading hooks, whose weights loaded for the draft would become inference tensors.
@@ -334,11 +401,18 @@ class MtpCandidateGenerator(CandidateGenerator):
             statistics.plain_steps += 1
 
 
+# Depths beyond the model's modules that adaptive drafting may try by default (SGLang runs DeepSeek-V3's one module for
+# up to three draft tokens).
+EXTRA_DEPTHS = 2
+
+
 class MtpGenerationMixin(GenerationMixin):
     """`generate(use_mtp=True, num_draft_tokens=None, mtp_adaptive=True)`: transformers' assisted generation with the
-    MTP draft (see the module docstring). `num_draft_tokens` bounds the drafts per step: by default one per MTP
-    module (`num_nextn_predict_layers`, or `num_assistant_tokens` when passed and smaller); more run the last module
-    again for the extra tokens. `mtp_adaptive=False` drafts at every step.
+    MTP draft (see the module docstring). `num_draft_tokens` bounds the drafts per step; beyond the model's MTP
+    modules the last module runs again. By default: one per module (`num_nextn_predict_layers`, or
+    `num_assistant_tokens` when passed and smaller), plus `EXTRA_DEPTHS` when drafting adapts. Adaptive drafting
+    (the default) starts at one draft per module and drafts the number that pays (`DraftLength`), and pauses when
+    none does (`AdaptiveDrafting`); `mtp_adaptive=False` drafts `num_draft_tokens` at every step.
 
     transformers' assisted loop serves one sequence at a time, so a batch is generated row by row (each row with its
     own padding) and the rows are right-padded with `pad_token_id` to a common length, as `generate` pads rows that
@@ -360,7 +434,9 @@ class MtpGenerationMixin(GenerationMixin):
         if (kwargs.get("num_beams") or generation_config.num_beams or 1) > 1:
             raise ValueError("use_mtp drafts for greedy decoding and sampling; beam search (num_beams > 1) takes none")
         if num_draft_tokens is None:
-            num_draft_tokens = min(kwargs.get("num_assistant_tokens") or depth, depth)
+            num_draft_tokens = min(kwargs.get("num_assistant_tokens") or depth, depth) + (
+                EXTRA_DEPTHS if adaptive else 0
+            )
         if isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, int) or num_draft_tokens < 1:
             raise ValueError(f"use_mtp needs num_draft_tokens to be a positive integer, got {num_draft_tokens!r}")
         self._mtp_options = {"num_draft_tokens": num_draft_tokens, "adaptive": adaptive, "generators": []}
