@@ -25,6 +25,9 @@ the median over rounds of that round's floor over its step time:
 over packed copies of their weights), as a third arm in the same rounds.
 
     OMP_NUM_THREADS=1 python benchmarks/mla_decode.py --contexts 512 2048 8192 16384 --batches 1 8
+
+`--dtype bf16` runs every arm, the cache and the floor's matmul in bf16 (torch's `a @ b` in bf16 goes to oneDNN on a
+CPU too, so both matmul columns are then oneDNN's).
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ SHAPE = {
 }
 
 
-def build_models() -> tuple[DeepseekMoeForCausalLM, DeepseekV3ForCausalLM]:
+def build_models(dtype: torch.dtype = torch.float32) -> tuple[DeepseekMoeForCausalLM, DeepseekV3ForCausalLM]:
     torch.manual_seed(0)
     ours = DeepseekMoeForCausalLM(DeepseekMoeConfig.from_preset("deepseek-v3", **SHAPE, num_nextn_predict_layers=0))
     builtin_config = DeepseekV3Config(
@@ -72,17 +75,19 @@ def build_models() -> tuple[DeepseekMoeForCausalLM, DeepseekV3ForCausalLM]:
     )
     with tempfile.TemporaryDirectory() as directory:
         ours.save_pretrained(directory)
-        builtin = DeepseekV3ForCausalLM.from_pretrained(directory, config=builtin_config, dtype=torch.float32)
-    return ours.eval(), builtin.eval()
+        builtin = DeepseekV3ForCausalLM.from_pretrained(directory, config=builtin_config, dtype=dtype)
+    return ours.to(dtype).eval(), builtin.eval()
 
 
-def filled_caches(config, batch: int, context: int, room: int) -> tuple[LatentCache, DynamicCache]:
+def filled_caches(
+    config, batch: int, context: int, room: int, dtype: torch.dtype = torch.float32
+) -> tuple[LatentCache, DynamicCache]:
     """Ours (sized for `room` more tokens, as `generate` sizes it) and the built-in's, with the same rows."""
     ours, builtin = LatentCache(capacity=context + room), DynamicCache()
     generator = torch.Generator().manual_seed(context + batch)
     for layer in range(config.num_hidden_layers):
-        c_kv = torch.randn(batch, 1, context, config.kv_lora_rank, generator=generator)
-        k_pe = torch.randn(batch, 1, context, config.qk_rope_head_dim, generator=generator)
+        c_kv = torch.randn(batch, 1, context, config.kv_lora_rank, generator=generator).to(dtype)
+        k_pe = torch.randn(batch, 1, context, config.qk_rope_head_dim, generator=generator).to(dtype)
         ours.update(c_kv, k_pe, layer)
         builtin.update(c_kv, k_pe, layer)
     return ours, builtin
@@ -94,7 +99,8 @@ def measured_bandwidth(data: torch.Tensor, repeats: int = 3) -> float:
 
 
 def measured_matmul(a: torch.Tensor, b: torch.Tensor, repeats: int = 3) -> tuple[float, float]:
-    """FLOP/s of a square fp32 matmul through MKL and through oneDNN (0 without it), medians of `repeats`."""
+    """FLOP/s of a square matmul through `a @ b` (MKL in fp32) and through oneDNN (0 without it), medians of
+    `repeats`."""
     flops = 2 * a.shape[0] ** 3
     mkl = flops / _median_seconds(lambda: a @ b, repeats)
     if not torch.backends.mkldnn.is_available():
@@ -128,7 +134,7 @@ def step_work(model: DeepseekMoeForCausalLM, batch: int, context: int) -> tuple[
             flops += 2 * batch * parameter.numel() * (top_k / experts if expert else 1.0)
     width = config.kv_lora_rank + config.qk_rope_head_dim
     layers, heads = config.num_hidden_layers, config.num_attention_heads
-    cache_bytes = layers * batch * context * width * 4
+    cache_bytes = layers * batch * context * width * model.dtype.itemsize
     flops += layers * 2 * batch * heads * context * (width + config.kv_lora_rank)
     return weight_bytes + cache_bytes, flops
 
@@ -155,12 +161,13 @@ def race(ours, prepacked, builtin, batch: int, context: int, rounds: int) -> tup
 
     The floor is measured inside every round, next to the steps it is compared with, because the machine's load (and
     so its bandwidth and matmul throughput) drifts within seconds. Returns the rounds and whether the tokens agree."""
-    cache_ours, cache_builtin = filled_caches(ours.config, batch, context, rounds + 1)
-    cache_prepacked = filled_caches(ours.config, batch, context, rounds + 1)[0]
+    dtype = ours.dtype
+    cache_ours, cache_builtin = filled_caches(ours.config, batch, context, rounds + 1, dtype)
+    cache_prepacked = filled_caches(ours.config, batch, context, rounds + 1, dtype)[0]
     arms = {"ours": (ours, cache_ours), "prepacked": (prepacked, cache_prepacked), "builtin": (builtin, cache_builtin)}
     tokens = {name: [torch.zeros(batch, 1, dtype=torch.long)] for name in arms}
     step_bytes, step_flops = step_work(ours, batch, context)
-    data, a, b = torch.ones(64 * 2**20), torch.randn(1024, 1024), torch.randn(1024, 1024)
+    data, a, b = torch.ones(64 * 2**20), torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
     results = []
     for step in range(rounds + 1):
         bandwidth, (mkl, onednn) = measured_bandwidth(data), measured_matmul(a, b)
@@ -185,7 +192,7 @@ def race(ours, prepacked, builtin, batch: int, context: int, rounds: int) -> tup
 
 @torch.no_grad()
 def check_same_logits(ours, builtin) -> float:
-    cache_a, cache_b = filled_caches(ours.config, 2, 64, 1)
+    cache_a, cache_b = filled_caches(ours.config, 2, 64, 1, ours.dtype)
     token, position = torch.tensor([[5], [7]]), torch.full((2, 1), 64)
     a = ours(token, cache=cache_a, position_ids=position, use_cache=True).logits
     b = builtin(token, cache=cache_b, position_ids=position, use_cache=True).logits
@@ -197,12 +204,13 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 8192, 16384])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     args = parser.parse_args()
 
-    ours, builtin = build_models()
+    ours, builtin = build_models(torch.bfloat16 if args.dtype == "bf16" else torch.float32)
     prepacked = copy.deepcopy(ours)
     prepacked.prepack_cpu_weights()
-    print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, fp32")
+    print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, {args.dtype}")
     print(f"relative logit difference ours vs built-in on one decode step: {check_same_logits(ours, builtin):.1e}")
     print(
         "| batch | context | built-in ms | ours ms | ours prepacked ms | speed-up (ours) | read GB/s"

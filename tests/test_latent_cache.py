@@ -13,6 +13,7 @@ from deepseek_moe import DeepseekMoeConfig, DeepseekMoeForCausalLM
 from deepseek_moe.model import cache_deepseek_moe as cache_module
 from deepseek_moe.model.cache_deepseek_moe import CHUNK, LatentCache
 from deepseek_moe.model.mla_kernels import mla_decode_triton, triton
+from deepseek_moe.model.modeling_deepseek_moe import onednn_dtypes
 
 TOLERANCE = 1e-5  # relative to the largest logit, fp32
 GREEDY = {"do_sample": False, "eos_token_id": None, "pad_token_id": 0}
@@ -183,13 +184,18 @@ def test_sealed_columns_are_the_transposed_blocks_through_growth_crop_and_reorde
     check()
 
 
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @torch.no_grad()
-def test_inference_decode_through_onednn_blocks_equals_expanded_attention(monkeypatch):
-    """No grad, fp32, CPU: both products go through oneDNN, the weighted sum over sealed blocks of 4 rows plus the
-    rows after them; with left padding, a rejected draft cropped back into a sealed block, and a block of 3 tokens."""
+def test_inference_decode_through_onednn_blocks_equals_expanded_attention(monkeypatch, dtype):
+    """No grad, CPU: both products go through oneDNN, the weighted sum over sealed blocks of 4 rows plus the rows after
+    them; with left padding, a rejected draft cropped back into a sealed block, and a block of 3 tokens. In bf16 every
+    path is compared with the fp32 model on the same (rounded) weights: oneDNN's products must be as accurate as the
+    other bf16 paths (measured, of the largest logit: oneDNN 2.9%, bmm 2.1%, expanded attention 5.5%)."""
+    if dtype not in onednn_dtypes():
+        pytest.skip(f"oneDNN does not run {dtype} on this machine")
     monkeypatch.setattr(cache_module, "BLOCK", 4)
-    model = _model()
+    model = _model().to(dtype)
+    reference = _model().to(dtype).float()  # the same (rounded) weights, in fp32
     ids = torch.randint(1, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(7))
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
@@ -208,14 +214,18 @@ def test_inference_decode_through_onednn_blocks_equals_expanded_attention(monkey
             steps.append(model(ids[:, t : t + 1], **window, **kwargs).logits)
         return torch.cat(steps, dim=1), cache
 
-    full = model(ids, attention_mask=mask, position_ids=positions, mla_attention_mode="expanded").logits[:, 7:]
+    full = reference(ids, attention_mask=mask, position_ids=positions, mla_attention_mode="expanded").logits[:, 7:]
     (absorbed, cache), (expanded, _) = decode("absorbed"), decode("expanded")
     assert cache.layers[0].sealed == 4  # the last step read 16 rows: four sealed blocks and no rows after them
+    assert cache.layers[0].columns.dtype == dtype  # the transposed blocks oneDNN read
     with torch.backends.mkldnn.flags(enabled=False):  # bmm only, and no transposed copy of the cache
         plain, plain_cache = decode("absorbed")
     assert plain_cache.layers[0].columns is None
-    for logits in (absorbed, expanded, plain):
-        assert (logits - full).abs().max() <= TOLERANCE * full.abs().max()
+    errors = [float((logits.float() - full).abs().max() / full.abs().max()) for logits in (absorbed, expanded, plain)]
+    if dtype == torch.float32:
+        assert max(errors) <= TOLERANCE, errors
+    else:  # bf16 activations through this random model: a few percent on every path
+        assert max(errors) <= 0.1 and errors[0] <= 1.5 * max(errors[1:]), errors
 
 
 def test_speculative_decoding_over_transposed_blocks_equals_dynamic_cache_greedy(monkeypatch):

@@ -9,9 +9,10 @@ and not at all when `generate` sizes it for the final length up front. `keys` an
 step reads with one matrix product.
 
 For the weighted sum over `c_kv`, oneDNN's CPU matmul needs `c_kv` feature-major, which the row buffer is not: on
-first use (`sealed_columns`, asked for only by fp32 CPU inference) the layer keeps a transposed copy of every whole
-block of `BLOCK` rows, transposing each block once when it fills. The rows after the last whole block stay in the
-row buffer only. This mirror costs up to 89% more cache memory (512 of every 576 values again) where it is used.
+first use (`sealed_columns`, asked for only by fp32 and bf16 CPU inference) the layer keeps a transposed copy of
+every whole block of `BLOCK` rows, transposing each block once when it fills. The rows after the last whole block
+stay in the row buffer only. This mirror costs up to 89% more cache memory (512 of every 576 values again) where it
+is used.
 
 Model-code sibling: imported by the modeling file, depends only on torch and transformers.
 """

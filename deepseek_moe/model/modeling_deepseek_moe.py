@@ -8,6 +8,7 @@ back to the per-expert layout on disk (see `register_checkpoint_conversion_mappi
 This file and its siblings are also the remote code of uploaded models: imports of siblings are single-dot.
 """
 
+import functools
 import json
 import math
 import os
@@ -260,19 +261,28 @@ def loaded_weights(module: nn.Module) -> Iterator[None]:
         hook.post_forward(module, None)
 
 
+@functools.cache
+def onednn_dtypes() -> tuple[torch.dtype, ...]:
+    """fp32, and bf16 where oneDNN supports it on this CPU (AVX-512 or newer)."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return ()
+    bf16 = hasattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported") and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return (torch.float32, torch.bfloat16) if bf16 else (torch.float32,)
+
+
 def onednn_serves(query: torch.Tensor, rows: torch.Tensor) -> bool:
-    """Whether oneDNN's linear can take a product over the cached rows: fp32 inference on a CPU torch built with it.
+    """Whether oneDNN's linear can take a product over the cached rows (or a linear over a packed weight): inference
+    in fp32 or bf16 (`onednn_dtypes`) on a CPU torch built with it.
 
     It has no autograd formula, so it serves only without grad, and inductor cannot lower it with an unpacked weight,
     so compiled code keeps bmm; `torch.backends.mkldnn.flags(enabled=False)` turns it off."""
     return (
         rows.device.type == "cpu"
-        and query.dtype == rows.dtype == torch.float32
+        and query.dtype == rows.dtype
+        and query.dtype in onednn_dtypes()
         and not torch.is_grad_enabled()
         and not torch.compiler.is_compiling()
-        and torch.backends.mkldnn.is_available()
         and torch.backends.mkldnn.enabled
-        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     )
 
 
@@ -281,9 +291,10 @@ def latent_scores(query: torch.Tensor, cached: LatentCacheLayer) -> torch.Tensor
 
     MKL (torch's CPU matmul) runs this skinny product at about 45% of its square-matmul rate, and only with AVX2 on
     AMD CPUs; oneDNN's linear over the cached rows as its input (the kernel torch's inductor uses for frozen linears)
-    runs it 2-3x faster on the same thread, exact in fp32. oneDNN compiles a kernel for every new shape (~0.5 ms), so
-    it reads the rows up to the next whole chunk (a new shape every 256 steps) and the extra rows' scores are dropped.
-    The result is a transposed view of its [B, T, Q] output."""
+    runs it 2-3x faster on the same thread, exact in fp32 (bf16 bmm is slower still: a bf16 decode step through
+    oneDNN takes half the time or less). oneDNN compiles a kernel for every new shape (~0.5 ms), so it reads the rows
+    up to the next whole chunk (a new shape every 256 steps) and the extra rows' scores are dropped. The result is a
+    transposed view of its [B, T, Q] output."""
     rows = cached.latent
     if not onednn_serves(query, rows):
         return torch.bmm(query, rows.transpose(1, 2))
@@ -475,7 +486,7 @@ class DeepseekMoeLatentAttention(nn.Module):
         matrix products that read each cached row once for every head, without concatenating the cache into keys.
         On CPU this is about twice as fast as routing the same multi-query problem through sdpa. `cached` is the
         layer of a `LatentCache`, which stores the `[c_kv | k_pe]` rows side by side: then one product over
-        [q_latent | q_pe] gives the scores, and fp32 CPU inference runs both products through oneDNN. Returns
+        [q_latent | q_pe] gives the scores, and fp32 and bf16 CPU inference run both products through oneDNN. Returns
         [B, S, heads, v_head_dim] like the expanded path, and the attention weights [B, heads, S, T]."""
         batch_size, num_heads, seq_length, _ = q_nope.shape
         kv_length = c_kv.shape[2]
@@ -1040,16 +1051,17 @@ class DeepseekMoePreTrainedModel(PreTrainedModel):
                 shutil.copyfile(path, directory / path.name)
 
     def prepack_cpu_weights(self, enabled: bool = True, min_bytes: int = 1 << 20) -> int:
-        """Runs every float32 linear on the CPU with a weight of at least `min_bytes` through oneDNN, over a copy of
-        its weight packed in oneDNN's blocked layout; returns the bytes those copies take, beside the weights.
-        `enabled=False` drops them.
+        """Runs every float32 or bfloat16 linear on the CPU with a weight of at least `min_bytes` through oneDNN, over
+        a copy of its weight packed in oneDNN's blocked layout; returns the bytes those copies take, beside the
+        weights. `enabled=False` drops them. bfloat16 only where oneDNN supports it (`onednn_dtypes`).
 
         One-token decoding on a CPU reads every weight once per step, and a single-thread GEMV over a plain
-        row-major weight streams it at about 60% of the memory bandwidth (MKL, or oneDNN unpacked); over the packed
-        copy oneDNN reaches 90% or more (`docs/BENCHMARKS.md`). Small weights stay as they are: a oneDNN call costs
-        about 8 us more than MKL's, which only a weight of a megabyte or so, read from memory, wins back. Only
-        inference uses the copies (without grad, outside `torch.compile`); the weights themselves are untouched, so
-        saving, training and moving the model work as before, and a copy is packed again after its weight changes."""
+        row-major weight streams it at about 60% of the memory bandwidth in fp32 and 40% in bf16 (MKL, or oneDNN
+        unpacked); over the packed copy oneDNN reaches 80-90% (`docs/BENCHMARKS.md`). Small weights stay as they
+        are: a oneDNN call costs about 8 us more than MKL's, which only a weight of a megabyte or so, read from
+        memory, wins back. Only inference uses the copies (without grad, outside `torch.compile`); the weights
+        themselves are untouched, so saving, training and moving the model work as before, and a copy is packed
+        again after its weight changes."""
         linears = [
             module
             for module in self.modules()
@@ -1063,16 +1075,18 @@ class DeepseekMoePreTrainedModel(PreTrainedModel):
             return 0
         if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
             raise RuntimeError("prepack_cpu_weights needs a torch built with oneDNN (mkldnn), which this one is not")
+        dtypes = onednn_dtypes()
         chosen = [
             module
             for module in linears
             if module.weight.device.type == "cpu"
-            and module.weight.dtype == torch.float32
+            and module.weight.dtype in dtypes
             and module.weight.nbytes >= min_bytes
         ]
         if not chosen:
+            names = " or ".join(str(dtype).removeprefix("torch.") for dtype in dtypes)
             raise ValueError(
-                f"prepack_cpu_weights packs float32 linear weights on the CPU of at least min_bytes={min_bytes}; "
+                f"prepack_cpu_weights packs {names} linear weights on the CPU of at least min_bytes={min_bytes}; "
                 f"this model has none (its weights are {self.dtype} on {self.device})"
             )
         for module in chosen:
