@@ -401,8 +401,8 @@ class MtpCandidateGenerator(CandidateGenerator):
             statistics.plain_steps += 1
 
 
-# Depths beyond the model's modules that adaptive drafting may try by default (SGLang runs DeepSeek-V3's one module for
-# up to three draft tokens).
+# Depths beyond the model's modules that adaptive drafting may try by default (SGLang's NEXTN mode likewise runs
+# DeepSeek-V3's one module for several draft steps, `--speculative-num-steps`).
 EXTRA_DEPTHS = 2
 
 
