@@ -293,6 +293,36 @@ def test_killed_conversions_resume_with_only_the_missing_shards(work) -> None:
     assert not [path for path in work.iterdir() if path.name.startswith(".")] and file_tree(source) == before
 
 
+WITHOUT_POSIX = """
+import signal, sys
+sys.modules["fcntl"] = None  # as on Windows: `import fcntl` raises ImportError
+del signal.SIGHUP
+import deepseek_moe.conversion, deepseek_moe.generate  # loading and generating still import
+from deepseek_moe.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_without_flock_convert_says_so_and_the_rest_imports(work) -> None:
+    """Where `fcntl` and SIGHUP do not exist (Windows), the package imports and `convert` stops with one line, before
+    it writes anything."""
+    completed = subprocess.run(
+        [sys.executable, "-c", WITHOUT_POSIX, "convert", str(work / "source"), str(work / "out"), "--no-progress"],
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert completed.returncode == 2, completed.stderr
+    # (filelock, under huggingface_hub, warns that it falls back to a soft lock here; on Windows it has msvcrt)
+    assert "Traceback" not in completed.stderr
+    assert completed.stderr.strip().splitlines()[-1] == (
+        "deepseek-moe convert: error: converting needs a POSIX system (Linux, macOS: its lock and resume use flock "
+        "and process ids); run it there or under WSL"
+    )
+    assert sorted(path.name for path in work.iterdir()) == ["notes.txt", "source"]
+
+
 def _valid_file(directory: Path) -> Path:
     path = directory / "model.safetensors"
     save_file({"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(4)}, path)

@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import re
@@ -108,7 +107,15 @@ def remove_written(directory: Path) -> None:
 @contextlib.contextmanager
 def destination_lock(output: Path) -> Iterator[None]:
     """Hold `.NAME.convert-lock` beside `output` for the whole conversion; a second conversion into the same output
-    fails at once with the first one's process id."""
+    fails at once with the first one's process id. POSIX only (`flock`): elsewhere (Windows) the conversion stops here
+    with a clear error, while the rest of the package (loading, generating) still imports."""
+    try:
+        import fcntl
+    except ImportError:
+        raise ConversionError(
+            "converting needs a POSIX system (Linux, macOS: its lock and resume use flock and process ids); "
+            "run it there or under WSL"
+        ) from None
     path = output.parent / f".{output.name}.convert-lock"
     while True:
         descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -145,7 +152,8 @@ def signals_interrupt() -> Iterator[None]:
     def interrupt(signum: int, frame: object) -> None:
         raise ConversionInterrupted(signal.Signals(signum).name)
 
-    previous = {number: signal.signal(number, interrupt) for number in (signal.SIGTERM, signal.SIGHUP)}
+    numbers = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+    previous = {number: signal.signal(number, interrupt) for number in numbers}
     try:
         yield
     finally:
