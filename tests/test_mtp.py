@@ -456,6 +456,16 @@ def test_draft_length_follows_expected_tokens_per_second():
     assert rule.decide(60).startswith("1 drafts per step from length 60") and rule.length == 1
 
 
+@pytest.mark.parametrize("bound", [{"num_draft_tokens": 1}, {"num_assistant_tokens": 1}])
+def test_the_bound_on_drafts_holds_while_drafting_adapts(trained_model, bound):
+    prompt = _arithmetic_batch(1, 6, 64, torch.Generator().manual_seed(2))
+    out = trained_model.generate(
+        prompt, max_new_tokens=30, use_mtp=True, eos_token_id=None, return_dict_in_generate=True, **bound
+    )
+    assert out.drafted_tokens == out.draft_steps > 0  # one draft per step, however well they are accepted
+    assert out.mtp_decisions == []
+
+
 def test_draft_length_is_fixed_without_adaptive_drafting():
     from deepseek_moe.model.speculative import DraftLength
 

@@ -408,9 +408,9 @@ EXTRA_DEPTHS = 2
 
 class MtpGenerationMixin(GenerationMixin):
     """`generate(use_mtp=True, num_draft_tokens=None, mtp_adaptive=True)`: transformers' assisted generation with the
-    MTP draft (see the module docstring). `num_draft_tokens` bounds the drafts per step; beyond the model's MTP
-    modules the last module runs again. By default: one per module (`num_nextn_predict_layers`, or
-    `num_assistant_tokens` when passed and smaller), plus `EXTRA_DEPTHS` when drafting adapts. Adaptive drafting
+    MTP draft (see the module docstring). `num_draft_tokens` (or transformers' `num_assistant_tokens`, when passed)
+    bounds the drafts per step; beyond the model's MTP modules the last module runs again. By default: one per module
+    (`num_nextn_predict_layers`), plus `EXTRA_DEPTHS` when drafting adapts. Adaptive drafting
     (the default) starts at one draft per module and drafts the number that pays (`DraftLength`), and pauses when
     none does (`AdaptiveDrafting`); `mtp_adaptive=False` drafts `num_draft_tokens` at every step.
 
@@ -434,9 +434,7 @@ class MtpGenerationMixin(GenerationMixin):
         if (kwargs.get("num_beams") or generation_config.num_beams or 1) > 1:
             raise ValueError("use_mtp drafts for greedy decoding and sampling; beam search (num_beams > 1) takes none")
         if num_draft_tokens is None:
-            num_draft_tokens = min(kwargs.get("num_assistant_tokens") or depth, depth) + (
-                EXTRA_DEPTHS if adaptive else 0
-            )
+            num_draft_tokens = kwargs.get("num_assistant_tokens") or depth + (EXTRA_DEPTHS if adaptive else 0)
         if isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, int) or num_draft_tokens < 1:
             raise ValueError(f"use_mtp needs num_draft_tokens to be a positive integer, got {num_draft_tokens!r}")
         self._mtp_options = {"num_draft_tokens": num_draft_tokens, "adaptive": adaptive, "generators": []}
