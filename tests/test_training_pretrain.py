@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from deepseek_moe import DeepseekMoeConfig, DeepseekMoeForCausalLM
 from deepseek_moe.cli import main
 from deepseek_moe.training.pretrain import TrainArguments, load_train_arguments, lr_lambda, train
 
@@ -161,6 +162,26 @@ def test_bad_input_from_the_console_script_prints_only_the_error(corpus, tmp_pat
     assert completed.stderr.strip().splitlines() == [
         "deepseek-moe train: error: ep_size=3 does not divide the 16 routed experts"
     ], completed.stderr
+
+
+def test_a_model_folder_with_only_tokenizer_json_trains_without_asking(corpus, tmp_path) -> None:
+    """A saved model (its config.json names its code in `auto_map`) beside a bare tokenizer.json: finding the tokenizer
+    must neither ask on the terminal whether to run that code nor warn about the config's model type."""
+    from deepseek_moe.training.data import byte_tokenizer
+
+    model = tmp_path / "model"
+    DeepseekMoeForCausalLM(DeepseekMoeConfig.from_preset("tiny-v3")).save_pretrained(model)
+    byte_tokenizer().save_pretrained(model)
+    (model / "tokenizer_config.json").unlink()
+    command = [str(Path(sys.executable).with_name("deepseek-moe")), "train", "--model", str(model), "--data", corpus]
+    command += ["--output-dir", str(tmp_path / "run"), "--max-steps", "1", "--seq-length", "16", "--no-progress"]
+    command += ["--micro-batch-size", "1", "--global-batch-size", "1", "--no-tensorboard"]
+    completed = subprocess.run(
+        command, capture_output=True, text=True, stdin=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    for noise in ("custom code", "trust_remote_code", "to instantiate a model of type"):
+        assert noise not in completed.stdout + completed.stderr, completed.stderr[-2000:]
 
 
 COMMON_FLAGS = ["--model", "tiny-v3", "--tokenizer", "bytes", "--seq-length", "32", "--micro-batch-size", "1"]

@@ -278,7 +278,10 @@ def load_tokenizer(name: str | None, model: str):
         )
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path) if path.exists() else source)
+    # Without tokenizer_config.json transformers reads the folder's config.json, whose `auto_map` would ask on the
+    # terminal whether to run the folder's code: given the model's config (ours) it reads none, and it never runs code.
+    config = load_config(model, {}) if name is None and (path / "config.json").is_file() else None
+    return AutoTokenizer.from_pretrained(str(path) if path.exists() else source, config=config, trust_remote_code=False)
 
 
 def build_model(args: TrainArguments, config):
