@@ -277,11 +277,11 @@ def onednn_serves(query: torch.Tensor, rows: torch.Tensor) -> bool:
     It has no autograd formula, so it serves only without grad, and inductor cannot lower it with an unpacked weight,
     so compiled code keeps bmm; `torch.backends.mkldnn.flags(enabled=False)` turns it off."""
     return (
-        rows.device.type == "cpu"
+        not torch.compiler.is_compiling()
+        and rows.device.type == "cpu"
         and query.dtype == rows.dtype
         and query.dtype in onednn_dtypes()
         and not torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()
         and torch.backends.mkldnn.enabled
     )
 
