@@ -168,25 +168,20 @@ class DraftLength:
             self.verify_seconds.append(seconds - drafting_seconds)
             self.depth_seconds.append(drafting_seconds / drafted)
 
-    def expected(self, length: int) -> tuple[float, float] | None:
-        """(tokens, seconds) of a draft step of `length` tokens, or None while a depth before it was never judged."""
-        tokens, reach, rate = 1.0, 1.0, None
-        for depth in range(length):
-            if self.accepted[depth]:
-                rate = sum(self.accepted[depth]) / len(self.accepted[depth])
-            elif depth == 0 or not self.accepted[depth - 1]:
-                return None
-            reach *= rate
-            tokens += reach
-        verify, per_depth = statistics.median(self.verify_seconds), statistics.median(self.depth_seconds)
-        return tokens, verify + length * per_depth
-
     def decide(self, position: int) -> str | None:
         """Sets `length` for this step; a line saying why when it changes."""
         if not self.enabled or not self.verify_seconds:
             return None
-        options = {length: self.expected(length) for length in range(1, self.most + 1)}
-        options = {length: cost for length, cost in options.items() if cost is not None}
+        verify, per_depth = statistics.median(self.verify_seconds), statistics.median(self.depth_seconds)
+        options, tokens, reach, rate = {}, 1.0, 1.0, None  # length -> (expected tokens, seconds) of a draft step
+        for depth, judged in enumerate(self.accepted):
+            if judged:
+                rate = sum(judged) / len(judged)
+            elif depth == 0 or not self.accepted[depth - 1]:
+                break  # neither this depth nor the one before it was judged: no rate to go on
+            reach *= rate
+            tokens += reach
+            options[depth + 1] = tokens, verify + (depth + 1) * per_depth
         best = max(options, key=lambda length: options[length][0] / options[length][1])
         if best == self.length or self.length not in options:
             return None
