@@ -17,6 +17,7 @@ from .conversion.safetensors_io import read_header
 from .dtypes import load_dtype
 from .model.configuration_deepseek_moe import DeepseekMoeConfig
 from .model.modeling_deepseek_moe import DeepseekMoeForCausalLM
+from .model.quantization_deepseek_moe import SPREADING_DEVICE_MAPS
 
 
 class TokenIdStreamer(BaseStreamer):
@@ -56,14 +57,13 @@ def device_map_for(name: str | None) -> str:
     `sequential` spread the layers over the GPUs and the CPU as Accelerate does."""
     if name is None:
         return "cuda:0" if torch.cuda.is_available() else "cpu"
-    if name in ("auto", "balanced", "balanced_low_0", "sequential", "cpu"):
+    if name == "cpu" or name in SPREADING_DEVICE_MAPS:
         return name
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(
-            f"--device-map {name!r}: expected cpu, cuda, cuda:N, auto, balanced, balanced_low_0 or sequential"
-        ) from None
+        *others, last = SPREADING_DEVICE_MAPS
+        raise ValueError(f"--device-map {name!r}: expected cpu, cuda, cuda:N, {', '.join(others)} or {last}") from None
     if device.type != "cuda":
         raise ValueError(f"--device-map {name!r}: expected cpu, cuda, cuda:N or a spreading strategy such as auto")
     if not torch.cuda.is_available():

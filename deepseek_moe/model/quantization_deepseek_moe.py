@@ -424,6 +424,10 @@ class DeepseekFp8HfQuantizer(HfQuantizer):
         return bool(self.quantization_config.dequantize)
 
 
+# `device_map` strategies that spread a model over the GPUs (and CPU and disk when they run out), as Accelerate does.
+SPREADING_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
 def keeps_fp8_on(device_map: Any) -> bool:
     """Whether every device of a `from_pretrained` device map is a GPU where the FP8 Triton GEMMs run (no map: CPU)."""
     from .fp8_kernels import fp8_gemm_runs_on
@@ -433,7 +437,7 @@ def keeps_fp8_on(device_map: Any) -> bool:
     targets = device_map.values() if isinstance(device_map, dict) else [device_map]
     devices = []
     for target in targets:
-        if target in ("auto", "balanced", "balanced_low_0", "sequential"):
+        if target in SPREADING_DEVICE_MAPS:
             target = "cuda"
         if target == "disk":
             return False
