@@ -343,10 +343,11 @@ def packed_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """`nn.Linear.forward` of a linear that `prepack_cpu_weights` packed: through oneDNN's linear over the weight in
     its blocked layout where oneDNN serves (see `onednn_serves`), else as usual. A weight replaced or changed in place
     since it was packed (a training step) is packed again on first use."""
-    if not onednn_serves(x, self.weight):
-        return F.linear(x, self.weight, self.bias)
+    weight = self.weight
+    if not onednn_serves(x, weight):
+        return F.linear(x, weight, self.bias)
     packed = PACKED_WEIGHTS.get(self)
-    if packed is None or packed[1] != (self.weight.data_ptr(), self.weight._version):
+    if packed is None or packed[1] != (weight.data_ptr(), weight._version):
         packed = pack_linear_weight(self)
     rows = x.reshape(-1, x.shape[-1])
     out = torch.ops.mkldnn._linear_pointwise(rows, packed[0], self.bias, "none", [], "")
@@ -1082,9 +1083,9 @@ class DeepseekMoePreTrainedModel(PreTrainedModel):
                 PACKED_WEIGHTS.pop(module, None)
         if not enabled:
             return 0
-        if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
-            raise RuntimeError("prepack_cpu_weights needs a torch built with oneDNN (mkldnn), which this one is not")
         dtypes = onednn_dtypes()
+        if not (dtypes and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+            raise RuntimeError("prepack_cpu_weights needs a torch built with oneDNN (mkldnn), which this one is not")
         chosen = [
             module
             for module in linears
