@@ -4,7 +4,10 @@ fp32 just before it runs and dropped right after, so peak memory is about one la
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -49,8 +52,22 @@ def _materialize(checkpoint: Checkpoint, config: DeepseekMoeConfig, prefix: str,
                 tensor.zero_()
 
 
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's `malloc_trim`, or None where the C library has none (macOS, musl, Windows)."""
+    try:
+        return getattr(ctypes.CDLL(None), "malloc_trim", None)
+    except OSError:
+        return None
+
+
 def _release(module: nn.Module, args: tuple, output: object) -> None:
+    """Drop the module's weights and hand the freed memory back to the system. glibc otherwise keeps much of it in
+    heap fragments that later layers do not reuse: the peak grew by 55-240 MB over 13 layers of 29 MB from one run to
+    the next; trimmed, it stays near one layer."""
     module.to("meta")
+    if (trim := _malloc_trim()) is not None:
+        trim(0)
 
 
 def streamed_logits(checkpoint: Checkpoint, config: DeepseekMoeConfig, input_ids: torch.Tensor) -> torch.Tensor:
