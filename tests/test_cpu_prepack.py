@@ -1,5 +1,6 @@
-"""`prepack_cpu_weights`: linears through oneDNN over packed copies of their weights give the plain model's outputs,
-follow weight changes, and leave training, saving and `torch.backends.mkldnn` switches as they were."""
+"""`prepack_cpu_weights`: linears through oneDNN over packed copies of their weights, and latent attention over a
+copy of W_UKᵀ and packed cache blocks, give the plain model's outputs, follow weight changes, and leave training,
+saving, cache copies and `torch.backends.mkldnn` switches as they were."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from deepseek_moe import DeepseekMoeForCausalLM
-from deepseek_moe.model.modeling_deepseek_moe import PACKED_WEIGHTS, onednn_dtypes
+from deepseek_moe.model import cache_deepseek_moe as cache_module
+from deepseek_moe.model.cache_deepseek_moe import PACKED_BLOCKS, LatentCache
+from deepseek_moe.model.modeling_deepseek_moe import PACKED_WEIGHTS, DeepseekMoeLatentAttention, onednn_dtypes
 
 pytestmark = pytest.mark.skipif(
     not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"),
@@ -21,6 +24,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 INPUT_IDS = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+DECODE_IDS = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
 
 
 def _models(
@@ -29,6 +33,18 @@ def _models(
     plain = tiny_model(preset, seed=3, attention_bias=True).to(dtype).eval()  # random biases too
     packed = copy.deepcopy(plain)
     return plain, packed, packed.prepack_cpu_weights(min_bytes=0)
+
+
+@torch.no_grad()
+def _decode_logits(model: nn.Module, cache: LatentCache | None = None, steps: int = 3) -> torch.Tensor:
+    """Logits over a `LatentCache` (absorbed attention): a 5-token prefill into an empty cache, then `steps` one-token
+    steps, each fed the next token of DECODE_IDS."""
+    cache = LatentCache() if cache is None else cache
+    logits = [] if cache.get_seq_length() else [model(DECODE_IDS[:, :5], cache=cache, use_cache=True).logits]
+    start = cache.get_seq_length()
+    for t in range(start, start + steps):
+        logits.append(model(DECODE_IDS[:, t : t + 1], cache=cache, use_cache=True).logits)
+    return torch.cat(logits, dim=1)
 
 
 def _onednn_linear_calls(model: nn.Module) -> int:
@@ -55,7 +71,12 @@ def test_packed_model_decodes_like_the_plain_model(preset, dtype):
     if dtype not in onednn_dtypes():
         pytest.skip(f"oneDNN does not run {dtype} on this machine")
     plain, packed, packed_bytes = _models(preset, dtype)
-    assert packed_bytes == sum(m.weight.nbytes for m in packed.modules() if type(m) is nn.Linear) > 0
+    config = packed.config
+    w_uk_bytes = config.num_attention_heads * config.qk_nope_head_dim * (config.kv_lora_rank or 0) * dtype.itemsize
+    attentions = sum(isinstance(m, DeepseekMoeLatentAttention) for m in packed.modules())
+    assert attentions == (0 if preset == "tiny-16b" else config.num_hidden_layers + config.num_nextn_predict_layers)
+    linear_bytes = sum(m.weight.nbytes for m in packed.modules() if type(m) is nn.Linear)
+    assert packed_bytes == linear_bytes + attentions * w_uk_bytes > 0  # the packed weights, the copies of W_UKᵀ
     # every linear the forward pass runs went through oneDNN
     assert _onednn_linear_calls(packed) - _onednn_linear_calls(plain) == _linear_calls(plain) > 0
     with torch.no_grad():
@@ -63,6 +84,8 @@ def test_packed_model_decodes_like_the_plain_model(preset, dtype):
         assert_close(packed(INPUT_IDS).logits, plain(INPUT_IDS).logits, rtol=rtol, what="prefill logits")
     options = {"max_new_tokens": 8, "do_sample": False, "eos_token_id": None}
     assert torch.equal(packed.generate(INPUT_IDS, **options), plain.generate(INPUT_IDS, **options))
+    if attentions:
+        assert_close(_decode_logits(packed), _decode_logits(plain), rtol=rtol, what="decode logits")
 
 
 def test_small_weights_stay_unpacked_by_default():
@@ -70,19 +93,40 @@ def test_small_weights_stay_unpacked_by_default():
     with pytest.raises(ValueError, match=r"at least min_bytes=1048576; this model has none \(its weights are"):
         model.prepack_cpu_weights()  # the tiny model's weights are all far below a megabyte
     largest = max(m.weight.nbytes for m in model.modules() if type(m) is nn.Linear)
+    w_uk = [m.kv_b_proj.weight.nbytes // 2 for m in model.modules() if isinstance(m, DeepseekMoeLatentAttention)]
     assert model.prepack_cpu_weights(min_bytes=largest) == largest * sum(
         1 for m in model.modules() if type(m) is nn.Linear and m.weight.nbytes == largest
-    )
+    ) + sum(w_uk)  # the copies of W_UKᵀ (half of kv_b_proj when nope and v head dims are equal) whatever their size
+    assert model.config.qk_nope_head_dim == model.config.v_head_dim and w_uk
 
 
 def test_changed_weights_are_packed_again():
     plain, packed, _ = _models()
+    _decode_logits(packed)  # W_UKᵀ copied and used before the change
     for model in (plain, packed):
         with torch.no_grad():
             model.model.layers[0].self_attn.o_proj.weight.mul_(-2.0)  # in place: the same storage, a new version
+            model.model.layers[1].self_attn.kv_b_proj.weight.mul_(1.5)  # W_UK (and W_UV) in place
         model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach() * 0.5)  # a new tensor
     with torch.no_grad():
         assert_close(packed(INPUT_IDS).logits, plain(INPUT_IDS).logits, rtol=1e-5, what="logits after the changes")
+    assert_close(_decode_logits(packed), _decode_logits(plain), rtol=1e-5, what="decode logits after the changes")
+
+
+def test_a_copied_cache_decodes_on_with_blocks_of_its_own(monkeypatch):
+    """`copy.deepcopy` of a cache whose blocks are packed (a prompt cache reused): the opaque packed blocks stay
+    behind, the copy packs its own, and both caches decode on like the plain model's."""
+    monkeypatch.setattr(cache_module, "BLOCK", 2)
+    plain, packed, _ = _models()
+    plain_cache, packed_cache = LatentCache(), LatentCache()
+    expected, actual = _decode_logits(plain, plain_cache), _decode_logits(packed, packed_cache)
+    assert [len(blocks) for blocks in PACKED_BLOCKS[packed_cache.layers[0]]["rows"]] == [4, 4]  # 8 rows read
+    copied = copy.deepcopy(packed_cache)
+    assert copied.layers[0] not in PACKED_BLOCKS
+    reference = _decode_logits(plain, plain_cache)
+    assert_close(actual, expected, rtol=1e-5, what="decode logits")
+    assert_close(_decode_logits(packed, copied), reference, rtol=1e-5, what="the copied cache's logits")
+    assert_close(_decode_logits(packed, packed_cache), reference, rtol=1e-5, what="the original cache's logits")
 
 
 def test_training_and_saving_see_the_plain_weights(tmp_path):
@@ -109,6 +153,7 @@ def test_switches_turn_it_off():
             assert torch.equal(packed(INPUT_IDS).logits, expected)  # F.linear, the plain model's own kernel
     assert packed.prepack_cpu_weights(enabled=False) == 0
     assert not any("forward" in m.__dict__ or m in PACKED_WEIGHTS for m in packed.modules())
+    assert not any(getattr(m, "cpu_prepacked", False) for m in packed.modules())
     assert _onednn_linear_calls(packed) == _onednn_linear_calls(plain)
     with torch.no_grad():
         assert torch.equal(packed(INPUT_IDS).logits, expected)

@@ -11,7 +11,7 @@ from transformers import DynamicCache
 
 from deepseek_moe import DeepseekMoeConfig, DeepseekMoeForCausalLM
 from deepseek_moe.model import cache_deepseek_moe as cache_module
-from deepseek_moe.model.cache_deepseek_moe import CHUNK, LatentCache
+from deepseek_moe.model.cache_deepseek_moe import CHUNK, PACKED_BLOCKS, LatentCache
 from deepseek_moe.model.mla_kernels import mla_decode_triton, triton
 from deepseek_moe.model.modeling_deepseek_moe import onednn_dtypes
 
@@ -91,9 +91,18 @@ def test_generate_uses_the_latent_cache_and_equals_dynamic_cache():
     assert torch.equal(out.sequences, reference)
 
 
-def test_beam_search_equals_dynamic_cache(monkeypatch):
-    monkeypatch.setattr(cache_module, "BLOCK", 4)  # beams reorder the transposed blocks of the oneDNN path too
-    model = _model()
+def _prepacked(model: DeepseekMoeForCausalLM) -> DeepseekMoeForCausalLM:
+    """The model with every linear packed (`prepack_cpu_weights`), so its decode steps read packed cache blocks."""
+    if not hasattr(torch.ops.mkldnn, "_reorder_linear_weight") or model.dtype not in onednn_dtypes():
+        pytest.skip(f"oneDNN does not run {model.dtype} on this machine")
+    model.prepack_cpu_weights(min_bytes=0)
+    return model
+
+
+@pytest.mark.parametrize("prepacked", [False, True])
+def test_beam_search_equals_dynamic_cache(monkeypatch, prepacked):
+    monkeypatch.setattr(cache_module, "BLOCK", 4)  # beams reorder the transposed (or packed) blocks of oneDNN too
+    model = _prepacked(_model()) if prepacked else _model()
     prompt = torch.randint(1, model.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(3))
     kwargs = {"max_new_tokens": 5, "num_beams": 3, **GREEDY}
     ours = model.generate(prompt, **kwargs)
@@ -184,17 +193,19 @@ def test_sealed_columns_are_the_transposed_blocks_through_growth_crop_and_reorde
     check()
 
 
+@pytest.mark.parametrize("prepacked", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @torch.no_grad()
-def test_inference_decode_through_onednn_blocks_equals_expanded_attention(monkeypatch, dtype):
+def test_inference_decode_through_onednn_blocks_equals_expanded_attention(monkeypatch, dtype, prepacked):
     """No grad, CPU: both products go through oneDNN, the weighted sum over sealed blocks of 4 rows plus the rows after
-    them; with left padding, a rejected draft cropped back into a sealed block, and a block of 3 tokens. In bf16 every
-    path is compared with the fp32 model on the same (rounded) weights: oneDNN's products must be as accurate as the
-    other bf16 paths (measured, of the largest logit: oneDNN 2.9%, bmm 2.1%, expanded attention 5.5%)."""
+    them (prepacked: both products over packed blocks of 4 rows); with left padding, a rejected draft cropped back
+    into a sealed block, and a block of 3 tokens. In bf16 every path is compared with the fp32 model on the same
+    (rounded) weights: oneDNN's products must be as accurate as the other bf16 paths (measured, of the largest logit:
+    oneDNN 2.9%, bmm 2.1%, expanded attention 5.5%)."""
     if dtype not in onednn_dtypes():
         pytest.skip(f"oneDNN does not run {dtype} on this machine")
     monkeypatch.setattr(cache_module, "BLOCK", 4)
-    model = _model().to(dtype)
+    model = _prepacked(_model().to(dtype)) if prepacked else _model().to(dtype)
     reference = _model().to(dtype).float()  # the same (rounded) weights, in fp32
     ids = torch.randint(1, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(7))
     mask = torch.ones_like(ids)
@@ -216,8 +227,13 @@ def test_inference_decode_through_onednn_blocks_equals_expanded_attention(monkey
 
     full = reference(ids, attention_mask=mask, position_ids=positions, mla_attention_mode="expanded").logits[:, 7:]
     (absorbed, cache), (expanded, _) = decode("absorbed"), decode("expanded")
-    assert cache.layers[0].sealed == 4  # the last step read 16 rows: four sealed blocks and no rows after them
-    assert cache.layers[0].columns.dtype == dtype  # the transposed blocks oneDNN read
+    if prepacked:  # the last step read 16 rows: four packed blocks of each kind and no rows after them
+        assert cache.layers[0].columns is None
+        packed = PACKED_BLOCKS[cache.layers[0]]
+        assert [len(blocks) for kind in ("rows", "columns") for blocks in packed[kind]] == [4] * 4
+    else:
+        assert cache.layers[0].sealed == 4  # the last step read 16 rows: four sealed blocks and no rows after them
+        assert cache.layers[0].columns.dtype == dtype  # the transposed blocks oneDNN read
     with torch.backends.mkldnn.flags(enabled=False):  # bmm only, and no transposed copy of the cache
         plain, plain_cache = decode("absorbed")
     assert plain_cache.layers[0].columns is None
@@ -228,11 +244,15 @@ def test_inference_decode_through_onednn_blocks_equals_expanded_attention(monkey
         assert max(errors) <= 0.1 and errors[0] <= 1.5 * max(errors[1:]), errors
 
 
-def test_speculative_decoding_over_transposed_blocks_equals_dynamic_cache_greedy(monkeypatch):
-    """A random model's drafts are rejected, so every step crops the main and the MTP caches back into blocks of 4."""
+@pytest.mark.parametrize("prepacked", [False, True])
+def test_speculative_decoding_over_transposed_blocks_equals_dynamic_cache_greedy(monkeypatch, prepacked):
+    """A random model's drafts are rejected, so every step crops the main and the MTP caches back into blocks of 4
+    (transposed, or packed)."""
     monkeypatch.setattr(cache_module, "BLOCK", 4)
     config = DeepseekMoeConfig.from_preset("tiny-v3", num_nextn_predict_layers=2, pad_token_id=0)
     model = randomize_(DeepseekMoeForCausalLM(config), seed=8).eval()
+    if prepacked:
+        _prepacked(model)
     prompt = torch.randint(1, config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(8))
     reference = model.generate(prompt, max_new_tokens=12, cache=DynamicCache(config=config), **GREEDY)
     speculative = model.generate(

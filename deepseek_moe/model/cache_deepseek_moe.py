@@ -14,18 +14,24 @@ every whole block of `BLOCK` rows, transposing each block once when it fills. Th
 stay in the row buffer only. This mirror costs up to 89% more cache memory (512 of every 576 values again) where it
 is used.
 
+After `prepack_cpu_weights`, both products read their whole blocks from copies in oneDNN's packed weight layout
+instead (`packed_blocks`), packed once per block like the mirror: the rows for the scores and their `c_kv` transposed
+for the weighted sum, up to 189% more cache memory. They are kept beside the layer in `PACKED_BLOCKS`, since those
+opaque tensors cannot be deep-copied (a copied cache packs its own).
+
 Model-code sibling: imported by the modeling file, depends only on torch and transformers.
 """
 
 from __future__ import annotations
 
+import weakref
 from functools import partial
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 CHUNK = 256  # rows: the buffer's capacity is always a whole number of chunks
-BLOCK = 2048  # rows per transposed block of the c_kv mirror (larger blocks: fewer, more efficient products)
+BLOCK = 2048  # rows per transposed or packed block of the mirrors (larger blocks: fewer, more efficient products)
 
 
 class LatentCacheLayer(DynamicLayer):
@@ -47,6 +53,7 @@ class LatentCacheLayer(DynamicLayer):
         width = self.key_dim + value_states.shape[-1]
         self.buffer = key_states.new_empty(batch_size, num_heads, _chunks(self.capacity), width)
         self.length = 0
+        PACKED_BLOCKS.pop(self, None)
         self._refresh_views()
         self.is_initialized = True
 
@@ -93,6 +100,21 @@ class LatentCacheLayer(DynamicLayer):
         self.sealed = whole
         return self.columns[:, :whole]
 
+    def packed_blocks(self, kind: str, rows_per_call: int) -> list[list[torch.Tensor]]:
+        """Per sequence, the first `length // BLOCK` whole blocks of rows, each packed as the weight of a oneDNN linear
+        for `rows_per_call` input rows (what oneDNN picks its layout for): `"rows"`, the rows `[c_kv | k_pe]` (for the
+        scores), or `"columns"`, their `c_kv` transposed (for the weighted sum). Blocks completed since the last call
+        are packed now (each block once, unless cropped into)."""
+        whole = self.length // BLOCK
+        kinds = PACKED_BLOCKS.setdefault(self, {})
+        packed = kinds.setdefault(kind, [[] for _ in range(self.buffer.shape[0])])
+        for sequence, blocks in enumerate(packed):
+            for block in range(len(blocks), whole):
+                rows = self.buffer[sequence, 0, block * BLOCK : (block + 1) * BLOCK]
+                weight = rows if kind == "rows" else rows[:, : self.key_dim].t()
+                blocks.append(torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), rows_per_call))
+        return packed
+
     def _grow(self, needed: int) -> None:
         """Move into a buffer half as large again (at least `needed` rows): amortised O(1) copies per row."""
         old = self.buffer
@@ -108,6 +130,7 @@ class LatentCacheLayer(DynamicLayer):
 
     def reset(self) -> None:
         self.buffer, self.length, self.columns, self.sealed = None, 0, None, 0
+        PACKED_BLOCKS.pop(self, None)
         super().reset()
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -117,6 +140,9 @@ class LatentCacheLayer(DynamicLayer):
         if self.is_initialized:
             self.length = max(0, self.length + tokens_to_remove)
             self.sealed = min(self.sealed, self.length // BLOCK)
+            for packed in PACKED_BLOCKS.get(self, {}).values():
+                for blocks in packed:
+                    del blocks[self.length // BLOCK :]
             self._refresh_views()
 
     def _select(self, rows: torch.Tensor) -> None:
@@ -124,6 +150,9 @@ class LatentCacheLayer(DynamicLayer):
             self.buffer = self.buffer[rows.to(self.buffer.device)]
             if self.columns is not None:  # only the sealed blocks: the rest is room
                 self.columns = self.columns[rows.to(self.columns.device), : self.sealed]
+            if (kinds := PACKED_BLOCKS.get(self)) is not None:
+                order = rows.tolist()
+                PACKED_BLOCKS[self] = {kind: [list(packed[row]) for row in order] for kind, packed in kinds.items()}
             self._refresh_views()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -137,6 +166,7 @@ class LatentCacheLayer(DynamicLayer):
             self._select(torch.arange(self.buffer.shape[0]).repeat_interleave(repeats))
 
     def offload(self) -> None:
+        PACKED_BLOCKS.pop(self, None)
         if self.is_initialized:
             self.buffer = self.buffer.to("cpu", non_blocking=True)
             self.columns = None if self.columns is None else self.columns.to("cpu", non_blocking=True)
@@ -147,6 +177,13 @@ class LatentCacheLayer(DynamicLayer):
             self.buffer = self.buffer.to(self.device, non_blocking=True)
             self.columns = None if self.columns is None else self.columns.to(self.device, non_blocking=True)
             self._refresh_views()
+
+
+# Each layer's `packed_blocks`, by kind, per sequence. Kept beside the layers, not in them, like the packed weights of
+# `prepack_cpu_weights`: deep copies of a cache (a prompt cache reused) copy everything else and pack their own.
+PACKED_BLOCKS: weakref.WeakKeyDictionary[LatentCacheLayer, dict[str, list[list[torch.Tensor]]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _chunks(rows: int) -> int:

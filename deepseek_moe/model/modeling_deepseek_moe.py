@@ -286,79 +286,109 @@ def onednn_serves(query: torch.Tensor, rows: torch.Tensor) -> bool:
     )
 
 
-def latent_scores(query: torch.Tensor, cached: LatentCacheLayer) -> torch.Tensor:
+def latent_scores(query: torch.Tensor, cached: LatentCacheLayer, packed: bool = False) -> torch.Tensor:
     """query · latentᵀ, [B, Q, T], for query rows [B, Q, d] (Q = heads × new tokens) against the cached rows [B, T, d].
 
     MKL (torch's CPU matmul) runs this skinny product at about 45% of its square-matmul rate, and only with AVX2 on
     AMD CPUs; oneDNN's linear over the cached rows as its input (the kernel torch's inductor uses for frozen linears)
     runs it 2-3x faster on the same thread, exact in fp32 (bf16 bmm is slower still: a bf16 decode step through
     oneDNN takes half the time or less). oneDNN compiles a kernel for every new shape (~0.5 ms), so it reads the rows
-    up to the next whole chunk (a new shape every 256 steps) and the extra rows' scores are dropped. The result is a
-    transposed view of its [B, T, Q] output."""
+    up to the next whole chunk (a new shape every 256 steps) and the extra rows' scores are dropped.
+
+    With `packed` (after `prepack_cpu_weights`), the whole blocks of rows are read from the cache's copies in oneDNN's
+    packed weight layout, the query as the input: a product shaped for its kernels, 5-10% faster from memory
+    (`docs/BENCHMARKS.md`); the rows after them as before."""
     rows = cached.latent
     if not onednn_serves(query, rows):
         return torch.bmm(query, rows.transpose(1, 2))
     linear = torch.ops.mkldnn._linear_pointwise
-    scores = [linear(chunked, q, None, "none", [], "") for chunked, q in zip(cached.chunked_latent, query, strict=True)]
-    return torch.stack(scores)[:, : rows.shape[1]].transpose(1, 2)
+    blocks = cached.packed_blocks("rows", query.shape[1]) if packed else [[]] * query.shape[0]
+    start = sum(block.shape[0] for block in blocks[0])
+    after = cached.chunked_latent[:, start:] if start < rows.shape[1] else None  # as the input: [B, T', d]
+    scores = query.new_empty(*query.shape[:2], start + (0 if after is None else after.shape[1]))
+    for sequence, (q, row_blocks, out) in enumerate(zip(query, blocks, scores, strict=True)):
+        parts = [linear(q, block, None, "none", [], "") for block in row_blocks]
+        if after is not None:
+            parts.append(linear(after[sequence], q, None, "none", [], "").t())
+        torch.cat(parts, dim=1, out=out)
+    return scores[..., : rows.shape[1]]
 
 
-def latent_weighted_sum(weights: torch.Tensor, latent: torch.Tensor, cached: LatentCacheLayer | None) -> torch.Tensor:
+def latent_weighted_sum(
+    weights: torch.Tensor, latent: torch.Tensor, cached: LatentCacheLayer | None, packed: bool = False
+) -> torch.Tensor:
     """weights · latent, [B, Q, r], for attention weights [B, Q, T] over the cached latent rows [B, T, r].
 
     The same skinny product as the scores; oneDNN needs the latent feature-major, which a `LatentCacheLayer` keeps
-    for its whole blocks of rows (`sealed_columns`): those go through oneDNN block by block, the rows after them
-    through bmm."""
+    for its whole blocks of rows (`sealed_columns`): those go through oneDNN block by block, as the input, the rows
+    after them through bmm. With `packed` (after `prepack_cpu_weights`), the blocks are the cache's copies in oneDNN's
+    packed weight layout and the weights are the input: 3-4% off a one-token step at 8K tokens."""
     if cached is None or not onednn_serves(weights, latent):
         return torch.bmm(weights, latent)
-    columns = cached.sealed_columns()  # [B, blocks, r, BLOCK]
-    num_blocks, block = columns.shape[1], columns.shape[-1]
+    columns = cached.packed_blocks("columns", weights.shape[1]) if packed else cached.sealed_columns()
+    if len(columns[0]) == 0:
+        return torch.bmm(weights, latent)
+    num_blocks, block = len(columns[0]), columns[0][0].shape[-1]
     sealed = num_blocks * block
     out = torch.bmm(weights[..., sealed:], latent[:, sealed:])
-    # [B, blocks, Q, BLOCK]: each block's weights contiguous, as oneDNN takes them
+    # [B, blocks, Q, block]: each block's weights contiguous, as oneDNN takes them
     blocks = weights[..., :sealed].unflatten(-1, (num_blocks, block)).transpose(1, 2).contiguous()
     linear = torch.ops.mkldnn._linear_pointwise
     for row_blocks, row_columns, row_out in zip(blocks, columns, out, strict=True):
         for block_weights, block_columns in zip(row_blocks, row_columns, strict=True):
-            # the block as the input: as the second operand oneDNN would reorder it (3.7x slower on a cold cache)
-            row_out += linear(block_columns, block_weights, None, "none", [], "").t()
+            if packed:
+                row_out += linear(block_weights, block_columns, None, "none", [], "")
+            else:  # the block as the input: as the second operand oneDNN would reorder it (3.7x slower, cold cache)
+                row_out += linear(block_columns, block_weights, None, "none", [], "").t()
     return out
 
 
+def heads_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Each head's rows x [B, H, S, k] through its own matrix weight [H, n, k], as [B, H, S, n]: one bmm over the
+    heads with the weight as the left operand, so that a contiguous weight's rows are read in order (as the right
+    operand, transposed, a one-token CPU step through W_UV takes 1.3-1.6x as long)."""
+    batch, heads, seq_length, k = x.shape
+    columns = x.permute(1, 3, 0, 2).reshape(heads, k, batch * seq_length)
+    return torch.bmm(weight, columns).view(heads, -1, batch, seq_length).permute(2, 0, 3, 1)
+
+
 def project_values(out_latent: torch.Tensor, w_uv: torch.Tensor) -> torch.Tensor:
-    """Each head's attention output in latent space [B, H, S, r] through its W_UV [H, v, r], as [B, S, H, v]: one bmm
-    over the heads with W_UV as the left operand, so its rows are read in order (with W_UV as the right operand,
-    transposed, a one-token CPU step takes 1.3-1.6x as long)."""
-    batch, heads, seq_length, rank = out_latent.shape
-    columns = out_latent.permute(1, 3, 0, 2).reshape(heads, rank, batch * seq_length)
-    return torch.bmm(w_uv, columns).view(heads, -1, batch, seq_length).permute(2, 3, 0, 1)
+    """Each head's attention output in latent space [B, H, S, r] through its W_UV [H, v, r], as [B, S, H, v]."""
+    return heads_matmul(out_latent, w_uv).transpose(1, 2)
 
 
-# Each packed linear's weight in oneDNN's blocked layout, and which weight (storage, version) it copies. Kept beside
-# the modules, not in them: the opaque packed tensors cannot be deep-copied, and a copied module packs its own.
-PACKED_WEIGHTS: weakref.WeakKeyDictionary[nn.Linear, tuple[torch.Tensor, tuple[int, int]]] = weakref.WeakKeyDictionary()
+# The copies `prepack_cpu_weights` made of each linear's weight, by layout, each with the (storage, version) of the
+# weight it copies. Kept beside the modules, not in them: the opaque packed tensors cannot be deep-copied, and a
+# copied module makes its own.
+PACKED_WEIGHTS: weakref.WeakKeyDictionary[nn.Linear, dict[str, tuple[torch.Tensor, tuple[int, int]]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def weight_copy(linear: nn.Linear, layout: str, make: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """`make(linear.weight)`, kept in `PACKED_WEIGHTS` under `layout`, and made again on first use after the weight
+    was replaced or changed in place (a training step)."""
+    weight = linear.weight
+    copies = PACKED_WEIGHTS.setdefault(linear, {})
+    stamp = (weight.data_ptr(), weight._version)
+    if layout not in copies or copies[layout][1] != stamp:
+        with torch.no_grad():
+            copies[layout] = make(weight), stamp
+    return copies[layout][0]
+
+
+def onednn_packed(weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight, None)
 
 
 def packed_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """`nn.Linear.forward` of a linear that `prepack_cpu_weights` packed: through oneDNN's linear over the weight in
-    its blocked layout where oneDNN serves (see `onednn_serves`), else as usual. A weight replaced or changed in place
-    since it was packed (a training step) is packed again on first use."""
-    weight = self.weight
-    if not onednn_serves(x, weight):
-        return F.linear(x, weight, self.bias)
-    packed = PACKED_WEIGHTS.get(self)
-    if packed is None or packed[1] != (weight.data_ptr(), weight._version):
-        packed = pack_linear_weight(self)
-    rows = x.reshape(-1, x.shape[-1])
-    out = torch.ops.mkldnn._linear_pointwise(rows, packed[0], self.bias, "none", [], "")
+    its blocked layout where oneDNN serves (see `onednn_serves`), else as usual."""
+    if not onednn_serves(x, self.weight):
+        return F.linear(x, self.weight, self.bias)
+    packed = weight_copy(self, "onednn", onednn_packed)
+    out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, self.bias, "none", [], "")
     return out.view(*x.shape[:-1], out.shape[-1])
-
-
-def pack_linear_weight(linear: nn.Linear) -> tuple[torch.Tensor, tuple[int, int]]:
-    with torch.no_grad():
-        packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight, None)
-    PACKED_WEIGHTS[linear] = packed, (linear.weight.data_ptr(), linear.weight._version)
-    return PACKED_WEIGHTS[linear]
 
 
 class DeepseekMoeLatentAttention(nn.Module):
@@ -400,6 +430,7 @@ class DeepseekMoeLatentAttention(nn.Module):
             self.kv_lora_rank, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False
         )
         self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, config.hidden_size, bias=bias)
+        self.cpu_prepacked = False  # set by `prepack_cpu_weights`: CPU inference reads copies in faster layouts
 
     def project_query(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-head `q_nope` and (not yet rotated) `q_pe`, each [B, heads, S, d]."""
@@ -410,6 +441,20 @@ class DeepseekMoeLatentAttention(nn.Module):
             query = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
         query = query.view(batch_size, seq_length, self.num_heads, self.qk_head_dim).transpose(1, 2)
         return query.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+
+    def absorb_query(self, q_nope: torch.Tensor, w_uk: torch.Tensor) -> torch.Tensor:
+        """q_nope · W_UK per head, [B, heads, S, kv_lora_rank]: the query in latent space.
+
+        After `prepack_cpu_weights`, CPU inference reads a contiguous copy of each head's W_UKᵀ as the left operand
+        (`heads_matmul`); the einsum reads W_UK column-wise and, from memory, takes 1.7x as long."""
+        if self.cpu_prepacked and type(self.kv_b_proj) is nn.Linear and onednn_serves(q_nope, w_uk):
+            return heads_matmul(q_nope, weight_copy(self.kv_b_proj, "w_uk_t", self.transposed_w_uk))
+        return torch.einsum("bhsd,hdr->bhsr", q_nope, w_uk)
+
+    def transposed_w_uk(self, w_kv: torch.Tensor) -> torch.Tensor:
+        """Each head's W_UKᵀ [heads, kv_lora_rank, qk_nope_head_dim], contiguous, from kv_b_proj's weight."""
+        w_uk = w_kv.view(self.num_heads, -1, self.kv_lora_rank)[:, : self.qk_nope_head_dim]
+        return w_uk.transpose(1, 2).contiguous()
 
     def compress_kv(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The normalised latent `c_kv` [B, 1, S, kv_lora_rank] and the (not yet rotated) key `k_pe` [B, 1, S, d_r]."""
@@ -503,7 +548,7 @@ class DeepseekMoeLatentAttention(nn.Module):
         w_kv = dense_weight(self.kv_b_proj, q_nope.dtype)
         w_kv = w_kv.view(num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         w_uk, w_uv = w_kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
-        q_latent = torch.einsum("bhsd,hdr->bhsr", q_nope, w_uk).reshape(batch_size, -1, self.kv_lora_rank)
+        q_latent = self.absorb_query(q_nope, w_uk).reshape(batch_size, -1, self.kv_lora_rank)
         q_rope = q_pe.reshape(batch_size, -1, self.qk_rope_head_dim)
         latent, rotary = c_kv[:, 0], k_pe[:, 0]  # [B, T, r], [B, T, d_r]
         if seq_length == 1 and self.can_use_decode_kernel(q_nope):
@@ -515,7 +560,8 @@ class DeepseekMoeLatentAttention(nn.Module):
             out_latent = out_latent.view(batch_size, num_heads, 1, self.kv_lora_rank)
             return project_values(out_latent, w_uv), None
         if cached is not None:
-            scores = latent_scores(torch.cat((q_latent, q_rope), dim=-1) * self.scaling, cached)
+            query = torch.cat((q_latent, q_rope), dim=-1) * self.scaling
+            scores = latent_scores(query, cached, packed=self.cpu_prepacked)
         else:
             scores = torch.bmm(q_rope, rotary.transpose(1, 2))
             scores = torch.baddbmm(scores, q_latent, latent.transpose(1, 2), alpha=self.scaling, beta=self.scaling)
@@ -531,7 +577,7 @@ class DeepseekMoeLatentAttention(nn.Module):
                 scores = scores + mask
         weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(q_nope.dtype)
         weights = F.dropout(weights, p=dropout, training=self.training)
-        out_latent = latent_weighted_sum(weights.view(batch_size, -1, kv_length), latent, cached)
+        out_latent = latent_weighted_sum(weights.view(batch_size, -1, kv_length), latent, cached, self.cpu_prepacked)
         out_latent = out_latent.view(batch_size, num_heads, seq_length, self.kv_lora_rank)
         return project_values(out_latent, w_uv), weights
 
@@ -1062,47 +1108,55 @@ class DeepseekMoePreTrainedModel(PreTrainedModel):
 
     def prepack_cpu_weights(self, enabled: bool = True, min_bytes: int = 1 << 20) -> int:
         """Runs every float32 or bfloat16 linear on the CPU with a weight of at least `min_bytes` through oneDNN, over
-        a copy of its weight packed in oneDNN's blocked layout; returns the bytes those copies take, beside the
-        weights. `enabled=False` drops them. bfloat16 only where oneDNN supports it (`onednn_dtypes`).
+        a copy of its weight packed in oneDNN's blocked layout, and has latent attention read copies laid out for its
+        products; returns the bytes those weight copies take, beside the weights. `enabled=False` drops them.
+        bfloat16 only where oneDNN supports it (`onednn_dtypes`).
 
         One-token decoding on a CPU reads every weight once per step, and a single-thread GEMV over a plain
         row-major weight streams it at about 60% of the memory bandwidth in fp32 and 40% in bf16 (MKL, or oneDNN
         unpacked); over the packed copy oneDNN reaches 80-90% (`docs/BENCHMARKS.md`). Small weights stay as they
         are: a oneDNN call costs about 8 us more than MKL's, which only a weight of a megabyte or so, read from
-        memory, wins back. Only inference uses the copies (without grad, outside `torch.compile`); the weights
-        themselves are untouched, so saving, training and moving the model work as before, and a copy is packed
-        again after its weight changes."""
+        memory, wins back. Latent attention absorbs W_UK through a contiguous copy of W_UKᵀ (half of kv_b_proj's
+        weight, `absorb_query`), and its `LatentCache` layers keep their whole blocks of rows packed too
+        (`packed_row_blocks`: as much memory again as the cache). Only inference uses the copies (without grad,
+        outside `torch.compile`); the weights themselves are untouched, so saving, training and moving the model work
+        as before, and a copy is made again after its weight changes."""
         linears = [
             module
             for module in self.modules()
             if type(module) is nn.Linear and not hasattr(module, "_hf_hook")  # offloaded weights come and go
         ]
+        attentions = [module for module in self.modules() if isinstance(module, DeepseekMoeLatentAttention)]
         for module in linears:
             if "forward" in module.__dict__ and module.forward.__func__ is packed_linear_forward:
                 del module.forward
-                PACKED_WEIGHTS.pop(module, None)
+            PACKED_WEIGHTS.pop(module, None)
+        for attention in attentions:
+            attention.cpu_prepacked = False
         if not enabled:
             return 0
         dtypes = onednn_dtypes()
         if not (dtypes and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
             raise RuntimeError("prepack_cpu_weights needs a torch built with oneDNN (mkldnn), which this one is not")
-        chosen = [
-            module
-            for module in linears
-            if module.weight.device.type == "cpu"
-            and module.weight.dtype in dtypes
-            and module.weight.nbytes >= min_bytes
-        ]
+
+        def served(weight: torch.Tensor) -> bool:
+            return weight.device.type == "cpu" and weight.dtype in dtypes
+
+        chosen = [module for module in linears if served(module.weight) and module.weight.nbytes >= min_bytes]
         if not chosen:
             names = " or ".join(str(dtype).removeprefix("torch.") for dtype in dtypes)
             raise ValueError(
                 f"prepack_cpu_weights packs {names} linear weights on the CPU of at least min_bytes={min_bytes}; "
                 f"this model has none (its weights are {self.dtype} on {self.device})"
             )
+        copies = [weight_copy(module, "onednn", onednn_packed) for module in chosen]
         for module in chosen:
-            pack_linear_weight(module)
             module.forward = MethodType(packed_linear_forward, module)
-        return sum(module.weight.nbytes for module in chosen)
+        for attention in attentions:
+            if attention.kv_b_proj in linears and served(attention.kv_b_proj.weight):
+                attention.cpu_prepacked = True
+                copies.append(weight_copy(attention.kv_b_proj, "w_uk_t", attention.transposed_w_uk))
+        return sum(module.weight.nbytes for module in chosen) + sum(c.nbytes for c in copies[len(chosen) :])
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
