@@ -16,7 +16,12 @@ from torch.profiler import ProfilerActivity, profile
 from deepseek_moe import DeepseekMoeForCausalLM
 from deepseek_moe.model import cache_deepseek_moe as cache_module
 from deepseek_moe.model.cache_deepseek_moe import PACKED_BLOCKS, LatentCache
-from deepseek_moe.model.modeling_deepseek_moe import PACKED_WEIGHTS, DeepseekMoeLatentAttention, onednn_dtypes
+from deepseek_moe.model.modeling_deepseek_moe import (
+    PACKED_WEIGHTS,
+    DeepseekMoeExperts,
+    DeepseekMoeLatentAttention,
+    onednn_dtypes,
+)
 
 pytestmark = pytest.mark.skipif(
     not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"),
@@ -54,8 +59,15 @@ def _onednn_linear_calls(model: nn.Module) -> int:
 
 
 def _linear_calls(model: nn.Module) -> int:
+    """Products the forward pass runs: one per linear call, two per expert with tokens in each experts call."""
     calls = []
+
+    def count_experts(module: DeepseekMoeExperts, args: tuple) -> None:
+        chosen = args[1][args[1] < module.num_experts]
+        calls.extend([1, 1] * len(chosen.unique()))
+
     hooks = [m.register_forward_hook(lambda *_: calls.append(1)) for m in model.modules() if type(m) is nn.Linear]
+    hooks += [m.register_forward_pre_hook(count_experts) for m in model.modules() if isinstance(m, DeepseekMoeExperts)]
     with torch.no_grad():
         model(INPUT_IDS)
     for hook in hooks:
@@ -76,8 +88,9 @@ def test_packed_model_decodes_like_the_plain_model(preset, dtype):
     attentions = sum(isinstance(m, DeepseekMoeLatentAttention) for m in packed.modules())
     assert attentions == (0 if preset == "tiny-16b" else config.num_hidden_layers + config.num_nextn_predict_layers)
     linear_bytes = sum(m.weight.nbytes for m in packed.modules() if type(m) is nn.Linear)
-    assert packed_bytes == linear_bytes + attentions * w_uk_bytes > 0  # the packed weights, the copies of W_UKᵀ
-    # every linear the forward pass runs went through oneDNN
+    expert_bytes = sum(p.nbytes for m in packed.modules() if isinstance(m, DeepseekMoeExperts) for p in m.parameters())
+    assert expert_bytes > 0 and packed_bytes == linear_bytes + expert_bytes + attentions * w_uk_bytes
+    # every linear and expert product the forward pass runs went through oneDNN
     assert _onednn_linear_calls(packed) - _onednn_linear_calls(plain) == _linear_calls(plain) > 0
     with torch.no_grad():
         rtol = 1e-5 if dtype == torch.float32 else 1e-2  # the same products, summed in another order
@@ -107,6 +120,7 @@ def test_changed_weights_are_packed_again():
         with torch.no_grad():
             model.model.layers[0].self_attn.o_proj.weight.mul_(-2.0)  # in place: the same storage, a new version
             model.model.layers[1].self_attn.kv_b_proj.weight.mul_(1.5)  # W_UK (and W_UV) in place
+            next(m for m in model.modules() if isinstance(m, DeepseekMoeExperts)).down_proj.mul_(-1.5)
         model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach() * 0.5)  # a new tensor
     with torch.no_grad():
         assert_close(packed(INPUT_IDS).logits, plain(INPUT_IDS).logits, rtol=1e-5, what="logits after the changes")

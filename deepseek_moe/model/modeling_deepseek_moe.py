@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import MethodType
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -301,15 +302,14 @@ def latent_scores(query: torch.Tensor, cached: LatentCacheLayer, packed: bool = 
     rows = cached.latent
     if not onednn_serves(query, rows):
         return torch.bmm(query, rows.transpose(1, 2))
-    linear = torch.ops.mkldnn._linear_pointwise
     blocks = cached.packed_blocks("rows", query.shape[1]) if packed else [[]] * query.shape[0]
     start = sum(block.shape[0] for block in blocks[0])
     after = cached.chunked_latent[:, start:] if start < rows.shape[1] else None  # as the input: [B, T', d]
     scores = query.new_empty(*query.shape[:2], start + (0 if after is None else after.shape[1]))
     for sequence, (q, row_blocks, out) in enumerate(zip(query, blocks, scores, strict=True)):
-        parts = [linear(q, block, None, "none", [], "") for block in row_blocks]
+        parts = [onednn_linear(q, block) for block in row_blocks]
         if after is not None:
-            parts.append(linear(after[sequence], q, None, "none", [], "").t())
+            parts.append(onednn_linear(after[sequence], q).t())
         torch.cat(parts, dim=1, out=out)
     return scores[..., : rows.shape[1]]
 
@@ -333,13 +333,12 @@ def latent_weighted_sum(
     out = torch.bmm(weights[..., sealed:], latent[:, sealed:])
     # [B, blocks, Q, block]: each block's weights contiguous, as oneDNN takes them
     blocks = weights[..., :sealed].unflatten(-1, (num_blocks, block)).transpose(1, 2).contiguous()
-    linear = torch.ops.mkldnn._linear_pointwise
     for row_blocks, row_columns, row_out in zip(blocks, columns, out, strict=True):
         for block_weights, block_columns in zip(row_blocks, row_columns, strict=True):
             if packed:
-                row_out += linear(block_weights, block_columns, None, "none", [], "")
+                row_out += onednn_linear(block_weights, block_columns)
             else:  # the block as the input: as the second operand oneDNN would reorder it (3.7x slower, cold cache)
-                row_out += linear(block_columns, block_weights, None, "none", [], "").t()
+                row_out += onednn_linear(block_columns, block_weights).t()
     return out
 
 
@@ -357,19 +356,18 @@ def project_values(out_latent: torch.Tensor, w_uv: torch.Tensor) -> torch.Tensor
     return heads_matmul(out_latent, w_uv).transpose(1, 2)
 
 
-# The copies `prepack_cpu_weights` made of each linear's weight, by layout, each with the (storage, version) of the
+# The copies `prepack_cpu_weights` made of each module's weights, by layout, each with the (storage, version) of the
 # weight it copies. Kept beside the modules, not in them: the opaque packed tensors cannot be deep-copied, and a
 # copied module makes its own.
-PACKED_WEIGHTS: weakref.WeakKeyDictionary[nn.Linear, dict[str, tuple[torch.Tensor, tuple[int, int]]]] = (
+PACKED_WEIGHTS: weakref.WeakKeyDictionary[nn.Module, dict[str, tuple[object, tuple[int, int]]]] = (
     weakref.WeakKeyDictionary()
 )
 
 
-def weight_copy(linear: nn.Linear, layout: str, make: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """`make(linear.weight)`, kept in `PACKED_WEIGHTS` under `layout`, and made again on first use after the weight
-    was replaced or changed in place (a training step)."""
-    weight = linear.weight
-    copies = PACKED_WEIGHTS.setdefault(linear, {})
+def weight_copy(module: nn.Module, layout: str, weight: torch.Tensor, make: Callable[[torch.Tensor], object]) -> Any:
+    """`make(weight)` for one of `module`'s weights, kept in `PACKED_WEIGHTS` under `layout`, and made again on first
+    use after the weight was replaced or changed in place (a training step)."""
+    copies = PACKED_WEIGHTS.setdefault(module, {})
     stamp = (weight.data_ptr(), weight._version)
     if layout not in copies or copies[layout][1] != stamp:
         with torch.no_grad():
@@ -381,12 +379,21 @@ def onednn_packed(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight, None)
 
 
+def onednn_packed_experts(weights: torch.Tensor) -> list[torch.Tensor]:
+    return [onednn_packed(weight) for weight in weights.unbind(0)]
+
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x · weightᵀ through oneDNN's linear; `weight` plain (oneDNN reorders it for the call) or `onednn_packed`."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+
+
 def packed_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """`nn.Linear.forward` of a linear that `prepack_cpu_weights` packed: through oneDNN's linear over the weight in
     its blocked layout where oneDNN serves (see `onednn_serves`), else as usual."""
     if not onednn_serves(x, self.weight):
         return F.linear(x, self.weight, self.bias)
-    packed = weight_copy(self, "onednn", onednn_packed)
+    packed = weight_copy(self, "onednn", self.weight, onednn_packed)
     out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, self.bias, "none", [], "")
     return out.view(*x.shape[:-1], out.shape[-1])
 
@@ -448,7 +455,8 @@ class DeepseekMoeLatentAttention(nn.Module):
         After `prepack_cpu_weights`, CPU inference reads a contiguous copy of each head's W_UKᵀ as the left operand
         (`heads_matmul`); the einsum reads W_UK column-wise and, from memory, takes 1.7x as long."""
         if self.cpu_prepacked and type(self.kv_b_proj) is nn.Linear and onednn_serves(q_nope, w_uk):
-            return heads_matmul(q_nope, weight_copy(self.kv_b_proj, "w_uk_t", self.transposed_w_uk))
+            w_uk_t = weight_copy(self.kv_b_proj, "w_uk_t", self.kv_b_proj.weight, self.transposed_w_uk)
+            return heads_matmul(q_nope, w_uk_t)
         return torch.einsum("bhsd,hdr->bhsr", q_nope, w_uk)
 
     def transposed_w_uk(self, w_kv: torch.Tensor) -> torch.Tensor:
@@ -771,6 +779,16 @@ class DeepseekMoeExperts(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
+        return self.sorted_forward(hidden_states, top_k_index, top_k_weights)
+
+    def sorted_forward(
+        self,
+        hidden_states: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        packed: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
+    ) -> torch.Tensor:
+        """The eager path; with `packed` (`packed_experts`), each expert's products run through oneDNN's linear."""
         top_k = top_k_index.shape[-1]
         flat_experts = top_k_index.reshape(-1)
         order = flat_experts.argsort(stable=True)
@@ -782,18 +800,26 @@ class DeepseekMoeExperts(nn.Module):
         # One unbind, not `proj[expert]` per expert: autograd would build a full [E, ...] gradient for each index.
         per_expert = zip(routed_inputs, self.gate_up_proj.unbind(0), self.down_proj.unbind(0), strict=True)
         outputs = []
+        linear = F.linear if packed is None else onednn_linear
         for expert, (rows, gate_up_proj, down_proj) in enumerate(per_expert):
             if rows.shape[0] == 0:
                 continue
-            if gate_up_proj.dtype == FP8_DTYPE:  # kept FP8: one expert dequantized at a time, never all of them
+            if packed is not None:
+                gate_up_proj, down_proj = packed[0][expert], packed[1][expert]
+            elif gate_up_proj.dtype == FP8_DTYPE:  # kept FP8: one expert dequantized at a time, never all of them
                 gate_up_proj, down_proj = self.dequantized_expert(expert, rows.dtype)
-            gate, up = F.linear(rows, gate_up_proj).chunk(2, dim=-1)
-            outputs.append(F.linear(self.act_fn(gate) * up, down_proj))
+            gate, up = linear(rows, gate_up_proj).chunk(2, dim=-1)
+            outputs.append(linear(self.act_fn(gate) * up, down_proj))
         if not outputs:
             return torch.zeros_like(hidden_states)
         routed_outputs = torch.cat(outputs) * top_k_weights.reshape(-1)[order, None]
         final = torch.zeros_like(hidden_states)
         return final.index_add_(0, token_of_slot, routed_outputs.to(final.dtype))
+
+    def packed_experts(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Each expert's `gate_up_proj` and `down_proj` packed for oneDNN (`prepack_cpu_weights`)."""
+        gate_up = weight_copy(self, "gate_up_proj", self.gate_up_proj, onednn_packed_experts)
+        return gate_up, weight_copy(self, "down_proj", self.down_proj, onednn_packed_experts)
 
     def dequantized_expert(self, expert: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """One kept-FP8 expert's `gate_up_proj` and `down_proj` (E4M3 with 128×128 block scales) in `dtype`."""
@@ -833,6 +859,17 @@ class DeepseekMoeExperts(nn.Module):
                     if scale is not None:
                         weight = dequantize_fp8_blockwise(weight, scale)
                     fused[expert, part * rows : (part + 1) * rows].copy_(weight)
+
+
+def packed_experts_forward(
+    self: DeepseekMoeExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """`forward` of routed experts that `prepack_cpu_weights` packed: where oneDNN serves, the eager loop over the
+    packed copies (whatever `experts_implementation` says: on a CPU the others read the plain weights at about half
+    the bandwidth), else the configured implementation."""
+    if not onednn_serves(hidden_states, self.gate_up_proj):
+        return type(self).forward(self, hidden_states, top_k_index, top_k_weights)
+    return self.sorted_forward(hidden_states, top_k_index, top_k_weights, packed=self.packed_experts())
 
 
 class DeepseekMoeSparseBlock(nn.Module):
@@ -1107,28 +1144,30 @@ class DeepseekMoePreTrainedModel(PreTrainedModel):
                 shutil.copyfile(path, directory / path.name)
 
     def prepack_cpu_weights(self, enabled: bool = True, min_bytes: int = 1 << 20) -> int:
-        """Runs every float32 or bfloat16 linear on the CPU with a weight of at least `min_bytes` through oneDNN, over
-        a copy of its weight packed in oneDNN's blocked layout, and has latent attention read copies laid out for its
-        products; returns the bytes those weight copies take, beside the weights. `enabled=False` drops them.
-        bfloat16 only where oneDNN supports it (`onednn_dtypes`).
+        """Runs every float32 or bfloat16 linear on the CPU with a weight of at least `min_bytes` (and routed experts
+        whose `gate_up_proj` per expert is that large) through oneDNN, over copies of the weights packed in oneDNN's
+        blocked layout, and has latent attention read copies laid out for its products; returns the bytes the weight
+        copies take, beside the weights. `enabled=False` drops them. bfloat16 only where oneDNN supports it
+        (`onednn_dtypes`).
 
         One-token decoding on a CPU reads every weight once per step, and a single-thread GEMV over a plain
         row-major weight streams it at about 60% of the memory bandwidth in fp32 and 40% in bf16 (MKL, or oneDNN
         unpacked); over the packed copy oneDNN reaches 80-90% (`docs/BENCHMARKS.md`). Small weights stay as they
         are: a oneDNN call costs about 8 us more than MKL's, which only a weight of a megabyte or so, read from
-        memory, wins back. Latent attention absorbs W_UK through a contiguous copy of W_UKᵀ (half of kv_b_proj's
-        weight, `absorb_query`), and its `LatentCache` layers keep their whole blocks of rows packed too
-        (`packed_row_blocks`: as much memory again as the cache). Only inference uses the copies (without grad,
-        outside `torch.compile`); the weights themselves are untouched, so saving, training and moving the model work
-        as before, and a copy is made again after its weight changes."""
-        linears = [
+        memory, wins back. Experts run the eager loop over their packed copies (`packed_experts_forward`). Latent
+        attention absorbs W_UK through a contiguous copy of W_UKᵀ (`absorb_query`), and its `LatentCache` layers keep
+        their whole blocks packed too (`packed_blocks`: up to 2.9 times the plain cache). Only inference uses the
+        copies (without grad, outside `torch.compile`); the weights themselves are untouched, so saving, training and
+        moving the model work as before, and a copy is made again after its weight changes."""
+        ours = (packed_linear_forward, packed_experts_forward)
+        packable = [
             module
             for module in self.modules()
-            if type(module) is nn.Linear and not hasattr(module, "_hf_hook")  # offloaded weights come and go
+            if isinstance(module, nn.Linear | DeepseekMoeExperts) and not hasattr(module, "_hf_hook")  # offloaded
         ]
         attentions = [module for module in self.modules() if isinstance(module, DeepseekMoeLatentAttention)]
-        for module in linears:
-            if "forward" in module.__dict__ and module.forward.__func__ is packed_linear_forward:
+        for module in packable:
+            if getattr(module.__dict__.get("forward"), "__func__", None) in ours:
                 del module.forward
             PACKED_WEIGHTS.pop(module, None)
         for attention in attentions:
@@ -1142,21 +1181,30 @@ class DeepseekMoePreTrainedModel(PreTrainedModel):
         def served(weight: torch.Tensor) -> bool:
             return weight.device.type == "cpu" and weight.dtype in dtypes
 
-        chosen = [module for module in linears if served(module.weight) and module.weight.nbytes >= min_bytes]
-        if not chosen:
+        linears = [m for m in packable if type(m) is nn.Linear and served(m.weight) and m.weight.nbytes >= min_bytes]
+        experts = [m for m in packable if isinstance(m, DeepseekMoeExperts) and served(m.gate_up_proj)]
+        experts = [m for m in experts if m.gate_up_proj[0].nbytes >= min_bytes]
+        if not linears and not experts:
             names = " or ".join(str(dtype).removeprefix("torch.") for dtype in dtypes)
             raise ValueError(
                 f"prepack_cpu_weights packs {names} linear weights on the CPU of at least min_bytes={min_bytes}; "
                 f"this model has none (its weights are {self.dtype} on {self.device})"
             )
-        copies = [weight_copy(module, "onednn", onednn_packed) for module in chosen]
-        for module in chosen:
+        packed_bytes = 0
+        for module in linears:
+            weight_copy(module, "onednn", module.weight, onednn_packed)
             module.forward = MethodType(packed_linear_forward, module)
+            packed_bytes += module.weight.nbytes
+        for module in experts:
+            module.packed_experts()
+            module.forward = MethodType(packed_experts_forward, module)
+            packed_bytes += module.gate_up_proj.nbytes + module.down_proj.nbytes
         for attention in attentions:
-            if attention.kv_b_proj in linears and served(attention.kv_b_proj.weight):
+            kv_b_proj = attention.kv_b_proj
+            if kv_b_proj in packable and served(kv_b_proj.weight):
                 attention.cpu_prepacked = True
-                copies.append(weight_copy(attention.kv_b_proj, "w_uk_t", attention.transposed_w_uk))
-        return sum(module.weight.nbytes for module in chosen) + sum(c.nbytes for c in copies[len(chosen) :])
+                packed_bytes += weight_copy(kv_b_proj, "w_uk_t", kv_b_proj.weight, attention.transposed_w_uk).nbytes
+        return packed_bytes
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
