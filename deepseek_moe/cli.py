@@ -84,6 +84,7 @@ def _generate(args: argparse.Namespace) -> int:
         args.tokenizer,
         args.draft_tokens,
         args.device_map,
+        args.prepack,
     )
 
 
@@ -102,6 +103,12 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
         metavar="DEVICE",
         help="cpu, cuda, cuda:N, or auto/balanced/sequential to spread layers over GPUs and CPU "
         "(default: the first GPU if there is one, else the CPU)",
+    )
+    parser.add_argument(
+        "--prepack",
+        action="store_true",
+        help="on the CPU in fp32 or bf16: decode over copies of the weights and the cache packed for oneDNN "
+        "(prepack_cpu_weights: same tokens, faster steps, about twice the memory of the weights it copies)",
     )
     parser.add_argument(
         "--use-mtp",

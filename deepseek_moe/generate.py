@@ -147,17 +147,27 @@ def generate(
     tokenizer_name: str | None = None,
     draft_tokens: int | None = None,
     device_map: str | None = None,
+    prepack: bool = False,
 ) -> int:
     """Greedy generation streamed to stdout (text with a tokenizer, token ids without). With `use_mtp`, the MTP
     modules draft (self-speculative decoding, same tokens; `draft_tokens` per step, default one per module) and the
-    draft acceptance is reported on stderr."""
+    draft acceptance is reported on stderr. `prepack` runs CPU inference over oneDNN-packed copies
+    (`prepack_cpu_weights`), their size reported on stderr."""
     device_map = device_map_for(device_map)
+    if prepack and device_map != "cpu":
+        raise ValueError(f"--prepack is for inference on the CPU, not --device-map {device_map}: add --device-map cpu")
     source, input_ids, tokenizer = prepare(
         model_name, prompt, prompt_ids, use_mtp, revision, tokenizer_name, draft_tokens
     )
     model = DeepseekMoeForCausalLM.from_pretrained(
         source, dtype=load_dtype(dtype), revision=revision, device_map=device_map
     ).eval()
+    if prepack:
+        try:
+            packed_bytes = model.prepack_cpu_weights()
+        except (RuntimeError, ValueError) as error:  # a torch without oneDNN, no weight to pack
+            raise ValueError(f"--prepack: {error}") from None
+        print(f"[prepacked {packed_bytes / 1e6:.1f} MB of weight copies for oneDNN]", file=sys.stderr)
     streamer = TextStreamer(tokenizer, skip_prompt=True) if tokenizer is not None else TokenIdStreamer()
     kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False, "streamer": streamer}
     if not use_mtp:

@@ -95,6 +95,32 @@ def test_console_script_on_a_folder_without_tokenizer_asks_nothing(tmp_path):
         assert noise not in completed.stdout + completed.stderr, completed.stderr
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
+def test_generate_prepacked_streams_the_same_tokens(tmp_path, capsys):
+    """`--prepack` (with and without MTP) gives the plain model's greedy tokens and says how much it copied; it
+    refuses a model off the CPU, in float16, or with nothing a megabyte or larger to pack."""
+    config = DeepseekMoeConfig.from_preset("tiny-v3", vocab_size=4096, num_nextn_predict_layers=1)  # 1 MB lm_head
+    model = tiny_model(config, seed=5).eval()
+    model.save_pretrained(tmp_path / "model")
+    w_uk = config.num_attention_heads * config.qk_nope_head_dim * config.kv_lora_rank  # per attention, W_UKᵀ
+    layers = config.num_hidden_layers + config.num_nextn_predict_layers
+    copies = 4 * (config.vocab_size * config.hidden_size + layers * w_uk)  # lm_head (the only linear of 1 MB)
+    argv = ["generate", str(tmp_path / "model"), "--prompt-ids", "3,1,4,1,5", "--max-new-tokens", "6", "--prepack"]
+    expected = model.generate(torch.tensor([[3, 1, 4, 1, 5]]), max_new_tokens=6, do_sample=False)[0, 5:].tolist()
+    for extra in ([], ["--use-mtp"]):
+        assert main([*argv, *extra]) == 0
+        captured = capsys.readouterr()
+        assert captured.out.split() == [str(t) for t in expected]
+        assert f"[prepacked {copies / 1e6:.1f} MB of weight copies for oneDNN]" in captured.err
+    err = _error([*argv, "--device-map", "auto"], capsys)
+    assert "--prepack is for inference on the CPU, not --device-map auto: add --device-map cpu" in err
+    err = _error([*argv, "--dtype", "float16"], capsys)
+    assert "--prepack: prepack_cpu_weights packs float32" in err and "(its weights are torch.float16 on cpu)" in err
+    _saved_model(tmp_path / "small", with_tokenizer=False)
+    err = _error(["generate", str(tmp_path / "small"), "--prompt-ids", "1", "--prepack"], capsys)
+    assert "at least min_bytes=1048576; this model has none" in err
+
+
 def test_generate_without_tokenizer_needs_ids(tmp_path, capsys):
     _saved_model(tmp_path, with_tokenizer=False)
     assert main(["generate", str(tmp_path), "--prompt", "hello"]) == 2
