@@ -156,6 +156,8 @@ def generate(
     device_map = device_map_for(device_map)
     if prepack and device_map != "cpu":
         raise ValueError(f"--prepack is for inference on the CPU, not --device-map {device_map}: add --device-map cpu")
+    if prepack and load_dtype(dtype) not in ("auto", torch.float32, torch.bfloat16):
+        raise ValueError(f"--prepack runs float32 or bfloat16, not --dtype {dtype}")
     source, input_ids, tokenizer = prepare(
         model_name, prompt, prompt_ids, use_mtp, revision, tokenizer_name, draft_tokens
     )

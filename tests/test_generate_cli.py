@@ -115,6 +115,9 @@ def test_generate_prepacked_streams_the_same_tokens(tmp_path, capsys):
     err = _error([*argv, "--device-map", "auto"], capsys)
     assert "--prepack is for inference on the CPU, not --device-map auto: add --device-map cpu" in err
     err = _error([*argv, "--dtype", "float16"], capsys)
+    assert "--prepack runs float32 or bfloat16, not --dtype float16" in err
+    model.half().save_pretrained(tmp_path / "half")  # `--dtype auto`: the checkpoint's float16
+    err = _error(["generate", str(tmp_path / "half"), "--prompt-ids", "1", "--prepack"], capsys)
     assert "--prepack: prepack_cpu_weights packs float32" in err and "(its weights are torch.float16 on cpu)" in err
     _saved_model(tmp_path / "small", with_tokenizer=False)
     err = _error(["generate", str(tmp_path / "small"), "--prompt-ids", "1", "--prepack"], capsys)
