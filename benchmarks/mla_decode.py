@@ -73,10 +73,11 @@ def build_models(dtype: torch.dtype = torch.float32) -> tuple[DeepseekMoeForCaus
     builtin_config = DeepseekV3Config(
         **SHAPE, rope_parameters=dict(ours.config.rope_parameters), max_position_embeddings=163840, num_mtp_layers=0
     )
-    with tempfile.TemporaryDirectory() as directory:
+    with tempfile.TemporaryDirectory() as directory:  # both loaded alike: the router stays fp32 in both
         ours.save_pretrained(directory)
+        ours = DeepseekMoeForCausalLM.from_pretrained(directory, dtype=dtype)
         builtin = DeepseekV3ForCausalLM.from_pretrained(directory, config=builtin_config, dtype=dtype)
-    return ours.to(dtype).eval(), builtin.eval()
+    return ours.eval(), builtin.eval()
 
 
 def filled_caches(
