@@ -106,8 +106,12 @@ class LatentCacheLayer(DynamicLayer):
         scores), or `"columns"`, their `c_kv` transposed (for the weighted sum). Blocks completed since the last call
         are packed now (each block once, unless cropped into)."""
         whole = self.length // BLOCK
-        kinds = PACKED_BLOCKS.setdefault(self, {})
-        packed = kinds.setdefault(kind, [[] for _ in range(self.buffer.shape[0])])
+        kinds = PACKED_BLOCKS.get(self)
+        if kinds is None:
+            kinds = PACKED_BLOCKS[self] = {}
+        if kind not in kinds:
+            kinds[kind] = [[] for _ in range(self.buffer.shape[0])]
+        packed = kinds[kind]
         for sequence, blocks in enumerate(packed):
             for block in range(len(blocks), whole):
                 rows = self.buffer[sequence, 0, block * BLOCK : (block + 1) * BLOCK]

@@ -367,7 +367,9 @@ PACKED_WEIGHTS: weakref.WeakKeyDictionary[nn.Module, dict[str, tuple[object, tup
 def weight_copy(module: nn.Module, layout: str, weight: torch.Tensor, make: Callable[[torch.Tensor], object]) -> Any:
     """`make(weight)` for one of `module`'s weights, kept in `PACKED_WEIGHTS` under `layout`, and made again on first
     use after the weight was replaced or changed in place (a training step)."""
-    copies = PACKED_WEIGHTS.setdefault(module, {})
+    copies = PACKED_WEIGHTS.get(module)
+    if copies is None:
+        copies = PACKED_WEIGHTS[module] = {}
     stamp = (weight.data_ptr(), weight._version)
     if layout not in copies or copies[layout][1] != stamp:
         with torch.no_grad():
